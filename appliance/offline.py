@@ -1,0 +1,17 @@
+"""The appliance never downloads anything at run time; this makes the HF libraries agree."""
+
+import os
+
+OFFLINE_VARIABLES = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def enforce() -> None:
+    """Force offline mode for every Hugging Face library imported after this call."""
+    for key, value in OFFLINE_VARIABLES.items():
+        os.environ[key] = value
