@@ -1,0 +1,50 @@
+"""Running many episodes through one engine: lockstep chunks, for batches and for evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from appliance.agent.environment import EpisodeResult, EpisodeSpec
+from appliance.engine import Engine, build_engine
+
+
+def run_episodes(engine: Engine, specs: Iterable[EpisodeSpec], chunk: int = 8) -> Iterator[EpisodeResult]:
+    """Yield results in order; ``chunk`` episodes step together (one batched call per tool)."""
+    batch: list[EpisodeSpec] = []
+    for spec in specs:
+        batch.append(spec)
+        if len(batch) == chunk:
+            yield from engine.environment.run(batch, engine.policy)
+            batch = []
+    if batch:
+        yield from engine.environment.run(batch, engine.policy)
+
+
+@dataclass
+class SyntheticSample:
+    image: np.ndarray
+    mask: np.ndarray
+    defect: str
+    accepted: bool
+    source_index: int
+
+
+def synthesize(images: Sequence[np.ndarray], category: str, defects: Sequence[str], seed: int,
+               engine: Engine | None = None) -> list[SyntheticSample]:
+    """One episode per image (defects in rotation), the full agent loop; for evaluation.
+
+    Returns every episode that produced a mask, accepted or not, with ``accepted`` telling which.
+    """
+    engine = engine or build_engine()
+    specs = [EpisodeSpec(image=image, category=category, defect=defects[i % len(defects)],
+                         seed=seed * 1_000_003 + i, source=f"#{i}")
+             for i, image in enumerate(images)]
+    samples = []
+    for index, result in enumerate(run_episodes(engine, specs)):
+        if result.final_image is not None and result.mask is not None:
+            samples.append(SyntheticSample(result.final_image, result.mask.mask,
+                                           result.spec.defect, result.accepted, index))
+    return samples

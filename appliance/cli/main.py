@@ -1,0 +1,227 @@
+"""The ``appliance`` command line."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+import appliance  # noqa: F401  (forces offline mode before any HF import)
+from appliance.engine import ENGINES, EngineConfig, EngineError
+
+
+def _engine_config(engine: str, knowledge_base: Path | None, max_attempts: int | None) -> EngineConfig:
+    if engine not in ENGINES:
+        raise click.BadParameter(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}",
+                                 param_hint="--engine")
+    base = ENGINES[engine]
+    env = replace(base.env, max_image_gen=max_attempts or base.env.max_image_gen)
+    return replace(base, env=env, knowledge_base=knowledge_base or base.knowledge_base)
+
+
+def _engine_options(command):
+    command = click.option("--engine", default="cpu", show_default=True,
+                           help="Engine (set of backends) to run.")(command)
+    command = click.option("--knowledge-base", type=click.Path(path_type=Path, file_okay=False),
+                           default=None, help="Knowledge base folder (default: the bundled one, "
+                                              "or $APPLIANCE_KNOWLEDGE_BASE).")(command)
+    command = click.option("--max-attempts", type=click.IntRange(1, 10), default=None,
+                           help="Image generation attempts per episode (default 3).")(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(appliance.__version__, prog_name="appliance")
+def cli() -> None:
+    """Synthesize realistic industrial defect images with pixel masks, fully offline.
+
+    Typical use: put photos of normal parts in INBOX/<category>/ and run
+    `appliance batch INBOX --out DATASET`. The output is an MVTec-AD style dataset with a
+    manifest.jsonl and an index.html contact sheet.
+    """
+
+
+def _print_engine(describe: dict) -> None:
+    parts = ", ".join(f"{k}={v}" for k, v in describe.items() if k not in ("env", "engine"))
+    click.echo(f"engine {describe['engine']}: {parts}", err=True)
+
+
+def _message_text(message: dict) -> str:
+    texts = [p["text"] for p in message["content"] if p["type"] == "text"]
+    images = [f"[image {p['image_index']}]" for p in message["content"]
+              if p["type"] == "image" and "image_index" in p]
+    return " ".join(texts + images)
+
+
+def print_trajectory(messages: list[dict], width: int = 100) -> None:
+    """The conversation for a person: one block per message, the system prompt left out."""
+    for message in messages[1:]:
+        role = message["role"] if message["role"] != "tool" else f"tool:{message.get('name', '')}"
+        body = _message_text(message)
+        click.secho(f"--- {role}", fg={"user": "cyan", "assistant": "green"}.get(message["role"], "yellow"))
+        for line in body.splitlines():
+            click.echo(textwrap.fill(line, width=width, subsequent_indent="    ") if line else "")
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--category", required=True, help="Part category, e.g. bottle, magnetic_tile.")
+@click.option("--defect", required=True, help="Defect type, e.g. crack, scratch, broken_large.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for defect.png, mask.png and the trajectory.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@_engine_options
+def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine: str,
+          knowledge_base: Path | None, max_attempts: int | None) -> None:
+    """Run one episode on IMAGE and print its trajectory."""
+    from appliance.agent.environment import EpisodeSpec
+    from appliance.dataset.trajectory import save_trajectory
+    from appliance.engine import build_engine
+    from appliance.imaging import (ImageReadError, load_rgb, mask_to_pil, save_png_atomic,
+                                   sha256_file, to_pil)
+    from appliance.knowledge import normalize_name
+
+    try:
+        normal = load_rgb(image)
+    except ImageReadError as exc:
+        raise click.ClickException(f"{image}: {exc}") from exc
+    try:
+        built = build_engine(_engine_config(engine, knowledge_base, max_attempts))
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print_engine(built.describe())
+    spec = EpisodeSpec(image=normal, category=normalize_name(category), defect=normalize_name(defect),
+                       seed=seed, source=str(image), source_sha256=sha256_file(image))
+    result = built.environment.run([spec], built.policy)[0]
+    print_trajectory(result.messages)
+    out.mkdir(parents=True, exist_ok=True)
+    save_trajectory(result, out / "trajectory")
+    if result.final_image is not None and result.mask is not None:
+        save_png_atomic(out / "defect.png", to_pil(result.final_image))
+        save_png_atomic(out / "mask.png", mask_to_pil(result.mask.mask))
+    click.echo(f"\nstatus {result.status} ({result.end_reason}); {result.turns} turns, "
+               f"{len(result.attempts)} image_gen attempt(s), {result.seconds:.2f} s; "
+               f"written to {out}")
+    if result.status == "failed":
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("inbox", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset folder (created; re-running adds only missing samples).")
+@click.option("--per-image", default=1, show_default=True, type=click.IntRange(1, 1000),
+              help="Samples per (image, defect type), unless a category's spec.toml says otherwise.")
+@click.option("--defect", "defects", multiple=True,
+              help="Only these defect types (repeatable); default: spec.toml or the knowledge base.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Base seed of the run.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes, each with the engine resident.")
+@click.option("--chunk", default=4, show_default=True, type=click.IntRange(1, 256),
+              help="Episodes that step together (one batched call per tool).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs and services).")
+@_engine_options
+def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed: int,
+          workers: int, chunk: int, no_progress: bool, engine: str, knowledge_base: Path | None,
+          max_attempts: int | None) -> None:
+    """Turn INBOX/<category>/* photos of normal parts into a labeled defect dataset.
+
+    Each category folder may hold a spec.toml (defects = [...], per_image = N,
+    material = "..."). Defect types default to the knowledge base's list for the category.
+    """
+    from tqdm import tqdm
+
+    from appliance.batch import InboxError, run_batch
+
+    config = _engine_config(engine, knowledge_base, max_attempts)
+    click.echo(f"engine {config.name}: " + ", ".join(
+        f"{k}={v}" for k, v in config.backend_names().items()), err=True)
+    bar = None
+
+    def progress(done: int, total: int, summary) -> None:
+        nonlocal bar
+        if no_progress:
+            return
+        if bar is None:
+            bar = tqdm(total=total, unit="episode", desc="synthesizing", dynamic_ncols=True)
+        bar.update(done - bar.n)
+        bar.set_postfix(written=summary.written, accepted=f"{100 * summary.accepted_rate:.0f}%")
+
+    try:
+        summary = run_batch(inbox, out, config, per_image=per_image, seed=seed, workers=workers,
+                            defects=[d for d in defects] or None, chunk=chunk, progress=progress)
+    except (InboxError, EngineError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    for line in summary.lines():
+        click.echo(line)
+    click.echo(f"dataset            {out}  (contact sheet: {out / 'index.html'})")
+
+
+@cli.group()
+def knowledge() -> None:
+    """Inspect the defect knowledge base."""
+
+
+@knowledge.command("list")
+@click.argument("category", required=False)
+@click.option("--knowledge-base", type=click.Path(path_type=Path, file_okay=False), default=None)
+def knowledge_list(category: str | None, knowledge_base: Path | None) -> None:
+    """List categories and materials, or the defect types of CATEGORY."""
+    from appliance.knowledge import KnowledgeBaseError, load_knowledge_base
+
+    try:
+        kb = load_knowledge_base(knowledge_base)
+    except KnowledgeBaseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if category is None:
+        for subject in sorted(kb.subjects.values(), key=lambda s: (s.kind, s.name)):
+            click.echo(f"{subject.kind:9s} {subject.name:16s} {subject.material:10s} "
+                       f"{', '.join(subject.defects)}")
+        return
+    subject = kb.subject(category)
+    if subject is None:
+        raise click.ClickException(f"{category!r} is not in the knowledge base")
+    for entry in kb.entries:
+        if entry.subject == subject.name:
+            click.echo(f"{entry.defect} [{entry.renderer}]\n  {entry.appearance}\n"
+                       f"  where: {entry.location}\n  size: {entry.size}")
+
+
+@knowledge.command("search")
+@click.argument("category")
+@click.argument("defect")
+@click.option("-k", default=3, show_default=True, type=click.IntRange(1, 20))
+def knowledge_search(category: str, defect: str, k: int) -> None:
+    """Retrieve the entries the agent would get for CATEGORY and DEFECT."""
+    from appliance.engine import build_engine
+
+    built = build_engine()
+    found = built.tools.knowledge.retrieve(category, defect, k=k)
+    for entry, score in zip(found.entries, found.scores):
+        click.echo(f"{score:6.3f}  {entry.id}  ({entry.renderer})\n        {entry.appearance}")
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules register here."""
+    try:
+        from appliance.cli.eval_command import eval_command
+    except ImportError:
+        return
+    cli.add_command(eval_command, name="eval")
+
+
+_register_optional_commands()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,76 @@
+"""Saving an episode's conversation in the chat format a VLM trainer consumes.
+
+``messages.json`` holds the messages exactly as the environment recorded them, with every image
+reference resolved to a file under ``images/`` (``{"type": "image", "image": "images/2.png"}``);
+``episode.json`` holds the provenance that is not part of the conversation (seeds, synthesis
+parameters, judge measurements, timings).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from appliance.agent.environment import EpisodeResult
+from appliance.imaging import save_png_atomic, to_pil, write_atomic
+
+
+def chat_messages(messages: list[dict], image_paths: dict[int, str]) -> list[dict]:
+    """Messages with ``image_index`` references replaced by paths (or any per-index value)."""
+    resolved = copy.deepcopy(messages)
+    for message in resolved:
+        for part in message["content"]:
+            if part.get("type") == "image" and "image_index" in part:
+                part["image"] = image_paths[part.pop("image_index")]
+    return resolved
+
+
+def episode_record(result: EpisodeResult) -> dict:
+    """Everything about an episode except pixels, JSON-serialisable."""
+    return {
+        "category": result.spec.category, "defect": result.spec.defect, "seed": result.spec.seed,
+        "source": result.spec.source, "source_sha256": result.spec.source_sha256,
+        "status": result.status, "end_reason": result.end_reason, "policy": result.policy,
+        "backends": result.backends, "turns": result.turns, "tool_sequence": result.tool_sequence,
+        "errors": result.errors, "seconds": round(result.seconds, 4),
+        "tool_seconds": {k: round(v, 4) for k, v in result.tool_seconds.items()},
+        "final_image_index": result.final_image_index,
+        "attempts": [{
+            "image_index": a.image_index, "prompt": a.prompt, "seed": a.seed,
+            "region": a.result.region.as_list(), "params": a.result.params,
+            "passed": a.passed,
+            "report": None if a.report is None else {**asdict(a.report), "score": a.report.score},
+        } for a in result.attempts],
+        "mask": None if result.mask is None else {
+            "method": result.mask.method, "threshold": result.mask.threshold,
+            "confidence": result.mask.confidence, "area_ratio": result.mask.area_ratio},
+    }
+
+
+def save_trajectory(result: EpisodeResult, folder: Path) -> Path:
+    """Write ``messages.json``, ``episode.json`` and ``images/N.png``; returns the folder."""
+    folder = Path(folder)
+    paths = {}
+    for index, image in enumerate(result.images, start=1):
+        relative = f"images/{index}.png"
+        save_png_atomic(folder / relative, to_pil(image))
+        paths[index] = relative
+    write_atomic(folder / "messages.json", json.dumps(
+        chat_messages(result.messages, paths), indent=1, ensure_ascii=False).encode())
+    write_atomic(folder / "episode.json", json.dumps(
+        episode_record(result), indent=1, ensure_ascii=False, default=_json_default).encode())
+    return folder
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

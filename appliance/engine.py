@@ -1,0 +1,143 @@
+"""Engines are configurations of backends; this is the one place backends register.
+
+Each role (policy and the five tools) maps backend names to factories. An engine is chosen by
+config (or, later, by what is installed in ``models/``), and it is always printed and recorded.
+Factories import their backend lazily so that a CPU box never imports a GPU library it lacks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from appliance.agent.environment import AgentEnvironment, EnvConfig, Toolbox
+from appliance.knowledge import KnowledgeBase, load_knowledge_base
+from appliance.policies.base import Policy
+
+ROLES = ("policy", "prompt_gen", "image_gen", "quality_eval", "knowledge", "mask_gen")
+
+
+@dataclass
+class EngineConfig:
+    """Which backend plays each role; ``cpu`` is the embedded default that needs no weights."""
+
+    name: str = "cpu"
+    policy: str = "scripted"
+    prompt_gen: str = "knowledge"
+    image_gen: str = "procedural"
+    quality_eval: str = "heuristic"
+    knowledge: str = "faiss-minilm"
+    mask_gen: str = "difference"
+    knowledge_base: Path | None = None  # None: $APPLIANCE_KNOWLEDGE_BASE or the bundled folder
+    cache_dir: Path | None = None  # None: $APPLIANCE_CACHE or ~/.cache/appliance
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+    def backend_names(self) -> dict[str, str]:
+        return {role: getattr(self, role) for role in ROLES}
+
+
+@dataclass
+class BuildContext:
+    config: EngineConfig
+    knowledge_base: KnowledgeBase
+    cache_dir: Path
+
+
+Factory = Callable[[BuildContext], Any]
+
+
+def _scripted_policy(ctx: BuildContext) -> Policy:
+    from appliance.policies.scripted import ScriptedPolicy
+
+    return ScriptedPolicy()
+
+
+def _knowledge_prompt_gen(ctx: BuildContext):
+    from appliance.tools.prompt_gen import KnowledgePromptGenerator
+
+    return KnowledgePromptGenerator(ctx.knowledge_base)
+
+
+def _procedural_image_gen(ctx: BuildContext):
+    from appliance.tools.image_gen.procedural import ProceduralImageGenerator
+
+    return ProceduralImageGenerator(ctx.knowledge_base)
+
+
+def _heuristic_quality_eval(ctx: BuildContext):
+    from appliance.tools.quality_eval import HeuristicQualityEvaluator
+
+    return HeuristicQualityEvaluator()
+
+
+def _faiss_knowledge(ctx: BuildContext):
+    from appliance.tools.knowledge_retrieval import FaissKnowledgeRetriever
+
+    return FaissKnowledgeRetriever(ctx.knowledge_base, cache_dir=ctx.cache_dir)
+
+
+def _difference_mask_gen(ctx: BuildContext):
+    from appliance.tools.mask_gen import DifferenceMaskGenerator
+
+    return DifferenceMaskGenerator()
+
+
+BACKENDS: dict[str, dict[str, Factory]] = {
+    "policy": {"scripted": _scripted_policy},
+    "prompt_gen": {"knowledge": _knowledge_prompt_gen},
+    "image_gen": {"procedural": _procedural_image_gen},
+    "quality_eval": {"heuristic": _heuristic_quality_eval},
+    "knowledge": {"faiss-minilm": _faiss_knowledge},
+    "mask_gen": {"difference": _difference_mask_gen},
+}
+
+ENGINES: dict[str, EngineConfig] = {"cpu": EngineConfig()}
+
+
+class EngineError(ValueError):
+    """The configuration names a backend that does not exist or cannot load."""
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("APPLIANCE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "appliance"
+
+
+@dataclass
+class Engine:
+    config: EngineConfig
+    policy: Policy
+    tools: Toolbox
+    environment: AgentEnvironment
+    knowledge_base: KnowledgeBase
+
+    def describe(self) -> dict:
+        """What runs, for the console and for every manifest line."""
+        return {"engine": self.config.name, "policy": self.policy.name, **self.tools.backends(),
+                "knowledge_base_digest": self.knowledge_base.digest[:16],
+                "env": asdict(self.config.env)}
+
+    def close(self) -> None:
+        for backend in (self.policy, *vars(self.tools).values()):
+            close = getattr(backend, "close", None)
+            if callable(close):
+                close()
+
+
+def build_engine(config: EngineConfig | None = None) -> Engine:
+    config = config or EngineConfig()
+    for role, name in config.backend_names().items():
+        if name not in BACKENDS[role]:
+            raise EngineError(f"unknown {role} backend {name!r}; available: "
+                              f"{', '.join(sorted(BACKENDS[role]))}")
+    knowledge_base = load_knowledge_base(config.knowledge_base)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    ctx = BuildContext(config, knowledge_base, cache_dir)
+    built = {role: BACKENDS[role][name](ctx) for role, name in config.backend_names().items()}
+    tools = Toolbox(prompt_gen=built["prompt_gen"], image_gen=built["image_gen"],
+                    quality_eval=built["quality_eval"], knowledge=built["knowledge"],
+                    mask_gen=built["mask_gen"])
+    return Engine(config=config, policy=built["policy"], tools=tools,
+                  environment=AgentEnvironment(tools, config.env), knowledge_base=knowledge_base)

@@ -1,0 +1,267 @@
+"""From the words of an editing prompt to the numbers a procedural renderer needs.
+
+A prompt such as "a faint, thin diagonal scratch near the top edge" pins some attributes and
+leaves the rest open. Open attributes are drawn from ``rng`` over a wide natural range: that is
+deliberate, because it lets a vague first attempt come out too faint or too big and a later,
+more specific prompt correct it, which is the loop the agent learns.
+
+Every attribute draws its random numbers in a fixed order whether or not the prompt names it, so
+two prompts that differ in one word and share a seed differ in that attribute only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LOCATIONS = ("edge", "corner", "center", "top", "bottom", "left", "right")
+SIDES = ("top", "bottom", "left", "right")
+POLARITIES = ("dark", "bright")
+FORMS = ("fibre", "speck")
+
+# Unspecified ranges: wide on purpose (see the module note).
+SIZE_RANGE = (0.03, 0.45)  # log-uniform
+SEVERITY_RANGE = (0.1, 0.95)
+ELONGATION_RANGE = (1.0, 2.5)  # log-uniform
+ROUGHNESS_RANGE = (0.2, 0.8)
+
+# (pattern, (low, high)): the first pattern that matches wins, so longer phrases come first.
+_SIZE_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
+    (r"very (small|little|short)|tiny|minute|miniature|pinpoint|pin-?head", (0.02, 0.05)),
+    (r"very (large|big|long)|huge|broad|extensive|wide area|whole|most of", (0.40, 0.70)),
+    (r"small|little|short|smaller|compact", (0.05, 0.12)),
+    (r"large|big|long|larger|bigger|longer", (0.25, 0.45)),
+    (r"medium|moderate[- ]sized|mid[- ]sized|average[- ]sized", (0.12, 0.25)),
+)
+_SEVERITY_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
+    (r"very (faint|subtle|light|slight)|barely visible|hardly visible|almost invisible",
+     (0.05, 0.15)),
+    (r"clearly visible|(very )?(pronounced|strong|heavy|severe|deep|distinct|obvious|"
+     r"conspicuous|prominent|marked|stronger|intense)|high[- ]contrast|more visible",
+     (0.70, 0.95)),
+    (r"faint|subtle|slight|weak|mild|fainter|low[- ]contrast|less visible|"
+     r"light(?![- ]?(colou?red|grey|gray|brown|blue|green|yellow|tone|toned))", (0.15, 0.35)),
+    (r"moderate|noticeable|visible|medium[- ]contrast", (0.40, 0.60)),
+)
+_ORIENTATION_WORDS: tuple[tuple[str, str], ...] = (
+    (r"diagonal(ly)?|oblique(ly)?|slanted|slanting", "diagonal"),
+    (r"horizontal(ly)?|sideways|(from )?(left|right)[- ]to[- ](the )?(right|left)", "horizontal"),
+    (r"vertical(ly)?|(from )?(top|bottom)[- ]to[- ](the )?(bottom|top)|upright", "vertical"),
+)
+_LOCATION_WORDS: tuple[tuple[str, str], ...] = (
+    (r"corners?", "corner"),
+    (r"edges?|rim|border|outline|periphery|perimeter|boundary|margin|contour", "edge"),
+    (r"cent(er|re)|middle|central(ly)?", "center"),
+)
+_SIDE_WORDS: tuple[tuple[str, str], ...] = (
+    (r"top|upper", "top"),
+    (r"bottom|lower(?! (contrast|intensity|severity))", "bottom"),
+    (r"left", "left"),
+    (r"right(?![- ]angle)", "right"),
+)
+_DARK = r"dark|darker|black|blackish|shadowed|shadowy|shadow|dim|dull"
+_BRIGHT = (r"bright|brighter|white|whitish|shiny|glossy|glossier|specular|reflective|pale|"
+           r"light[- ]?colou?red|light[- ]toned|lighter")
+_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    (r"rust(y|-coloured|-colored)?", (155, 80, 35)),
+    (r"(dark )?brown(ish)?|coffee|tan", (110, 72, 42)),
+    (r"red(dish)?", (170, 50, 40)),
+    (r"orange", (210, 120, 40)),
+    (r"yellow(ish)?|amber", (205, 180, 70)),
+    (r"green(ish)?", (70, 140, 70)),
+    (r"blue|bluish", (60, 90, 170)),
+    (r"purple|violet", (120, 60, 140)),
+    (r"beige|cream", (200, 180, 140)),
+    (r"black(ish)?", (25, 25, 25)),
+    (r"white|whitish", (235, 235, 235)),
+    (r"gr[ae]y(ish)?|silver", (128, 128, 128)),
+)
+_COUNT_WORDS: tuple[tuple[str, tuple[int, int]], ...] = (
+    (r"cluster|many|multiple|numerous|group of|scattered|lots of", (4, 7)),
+    (r"a few|few|several|some", (3, 4)),
+    (r"three|triple", (3, 3)),
+    (r"two|pair|couple|double|twin", (2, 2)),
+    (r"single|one(?! (third|half|quarter|side|end|edge|corner|of))|lone|an? isolated|solitary",
+     (1, 1)),
+)
+_ELONGATION_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
+    (r"elongated|thin|narrow|streak|line|linear|strip|stripe|slender|long", (3.0, 6.0)),
+    (r"oval|oblong|elliptical", (1.5, 2.5)),
+    (r"round(ish)?|circular|dot|spot|compact|blob", (1.0, 1.2)),
+)
+_ROUGHNESS_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
+    (r"jagged|rough|irregular|ragged|frayed|torn|uneven|splintered|crumbly", (0.65, 0.95)),
+    (r"smooth|clean|regular|neat|soft[- ]edged", (0.05, 0.30)),
+)
+_FORM_WORDS: tuple[tuple[str, str], ...] = (
+    (r"fib(re|er)s?|hairs?|threads?|filaments?|lint|strands?", "fibre"),
+    (r"specks?|particles?|dust|dirt|grains?|debris|dots?|crumbs?|flecks?", "speck"),
+)
+# Location words count only in a locative phrase ("near the edge", "the top corner", "edge of"),
+# so that appearance text such as "its edges are sharp" does not move the defect.
+_LOCATIVE_BEFORE = re.compile(
+    r"\b(at|on|near|along|by|from|to|towards?|around|in|into|across|hugging|following|touching|"
+    r"over|within|through)\b(\s+[\w-]+){0,3}\s*$")
+_LOCATIVE_AFTER = re.compile(
+    r"^[- ]?(edges?|corners?|sides?|half|part|portion|area|region|end|face|of)\b")
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*(?:(?:-|to)\s*(\d+(?:\.\d+)?)\s*)?(?:%|percent|per cent)")
+
+
+@dataclass
+class EditParams:
+    """What to render. ``specified`` names the attributes that came from the prompt's words."""
+
+    size: float  # the defect's major extent relative to the object's extent, 0-1
+    severity: float  # visibility: contrast of the defect against the surface, 0-1
+    orientation_deg: float | None  # direction of the major axis, 0 = horizontal, 90 = vertical
+    location: str | None  # one of LOCATIONS; None = anywhere on the object
+    elongation: float  # major/minor axis ratio of blob-like defects, >= 1
+    polarity: str | None  # "dark", "bright", or None for the renderer's physical default
+    color: tuple[int, int, int] | None  # a tint named in the prompt
+    count: int  # how many instances (close together, as such defects occur)
+    roughness: float  # irregularity of the outline, 0 = smooth, 1 = jagged
+    side: str | None = None  # a side qualifying an edge/corner location ("top edge")
+    form: str | None = None  # "fibre" or "speck" for contamination
+    specified: list[str] = field(default_factory=list)
+    matched: dict[str, str] = field(default_factory=dict)  # attribute -> the words that set it
+
+
+def _find(patterns, text: str):
+    """The first (pattern, value) whose pattern occurs as whole words, with the matched text."""
+    for pattern, value in patterns:
+        found = re.search(rf"\b(?:{pattern})\b", text)
+        if found:
+            return value, found.group(0)
+    return None, None
+
+
+def _find_located(patterns, text: str):
+    """Like ``_find`` but only for matches in a locative phrase."""
+    for pattern, value in patterns:
+        for found in re.finditer(rf"\b(?:{pattern})\b", text):
+            before, after = text[:found.start()], text[found.end():]
+            if _LOCATIVE_BEFORE.search(before) or _LOCATIVE_AFTER.match(after):
+                return value, found.group(0)
+    return None, None
+
+
+def _in_band(band: tuple[float, float], u: float) -> float:
+    return band[0] + (band[1] - band[0]) * u
+
+
+def _log_uniform(low: float, high: float, u: float) -> float:
+    return math.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
+
+
+def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
+    """Read size, severity, orientation, location, polarity, colour, count and shape words."""
+    text = " ".join(prompt.lower().replace("_", " ").split())
+    # One uniform draw per attribute, always in this order (see the module note).
+    u = dict(zip(("size", "severity", "orientation", "elongation", "count", "roughness",
+                  "diagonal", "jitter", "form"), rng.random(9)))
+    specified: list[str] = []
+    matched: dict[str, str] = {}
+
+    def note(name: str, words: str) -> None:
+        specified.append(name)
+        matched[name] = words
+
+    # Size: an explicit percentage beats words.
+    percent = _PERCENT.search(text)
+    band, words = _find(_SIZE_WORDS, text)
+    if percent:
+        low = float(percent.group(1)) / 100.0
+        high = float(percent.group(2)) / 100.0 if percent.group(2) else low
+        size = _in_band((min(low, high), max(low, high)), u["size"])
+        note("size", percent.group(0))
+    elif band:
+        size = _in_band(band, u["size"])
+        note("size", words)
+    else:
+        size = _log_uniform(*SIZE_RANGE, u["size"])
+    size = float(np.clip(size, 0.01, 0.95))
+
+    band, words = _find(_SEVERITY_WORDS, text)
+    if band:
+        severity = _in_band(band, u["severity"])
+        note("severity", words)
+    else:
+        severity = _in_band(SEVERITY_RANGE, u["severity"])
+
+    direction, orientation_words = _find(_ORIENTATION_WORDS, text)
+    jitter = (u["jitter"] - 0.5) * 12.0  # hand-drawn, never ruler-exact
+    if direction == "horizontal":
+        orientation = jitter % 180.0
+    elif direction == "vertical":
+        orientation = 90.0 + jitter
+    elif direction == "diagonal":
+        orientation = (45.0 if u["diagonal"] < 0.5 else 135.0) + jitter
+    else:
+        orientation = u["orientation"] * 180.0
+    if direction:
+        note("orientation_deg", orientation_words)
+        # "from top to bottom" is a direction, not a place.
+        for pattern, _ in _ORIENTATION_WORDS:
+            text = re.sub(rf"\b(?:{pattern})\b", " ", text)
+
+    location, words = _find_located(_LOCATION_WORDS, text)
+    side, side_words = _find_located(_SIDE_WORDS, text)
+    if location:
+        note("location", words)
+        if side:
+            note("side", side_words)
+    elif side:
+        location = side
+        side = None
+        note("location", side_words)
+
+    polarity = None
+    dark = re.search(rf"\b(?:{_DARK})\b", text)
+    bright = re.search(rf"\b(?:{_BRIGHT})\b", text)
+    if dark or bright:
+        # The first mention is the main appearance ("a dark pit with a bright rim").
+        first = min((m for m in (dark, bright) if m), key=lambda m: m.start())
+        polarity = "dark" if first is dark else "bright"
+        note("polarity", first.group(0))
+
+    color, words = _find(_COLORS, text)
+    if color:
+        note("color", words)
+
+    count_band, words = _find(_COUNT_WORDS, text)
+    if count_band:
+        count = int(round(_in_band((count_band[0], count_band[1] + 0.999), u["count"]) - 0.5))
+        count = int(np.clip(count, count_band[0], count_band[1]))
+        note("count", words)
+    else:
+        count = 1 if u["count"] < 0.7 else (2 if u["count"] < 0.9 else 3)
+
+    band, words = _find(_ELONGATION_WORDS, text)
+    if band:
+        elongation = _in_band(band, u["elongation"])
+        note("elongation", words)
+    else:
+        elongation = _log_uniform(*ELONGATION_RANGE, u["elongation"])
+
+    band, words = _find(_ROUGHNESS_WORDS, text)
+    if band:
+        roughness = _in_band(band, u["roughness"])
+        note("roughness", words)
+    else:
+        roughness = _in_band(ROUGHNESS_RANGE, u["roughness"])
+
+    form, words = _find(_FORM_WORDS, text)
+    if form:
+        note("form", words)
+    else:
+        form = "fibre" if u["form"] < 0.35 else "speck"
+
+    return EditParams(
+        size=round(size, 4), severity=round(float(severity), 4),
+        orientation_deg=round(float(orientation), 2), location=location,
+        elongation=round(float(elongation), 3), polarity=polarity, color=color, count=count,
+        roughness=round(float(roughness), 3), side=side, form=form, specified=specified,
+        matched=matched)
