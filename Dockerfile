@@ -5,6 +5,8 @@
 # Models and data live on volumes; nothing is downloaded at run time.
 
 FROM python:3.11-slim-bookworm AS cpu
+# Point pip at a CPU-only torch wheel index to keep the image small (the default is PyPI's build).
+ARG TORCH_INDEX_URL=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     APPLIANCE_CACHE=/var/lib/appliance/cache
@@ -13,7 +15,7 @@ WORKDIR /opt/appliance
 COPY pyproject.toml constraints.txt README.md ./
 COPY appliance ./appliance
 COPY knowledge_base ./knowledge_base
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+RUN pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
  && pip install --no-cache-dir -c constraints.txt .
 ENV APPLIANCE_KNOWLEDGE_BASE=/opt/appliance/knowledge_base
 USER appliance

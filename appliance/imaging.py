@@ -121,10 +121,19 @@ def save_png_atomic(path: Path, image: Image.Image) -> None:
 
 
 def change_map(normal: np.ndarray, edited: np.ndarray) -> np.ndarray:
-    """Per-pixel largest absolute channel difference, as int16 (H, W)."""
+    """Per-pixel largest absolute channel difference, uint8 (H, W).
+
+    cv2.absdiff is exact for uint8, and a pairwise maximum beats a numpy reduction over a
+    length-3 axis by about 20x: this runs on every judge and mask call.
+    """
     if normal.shape != edited.shape:
         raise ValueError(f"shape mismatch: {normal.shape} vs {edited.shape}")
-    return np.abs(edited.astype(np.int16) - normal.astype(np.int16)).max(axis=2)
+    import cv2
+
+    diff = cv2.absdiff(np.ascontiguousarray(normal), np.ascontiguousarray(edited))
+    if diff.ndim == 2:
+        return diff
+    return np.maximum(np.maximum(diff[..., 0], diff[..., 1]), diff[..., 2])
 
 
 def changed_pixels(normal: np.ndarray, edited: np.ndarray,

@@ -59,23 +59,26 @@ class Subject:
 class KnowledgeBase:
     root: Path
     entries: list[KnowledgeEntry]
-    subjects: dict[str, Subject] = field(default_factory=dict)
+    subjects: dict[tuple[str, str], Subject] = field(default_factory=dict)  # (kind, name)
     digest: str = ""  # sha256 over all files: the retrieval index is rebuilt when it changes
 
-    def subject(self, category: str) -> Subject | None:
-        """The subject file for a category, matched by name or alias."""
-        key = normalize_name(category)
-        if key in self.subjects:
-            return self.subjects[key]
-        for subject in self.subjects.values():
-            if key in (normalize_name(a) for a in subject.aliases):
-                return subject
+    def subject(self, name: str, kind: str | None = None) -> Subject | None:
+        """The subject file for a name or alias; a category wins over a material of that name."""
+        key = normalize_name(name)
+        kinds = [kind] if kind else ["category", "material"]
+        for wanted in kinds:
+            if (wanted, key) in self.subjects:
+                return self.subjects[(wanted, key)]
+        for wanted in kinds:
+            for (subject_kind, _), subject in self.subjects.items():
+                if subject_kind == wanted and key in (normalize_name(a) for a in subject.aliases):
+                    return subject
         return None
 
     def defects_for(self, category: str) -> list[str]:
         """The defect types listed for a category (empty when the category is unknown)."""
-        subject = self.subject(category)
-        return list(subject.defects) if subject and subject.kind == "category" else []
+        subject = self.subject(category, kind="category")
+        return list(subject.defects) if subject else []
 
     def material_of(self, category: str) -> str | None:
         subject = self.subject(category)
@@ -85,13 +88,12 @@ class KnowledgeBase:
         """Exact lookup: the category's own entry, else its material's entry, else None."""
         wanted = normalize_name(defect)
         subject = self.subject(category)
-        candidates = []
-        if subject is not None:
-            candidates.append(subject.name)
-            candidates.append(subject.material)
-        for name in candidates:
+        if subject is None:
+            return None
+        candidates = [(subject.kind, subject.name), ("material", subject.material)]
+        for kind, name in candidates:
             for entry in self.entries:
-                if entry.subject == name and wanted in entry.names():
+                if entry.kind == kind and entry.subject == name and wanted in entry.names():
                     return entry
         return None
 
@@ -174,14 +176,15 @@ def _tree_digest(root: Path) -> str:
 @lru_cache(maxsize=4)
 def _load_cached(root: Path, digest: str) -> KnowledgeBase:
     entries: list[KnowledgeEntry] = []
-    subjects: dict[str, Subject] = {}
+    subjects: dict[tuple[str, str], Subject] = {}
     for path in sorted(root.rglob("*.toml")):
         subject, file_entries = _parse_file(path, root)
-        if subject.name in subjects:
+        key = (subject.kind, subject.name)
+        if key in subjects:
             raise KnowledgeBaseError(
-                f"{subject.source}: subject {subject.name!r} already defined in "
-                f"{subjects[subject.name].source}")
-        subjects[subject.name] = subject
+                f"{subject.source}: {subject.kind} {subject.name!r} already defined in "
+                f"{subjects[key].source}")
+        subjects[key] = subject
         entries.extend(file_entries)
     if not entries:
         raise KnowledgeBaseError(f"knowledge base {root} has no entries")

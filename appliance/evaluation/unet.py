@@ -55,7 +55,10 @@ class SmallUNet(nn.Module):
         x = self.bottom(x)
         for upsample, block, skip in zip(self.upsample, self.up, reversed(skips)):
             x = block(torch.cat([upsample(x), skip], dim=1))
-        return self.head(x)
+        # The 1x1 head runs in float32 even under bfloat16 autocast: bfloat16 logits carry only
+        # 8 bits of mantissa, which would turn millions of pixel scores into ties.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(x.float())
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

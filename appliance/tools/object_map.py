@@ -65,10 +65,10 @@ class ObjectMap:
             band[:, :width_px] = True
             band[:, -width_px:] = True
             return band
-        # Distance of each part pixel to the nearest non-part pixel; the image border counts as
-        # outline too, so pad with background before measuring.
-        padded = np.pad(self.foreground.astype(np.uint8), 1)
-        distance = cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]
+        # Distance of each part pixel to the nearest non-part pixel. Where the part runs out of
+        # the frame the frame edge is not its outline: OpenCV does not count outside the image as
+        # background.
+        distance = cv2.distanceTransform(self.foreground.astype(np.uint8), cv2.DIST_L2, 3)
         return self.foreground & (distance <= width_px)
 
 
@@ -88,8 +88,9 @@ def find_object(image: np.ndarray) -> ObjectMap:
     tolerance = max(MIN_COLOR_DISTANCE, 2.5 * spread)
     homogeneity = float(np.mean(distance[border] <= tolerance))
     reference = small[inliers] if inliers.any() else small[border]
-    color = tuple(int(round(c)) for c in np.median(reference, axis=0))
-    whole = ObjectMap(np.ones((height, width), dtype=bool), True, color)  # type: ignore[arg-type]
+    median = np.median(reference, axis=0)
+    color = (int(round(median[0])), int(round(median[1])), int(round(median[2])))
+    whole = ObjectMap(np.ones((height, width), dtype=bool), True, color)
     if homogeneity < MIN_BORDER_HOMOGENEITY:
         return whole
 
@@ -110,7 +111,7 @@ def find_object(image: np.ndarray) -> ObjectMap:
     full = _upscale(foreground, distance, max(tolerance, 0.5 * level), (height, width))
     if not full.any():
         return whole
-    return ObjectMap(full, False, color)  # type: ignore[arg-type]
+    return ObjectMap(full, False, color)
 
 
 def _background_model(small: np.ndarray, border: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,22 +158,23 @@ def _upscale(foreground: np.ndarray, distance: np.ndarray, edge_threshold: float
     """The work-copy mask at full size, with the outline placed at half the part's contrast.
 
     A low threshold on a blurred edge puts the outline outside the part, by a work pixel or more;
-    re-deciding the outline band at the midpoint between background and part removes that bias
-    while the inside of the part (which may have background-coloured details) stays as found.
+    re-deciding a band of two work pixels either side of the outline at the midpoint between
+    background and part removes that bias, on the smoothly interpolated distance, while the
+    inside of the part (which may have background-coloured details) stays as found. The band is
+    found on the work copy, so the cost at full size is two resizes whatever the image size.
     """
     height, width = shape
-    full = cv2.resize(foreground.astype(np.uint8) * 255, (width, height),
-                      interpolation=cv2.INTER_LINEAR) > 127
-    if full.shape == foreground.shape and full.shape == distance.shape:
-        full_distance = distance
-    else:
-        full_distance = cv2.resize(distance, (width, height), interpolation=cv2.INTER_LINEAR)
-    scale = max(height, width) / max(foreground.shape)
-    radius = max(1, int(round(1.5 * scale)))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    inside = cv2.erode(full.astype(np.uint8), kernel).astype(bool)
-    band = cv2.dilate(full.astype(np.uint8), kernel).astype(bool) & ~inside
-    return inside | (band & (full_distance > edge_threshold))
+    mask = foreground.astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    # Erosion treats outside the frame as part, so a part running out of the frame keeps its
+    # pixels along the frame edge.
+    inside = cv2.resize(cv2.erode(mask, kernel), (width, height),
+                        interpolation=cv2.INTER_NEAREST).astype(bool)
+    near = cv2.resize(cv2.dilate(mask, kernel), (width, height),
+                      interpolation=cv2.INTER_NEAREST).astype(bool)
+    if distance.shape != (height, width):
+        distance = cv2.resize(distance, (width, height), interpolation=cv2.INTER_LINEAR)
+    return inside | (near & ~inside & (distance > edge_threshold))
 
 
 def _downscale(image: np.ndarray) -> np.ndarray:

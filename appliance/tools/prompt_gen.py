@@ -207,13 +207,17 @@ def _drop_multiple(text: str) -> str:
     return _sentence(";".join(kept).strip()) if kept != clauses else text
 
 
-def _harmonise(text: str, parts: PromptParts) -> str:
-    """Make knowledge text agree with the decided strength, size, shape and edges."""
+def _harmonise(text: str, parts: PromptParts, sizes: bool = True) -> str:
+    """Make knowledge text agree with the decided strength, size, shape and edges.
+
+    ``sizes`` is off for the location: its size words describe the part ("near the centre of
+    large walls"), not the defect.
+    """
     if parts.strength > 0:
         text = _swap(_WEAK_RE, WEAK_TO_STRONG, text)
     elif parts.strength < 0:
         text = _swap(_STRONG_RE, STRONG_TO_WEAK, text)
-    if parts.extent is not None:
+    if parts.extent is not None and sizes:
         word = SIZE_LADDER[parts.extent]
         text = _SIZE_RE.sub(lambda m: _keep_case(m.group(0), word), text)
     if parts.shape:
@@ -271,7 +275,7 @@ def refine_prompt(prompt: str, issues: Sequence[str], knowledge: Knowledge | Non
         elif issue == Issue.WRONG_TYPE:
             name = parts.defect or "the requested defect"
             parts.type_note = f"it must read unmistakably as {name}, not as another kind of flaw"
-    parts.where = _harmonise(parts.where, parts)
+    parts.where = _harmonise(parts.where, parts, sizes=False)
     parts.look = _harmonise(parts.look, parts)
     parts.size = _harmonise(parts.size, parts)
     parts.free = _harmonise(parts.free, parts)
@@ -281,15 +285,20 @@ def refine_prompt(prompt: str, issues: Sequence[str], knowledge: Knowledge | Non
 def severity_conflicts(prompt: str, defect: str = "") -> list[str]:
     """Contradictions a prompt must never hold: weak and strong words, small and large words.
 
-    The defect's own name is left out ("broken large" is a type, not a size claim).
+    The defect's own name is left out ("broken large" is a type, not a size claim), and so is
+    the location for sizes (it may speak of the part's "large walls").
     """
-    text = prompt
-    if defect:
-        text = re.sub(re.escape(_readable(defect)), " ", text, flags=re.I)
+    where = PromptParts.parse(prompt).where
+
+    def without(text: str, part: str, flags: int = 0) -> str:
+        return re.sub(re.escape(part), " ", text, flags=flags) if part else text
+
+    text = without(prompt, _readable(defect) if defect else "", re.I)
     problems = []
     weak, strong = _WEAK_RE.findall(text), _STRONG_RE.findall(text)
     if weak and strong:
         problems.append(f"severity: {sorted(set(weak))} vs {sorted(set(strong))}")
+    text = without(without(prompt, where), _readable(defect) if defect else "", re.I)
     small, large = _SMALL_RE.findall(text), _LARGE_RE.findall(text)
     if small and large:
         problems.append(f"size: {sorted(set(small))} vs {sorted(set(large))}")

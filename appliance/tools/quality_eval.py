@@ -8,6 +8,27 @@ texture, and whether its outline is the hard straight seam of a pasted patch. Ea
 maps to an ``Issue`` and to penalties on two 0-5 scores by the rules below; the review is written
 from the same numbers so that a person (or the policy's next prompt) sees why.
 
+Issue rules (numbers from ``Limits``)
+-------------------------------------
+NO_CHANGE   no pixel moved by more than ``imaging.CHANGE_THRESHOLD`` grey levels.
+OFF_OBJECT  under 70 % of the changed pixels lie on the part (the normal image's foreground).
+SCATTERED   the three largest regions hold under half of the changed pixels and the changed
+            pixels spread over more than 10 % of the part (their convex hull); a tight cluster
+            of specks (contamination) is local, noise over the image is not.
+TOO_SMALL   fewer changed pixels than max(24, 0.03 % of the frame): a speck nobody sees.
+TOO_LARGE   changed area above 25 % of the part's area: not a local defect.
+TOO_FAINT   the change's peak (90th percentile over the changed region) below 14 grey levels,
+            or below 0.8 local texture spreads (std of the normal image's fine detail around the
+            region). The peak, not the mean: shading defects (dents, folds) are visible by their
+            strongest part while most of their area changes little.
+TOO_STRONG  mean change above 150 grey levels and above 25 texture spreads: glaring.
+HARD_SEAMS  the change is as strong at the region's outline as inside (edge hardness > 0.7),
+            over half the outline runs in long straight sides, and the outline's gradient is
+            1.5x the normal image's: a pasted patch. Thin regions (lines) are exempt.
+Borderline (a 1-point penalty each): area 12-25 % of the part; peak change under 20 grey levels
+or under 1.5 texture spreads; hard edges without straight sides; the three largest regions
+holding under 85 % of the change.
+
 Scoring rules
 -------------
 location_score, from the share of changed pixels on the part (``on_object``):
@@ -45,22 +66,28 @@ class Limits:
     # Changed area relative to the part's area.
     large_share: float = 0.12  # borderline above this
     max_share: float = 0.25  # not a local defect above this
-    # Mean change in the changed region, in grey levels, and relative to the texture spread.
-    faint_level: float = 12.0
-    weak_level: float = 18.0
+    # Peak change (90th percentile) in the changed region, in grey levels and in texture spreads.
+    faint_level: float = 14.0
+    weak_level: float = 20.0
     faint_ratio: float = 0.8
     weak_ratio: float = 1.5
+    # Mean change in the region, in grey levels and in texture spreads.
     strong_level: float = 150.0
     strong_ratio: float = 25.0
-    # Locality: share of changed pixels in the three largest regions.
+    # Location: share of changed pixels on the part.
+    min_on_object: float = 0.70
+    # Locality: share of changed pixels in the three largest regions, and the spread of all
+    # changed pixels (convex hull) relative to the part.
     scattered_top3: float = 0.5
     split_top3: float = 0.85
+    scattered_spread: float = 0.10
     # Seams: change at the outline relative to the region's mean change (1 = hard cut), share of
     # the outline on long straight runs, and how much stronger the outline's gradient is than
     # in the normal image.
     hard_edge: float = 0.7
-    straight_share: float = 0.6
+    straight_share: float = 0.5
     seam_gradient: float = 1.5
+    min_interior: float = 0.3  # share of the region that is not outline, for hardness to count
     # Texture spread floor, so that a perfectly smooth surface does not make any change "glaring".
     min_spread: float = 2.0
 
@@ -111,76 +138,116 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
     m["on_object"] = float(np.logical_and(changed, foreground).sum() / count)
     m["size_share"] = count / object_area
 
-    # Regions: close small gaps so that one crack with a break is one region, then fill holes.
-    closed = cv2.morphologyEx(changed.astype(np.uint8), cv2.MORPH_CLOSE,
+    # Everything below only looks at the changed area and its surroundings: work on a crop.
+    rows, cols = np.nonzero(changed)
+    y0, y1, x0, x1 = _expand((rows.min(), rows.max() + 1, cols.min(), cols.max() + 1), 4,
+                             changed.shape)
+    changed_crop = changed[y0:y1, x0:x1]
+    # Regions: close small gaps so that one crack with a break is one region.
+    closed = cv2.morphologyEx(changed_crop.astype(np.uint8), cv2.MORPH_CLOSE,
                               cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     n_labels, labels, stats, _ = cv2.connectedComponentsWithStats(closed, connectivity=8)
-    changed_per_label = np.bincount(labels[changed], minlength=n_labels)[1:]
-    order = np.argsort(changed_per_label)[::-1]
+    changed_per_label = np.bincount(labels[changed_crop], minlength=n_labels)[1:]
+    # How far the change spreads: the convex hull of the regions' box corners, against the part.
+    x, y, w, h = (stats[1:, i] for i in range(4))
+    corners = np.concatenate([np.stack([x, y], 1), np.stack([x + w, y], 1),
+                              np.stack([x, y + h], 1), np.stack([x + w, y + h], 1)])
+    hull = cv2.convexHull(corners.astype(np.int32))
+    m["spread_share"] = float(cv2.contourArea(hull)) / object_area
+    order = np.argsort(changed_per_label)[::-1][:3]
     m["regions"] = float(n_labels - 1)
-    m["top3_share"] = float(changed_per_label[order[:3]].sum() / count)
-    main_labels = order[:3][changed_per_label[order[:3]] > 0] + 1
-    region = fill_holes(np.isin(labels, main_labels))
-    region_area = float(region.sum())
+    m["top3_share"] = float(changed_per_label[order].sum() / count)
+    main_labels = order[changed_per_label[order] > 0] + 1
+    region_crop = fill_holes(np.isin(labels, main_labels))
+    region_area = float(region_crop.sum())
     m["region_pixels"] = region_area
-    m["region_density"] = float(changed[region].sum() / max(region_area, 1.0))
+    m["region_density"] = float(changed_crop[region_crop].sum() / max(region_area, 1.0))
 
-    # Visibility: mean change over the region against the fine texture of the surface around it.
-    m["mean_change"] = float(diff[region].mean())
-    grey = cv2.cvtColor(normal, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    detail = grey - cv2.GaussianBlur(grey, (0, 0), 3.0)
+    # The surroundings: a ring as wide as half the region (5 to 25 px) for the texture spread.
     radius = int(np.clip(np.sqrt(region_area) / 2, 5, 25))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    ring = cv2.dilate(region.astype(np.uint8), kernel).astype(bool) & ~region
-    if ring.sum() < 20:
+    ry0, ry1, rx0, rx1 = _expand((y0, y1, x0, x1), radius + 8, changed.shape)
+    region = np.zeros((ry1 - ry0, rx1 - rx0), dtype=bool)
+    region[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0] = region_crop
+    window = (slice(ry0, ry1), slice(rx0, rx1))
+    diff_w = diff[window]
+
+    # Visibility: mean change over the region against the fine texture of the surface around it
+    # (grey levels minus their local mean, so that shading does not count as texture).
+    m["mean_change"] = float(diff_w[region].mean())
+    m["peak_change"] = float(np.percentile(diff_w[region], 90))
+    grey_n = cv2.cvtColor(normal[window], cv2.COLOR_RGB2GRAY).astype(np.float32)
+    grey_e = cv2.cvtColor(edited[window], cv2.COLOR_RGB2GRAY).astype(np.float32)
+    detail = grey_n - cv2.GaussianBlur(grey_n, (0, 0), 3.0)
+    # Distance to the region in one linear pass; a large elliptic dilation is far slower.
+    outside = (~region).astype(np.uint8)
+    ring = (cv2.distanceTransform(outside, cv2.DIST_L2, 3) <= radius) & ~region
+    if ring.sum() < 20:  # the change covers (nearly) everything: use the whole window
         ring = np.ones_like(region)
     m["texture_spread"] = float(max(detail[ring].std(), limits.min_spread))
-    m["contrast_ratio"] = m["mean_change"] / m["texture_spread"]
+    m["contrast_ratio"] = m["peak_change"] / m["texture_spread"]
 
-    m.update(_seam_measurements(normal, edited, diff, region, labels, main_labels))
+    m.update(_seam_measurements(grey_n, grey_e, diff_w, region, (ry0, rx0), changed.shape))
     return m
 
 
-def _seam_measurements(normal: np.ndarray, edited: np.ndarray, diff: np.ndarray,
-                       region: np.ndarray, labels: np.ndarray,
-                       main_labels: np.ndarray) -> dict[str, float]:
-    """How hard and how straight the outline of the change is.
+def _expand(box: tuple[int, int, int, int], margin: int,
+            shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    y0, y1, x0, x1 = box
+    return (max(int(y0) - margin, 0), min(int(y1) + margin, shape[0]),
+            max(int(x0) - margin, 0), min(int(x1) + margin, shape[1]))
+
+
+def _seam_measurements(grey_n: np.ndarray, grey_e: np.ndarray, diff: np.ndarray,
+                       region: np.ndarray, origin: tuple[int, int],
+                       frame: tuple[int, int]) -> dict[str, float]:
+    """How hard and how straight the outline of the change is, on a window of the image.
 
     A pasted patch changes the image as much at its outline as in its middle, along straight
     sides; a real defect fades out or follows an irregular path. Thin regions (lines, scratches)
-    are left out of the straightness measure: a straight scratch is straight by nature.
+    are left out of the straightness measure, since a straight scratch is straight by nature,
+    and so are outline runs along the frame edge, which belong to the frame, not the edit.
     """
     region_u8 = region.astype(np.uint8)
-    inner = region & ~cv2.erode(region_u8, np.ones((3, 3), np.uint8)).astype(bool)
+    square = np.ones((3, 3), np.uint8)
+    # Erosion treats outside the array as set, so the frame edge is never counted as outline.
+    eroded = cv2.erode(region_u8, square).astype(bool)
+    inner = region & ~eroded
     mean_change = float(diff[region].mean()) if region.any() else 0.0
     hardness = float(diff[inner].mean() / mean_change) if inner.any() and mean_change else 0.0
 
-    grey_n = cv2.cvtColor(normal, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    grey_e = cv2.cvtColor(edited, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    outline = cv2.dilate(region_u8, np.ones((3, 3), np.uint8)).astype(bool) & ~cv2.erode(
-        region_u8, np.ones((3, 3), np.uint8)).astype(bool)
-    gradient_ratio = _gradient(grey_e)[outline].mean() / max(_gradient(grey_n)[outline].mean(), 1.0)
+    outline = cv2.dilate(region_u8, square).astype(bool) & ~eroded
+    gradient_ratio = 0.0
+    if outline.any():
+        gradient_ratio = float(_gradient(grey_e)[outline].mean()
+                               / max(float(_gradient(grey_n)[outline].mean()), 1.0))
 
     straight = 0.0
     perimeter_total = 0.0
-    for label in main_labels:
-        component = (labels == label).astype(np.uint8)
-        contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        if not contours:
-            continue
-        contour = max(contours, key=cv2.contourArea)
+    oy, ox = origin
+    last_y, last_x = frame[0] - 1, frame[1] - 1
+    contours, _ = cv2.findContours(region_u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    for contour in contours:
         (_, _), (w, h), _ = cv2.minAreaRect(contour)
         perimeter = cv2.arcLength(contour, True)
         if min(w, h) < 8 or perimeter <= 0:
             continue
-        polygon = cv2.approxPolyDP(contour, 1.5, True)[:, 0, :].astype(np.float32)
-        sides = np.linalg.norm(np.roll(polygon, -1, axis=0) - polygon, axis=1)
-        long_side = max(12.0, 0.1 * perimeter)
+        polygon = cv2.approxPolyDP(contour, 1.0, True)[:, 0, :] + np.array([ox, oy])
+        following = np.roll(polygon, -1, axis=0)
+        sides = np.linalg.norm((following - polygon).astype(np.float32), axis=1)
+        on_frame = (((polygon[:, 0] == 0) & (following[:, 0] == 0))
+                    | ((polygon[:, 0] == last_x) & (following[:, 0] == last_x))
+                    | ((polygon[:, 1] == 0) & (following[:, 1] == 0))
+                    | ((polygon[:, 1] == last_y) & (following[:, 1] == last_y)))
+        sides = sides[~on_frame]
+        # A side is a straight run when it is long both absolutely and against the outline:
+        # a smooth round blob approximated to 1 px only has short chords.
+        long_side = max(10.0, 0.15 * perimeter)
         straight += float(sides[sides >= long_side].sum())
-        perimeter_total += perimeter
+        perimeter_total += float(sides.sum())
     return {
         "edge_hardness": hardness,
-        "seam_gradient_ratio": float(gradient_ratio),
+        "interior_share": float(eroded.sum() / max(int(region.sum()), 1)),
+        "seam_gradient_ratio": gradient_ratio,
         "straight_outline_share": straight / perimeter_total if perimeter_total else 0.0,
     }
 
@@ -210,22 +277,24 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
         issues.append(Issue.TOO_LARGE)
     elif m["size_share"] > limits.large_share:
         penalties.append("large")
-    if m["top3_share"] < limits.scattered_top3:
+    if m["top3_share"] < limits.scattered_top3 and m["spread_share"] > limits.scattered_spread:
         issues.append(Issue.SCATTERED)
     elif m["top3_share"] < limits.split_top3:
         penalties.append("split")
-    if m["on_object"] < 0.70:
+    if m["on_object"] < limits.min_on_object:
         issues.append(Issue.OFF_OBJECT)
 
-    level, ratio = m["mean_change"], m["contrast_ratio"]
-    if level < limits.faint_level or ratio < limits.faint_ratio:
+    peak, ratio = m["peak_change"], m["contrast_ratio"]
+    if peak < limits.faint_level or ratio < limits.faint_ratio:
         issues.append(Issue.TOO_FAINT)
-    elif level < limits.weak_level or ratio < limits.weak_ratio:
+    elif peak < limits.weak_level or ratio < limits.weak_ratio:
         penalties.append("weak")
-    if level > limits.strong_level and ratio > limits.strong_ratio:
+    mean = m["mean_change"]
+    if mean > limits.strong_level and mean / m["texture_spread"] > limits.strong_ratio:
         issues.append(Issue.TOO_STRONG)
 
-    hard = m["edge_hardness"] > limits.hard_edge
+    # A thin region (a line) is all outline, so its hardness says nothing about blending.
+    hard = m["edge_hardness"] > limits.hard_edge and m["interior_share"] >= limits.min_interior
     if (hard and m["straight_outline_share"] > limits.straight_share
             and m["seam_gradient_ratio"] > limits.seam_gradient):
         issues.append(Issue.HARD_SEAMS)
@@ -282,8 +351,9 @@ def _review(m: dict[str, float], issues: list[str], penalties: list[str],
         size += ", which is large for a local defect"
     sentences.append(size + ".")
 
-    contrast = (f"{m['mean_change']:.1f} grey levels of change against a local texture spread "
-                f"of {m['texture_spread']:.1f} (ratio {m['contrast_ratio']:.1f})")
+    contrast = (f"its change peaks at {m['peak_change']:.1f} grey levels (mean "
+                f"{m['mean_change']:.1f}) against a local texture spread of "
+                f"{m['texture_spread']:.1f} (ratio {m['contrast_ratio']:.1f})")
     if Issue.TOO_FAINT in issues:
         sentences.append(f"It is too faint: {contrast}.")
     elif Issue.TOO_STRONG in issues:

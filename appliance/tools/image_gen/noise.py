@@ -72,12 +72,12 @@ def value_noise(shape: tuple[int, int], rng: np.random.Generator, cell_px: float
     return np.clip(cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC), -1.0, 1.0)
 
 
-def draem_perlin_mask(shape: tuple[int, int], rng: np.random.Generator, min_scale: int = 0,
-                      max_scale: int = 6, threshold: float = 0.5) -> np.ndarray:
-    """DRAEM's anomaly mask: Perlin noise at a random scale 2^0..2^5 per axis, rotated, thresholded.
+def draem_perlin_noise(shape: tuple[int, int], rng: np.random.Generator, min_scale: int = 0,
+                       max_scale: int = 6) -> np.ndarray:
+    """DRAEM's noise: Perlin at a random scale 2^min..2^(max-1) per axis, randomly rotated.
 
-    DRAEM's noise is scaled by sqrt(2) to span about [-1, 1] before the 0.5 threshold; we keep
-    that convention so that blobs cover the same share of the area.
+    DRAEM scales its noise by sqrt(2) to span about [-1, 1]; we keep that convention so that a
+    0.5 threshold covers the same share of the area.
     """
     height, width = shape
     scale_y = 2 ** int(rng.integers(min_scale, max_scale))
@@ -90,4 +90,10 @@ def draem_perlin_mask(shape: tuple[int, int], rng: np.random.Generator, min_scal
     noise = cv2.warpAffine(noise, rotation, (side, side), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REFLECT)
     top, left = (side - height) // 2, (side - width) // 2
-    return noise[top:top + height, left:left + width] > threshold
+    return np.ascontiguousarray(noise[top:top + height, left:left + width])
+
+
+def draem_perlin_mask(shape: tuple[int, int], rng: np.random.Generator, min_scale: int = 0,
+                      max_scale: int = 6, threshold: float = 0.5) -> np.ndarray:
+    """DRAEM's anomaly mask: its Perlin noise thresholded at 0.5."""
+    return draem_perlin_noise(shape, rng, min_scale, max_scale) > threshold

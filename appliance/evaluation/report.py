@@ -1,0 +1,289 @@
+"""The evaluation report: one side-by-side table (text, Markdown, JSON) and PNG figures.
+
+Figures are drawn with Pillow and OpenCV (matplotlib is not a dependency of the appliance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from appliance.imaging import save_png_atomic, write_atomic
+
+if TYPE_CHECKING:
+    from appliance.evaluation.data import EvalData
+    from appliance.evaluation.runner import GeneratorOutcome
+
+DETECTION_ROWS = (
+    ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP"), ("pixel_f1_max", "pixel F1-max"),
+    ("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("image_f1_max", "image F1-max"),
+)
+# (key, label, higher is better)
+GENERATION_ROWS = (
+    ("diversity_mean_over_types", "feature diversity, mean over defect types (up)", True),
+    ("diversity_all", "feature diversity, all samples (up)", True),
+    ("kernel_distance_to_real", "feature kernel distance to real defects (down)", False),
+    ("mask_change_iou", "mask/change IoU (up)", True),
+    ("acceptance_rate", "judge acceptance rate", True),
+    ("kept", "training samples kept", True),
+)
+TIMING_ROWS = (
+    ("seconds_per_kept_sample", "synthesis s per kept sample"),
+    ("synthesis_s", "synthesis s"), ("train_s", "UNet training s"), ("predict_s", "prediction s"),
+)
+COLOURS = ((220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0),
+           (108, 113, 196), (42, 161, 152))
+
+
+def _best_baseline(values: dict[str, float], higher: bool) -> tuple[str, float] | None:
+    candidates = {k: v for k, v in values.items()
+                  if k != "ours" and v is not None and math.isfinite(v)}
+    if not candidates:
+        return None
+    name = (max if higher else min)(candidates, key=candidates.get)
+    return name, candidates[name]
+
+
+def ratios(metrics_by_generator: dict[str, dict]) -> dict[str, dict]:
+    """ours / best baseline for every detection metric (> 1 means ours is better)."""
+    if "ours" not in metrics_by_generator:
+        return {}
+    out = {}
+    for key, _ in DETECTION_ROWS:
+        best = _best_baseline({g: m.get(key) for g, m in metrics_by_generator.items()}, True)
+        ours = metrics_by_generator["ours"].get(key)
+        if best and ours is not None and best[1] > 0:
+            out[key] = {"ratio": ours / best[1], "best_baseline": best[0]}
+    return out
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    value = float(value)
+    return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _rows(report: dict) -> list[tuple[str, list[str], str]]:
+    """(label, one cell per generator, ratio cell) for every row of the main table."""
+    gens = report["generators"]
+    names = list(gens)
+    ratio = report.get("ratio_ours_to_best_baseline", {})
+    rows = []
+    for key, label in DETECTION_ROWS:
+        cell = ratio.get(key)
+        rows.append((label, [_fmt(gens[g]["metrics"][key]) for g in names],
+                     f"{cell['ratio']:.3f} ({cell['best_baseline']})" if cell else ""))
+    for key, label, higher in GENERATION_ROWS:
+        values = {g: gens[g]["generation"].get(key) for g in names}
+        ratio_cell = ""
+        best = _best_baseline(values, higher)
+        if "ours" in values and values["ours"] is not None and best and best[1] and key != "kept":
+            ratio_cell = f"{values['ours'] / best[1]:.3f} ({best[0]})"
+        rows.append((label, [_fmt(values[g]) for g in names], ratio_cell))
+    for key, label in TIMING_ROWS:
+        values = {g: gens[g]["timings"].get(key) for g in names}
+        best = _best_baseline(values, False)
+        ratio_cell = (f"{values['ours'] / best[1]:.1f}x ({best[0]})"
+                      if "ours" in values and best and best[1] else "")
+        rows.append((label, [_fmt(values[g], 2 if "per" not in key else 4) for g in names],
+                     ratio_cell))
+    return rows
+
+
+def format_table(report: dict) -> str:
+    names = list(report["generators"])
+    header = ["metric"] + names + ["ours / best baseline"]
+    body = [[label] + cells + [ratio] for label, cells, ratio in _rows(report)]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+              for r in body]
+    protocol = report["protocol"]
+    lines.append(f"({report['category']}: {protocol['train_normals']} train normals, "
+                 f"{protocol['test_normals']} test normals, {protocol['test_defects']} real defects, "
+                 f"{protocol['size']} px, seed {protocol['seed']}, "
+                 f"{protocol['train']['epochs']} epochs; {report['wall_seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def format_markdown(report: dict) -> str:
+    gens = report["generators"]
+    names = list(gens)
+    protocol = report["protocol"]
+    lines = [f"# Synthetic data evaluation: {report['category']}", "",
+             f"Same UNet ({protocol['unet']}), same {protocol['train']['epochs']} epochs, batch "
+             f"{protocol['train']['batch_size']}, seed {protocol['seed']}, {protocol['size']} px, "
+             f"for every generator. Train normals: {protocol['train_normals']}; test: "
+             f"{protocol['test_normals']} held-out normals + {protocol['test_defects']} real defects.",
+             ""]
+    lines += _markdown_table(["metric"] + names + ["ours / best baseline"],
+                             [[label] + cells + [ratio] for label, cells, ratio in _rows(report)])
+    classes = sorted({c for g in gens.values() for c in g["per_class"]})
+    for key, label in (("pixel_ap", "Pixel AP"), ("pixel_auroc", "Pixel AUROC"),
+                       ("image_auroc", "Image AUROC")):
+        lines += ["", f"## {label} per defect class (class images + all held-out normals)", ""]
+        lines += _markdown_table(["class", "images"] + names,
+                                 [[c, str(next(iter(gens.values()))["per_class"][c]["images"])]
+                                  + [_fmt(gens[g]["per_class"][c][key]) for g in names]
+                                  for c in classes])
+    lines += ["", "## How to read this", "",
+              "- Detection rows: a UNet trained only on each generator's synthetic anomalies (and "
+              "the clean normals they came from), tested on real defects. Higher is better. "
+              "The ratio column is ours divided by the best baseline: above 1 means ours taught "
+              "the detector more.",
+              "- Pixel AP is the headline: it is what segmentation quality on real defects "
+              "depends on, and it is not inflated by the many easy background pixels as AUROC is.",
+              "- Generation rows are measurements of the samples themselves, in the feature space "
+              "of an ImageNet EfficientNet-Lite0. They are stand-ins, not the paper's Inception "
+              "Score or IC-LPIPS. Diversity: mean pairwise cosine distance of defect crops (per "
+              "defect type, then averaged). Kernel distance: KID-style squared MMD between "
+              "synthetic and real defect crops, lower is closer to real. Mask/change IoU: how "
+              "exactly the label covers what changed (change = any channel moved by more than "
+              "8 grey levels). Acceptance: share of episodes the engine's own judge accepted "
+              "(the baselines have no judge).",
+              "- Timing rows are measured in this run, on this machine.",
+              ""]
+    if protocol.get("grayscale_training"):
+        lines.append("- The normals are greyscale, so every generator's training images were "
+                     "converted to greyscale before training (a colour cue would not transfer).")
+    return "\n".join(lines) + "\n"
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value)}")
+
+
+def _clean(value):
+    """NaN is not JSON: write null."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value
+
+
+def write_reports(out_dir: Path, report: dict) -> None:
+    text = json.dumps(_clean(report), indent=2, default=_json_default, allow_nan=False)
+    write_atomic(out_dir / "report.json", text.encode())
+    write_atomic(out_dir / "report.md", format_markdown(report).encode())
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _pr_panel(title: str, curves: list[tuple[str, np.ndarray, np.ndarray, float]],
+              size: tuple[int, int] = (520, 440)) -> Image.Image:
+    width, height = size
+    left, right, top, bottom = 50, 20, 30, 40
+    panel = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(panel)
+    font = _font()
+    x0, y0, x1, y1 = left, top, width - right, height - bottom
+
+    def to_px(recall: float, precision: float) -> tuple[float, float]:
+        return x0 + recall * (x1 - x0), y1 - precision * (y1 - y0)
+
+    for tick in np.linspace(0, 1, 6):
+        tx, ty = to_px(tick, tick)
+        draw.line([(tx, y0), (tx, y1)], fill=(230, 230, 230))
+        draw.line([(x0, ty), (x1, ty)], fill=(230, 230, 230))
+        draw.text((tx - 8, y1 + 5), f"{tick:.1f}", fill="black", font=font)
+        draw.text((x0 - 30, ty - 6), f"{tick:.1f}", fill="black", font=font)
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    draw.text((x0, 8), title, fill="black", font=font)
+    draw.text(((x0 + x1) / 2 - 15, height - 18), "recall", fill="black", font=font)
+    draw.text((4, y0 - 18), "precision", fill="black", font=font)
+    for index, (name, recall, precision, ap) in enumerate(curves):
+        colour = COLOURS[index % len(COLOURS)]
+        points = [to_px(float(r), float(p)) for r, p in zip(recall, precision)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        draw.text((x1 - 150, y0 + 8 + 14 * index), f"{name}  AP {ap:.3f}", fill=colour, font=font)
+    return panel
+
+
+def _heat(anomaly_map: np.ndarray) -> np.ndarray:
+    grey = np.clip(anomaly_map * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+def _outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = np.ascontiguousarray(image.copy())
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, (255, 40, 40), 1)
+    return out
+
+
+def _grid(rows: list[list[np.ndarray]], labels_top: Sequence[str], labels_left: Sequence[str],
+          cell: int = 128) -> Image.Image:
+    n_cols = max(len(r) for r in rows)
+    pad_left, pad_top = 90, 18
+    canvas = Image.new("RGB", (pad_left + n_cols * (cell + 4), pad_top + len(rows) * (cell + 4)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    for c, label in enumerate(labels_top):
+        draw.text((pad_left + c * (cell + 4) + 2, 3), label[:20], fill="black", font=font)
+    for r, (row, label) in enumerate(zip(rows, labels_left)):
+        y = pad_top + r * (cell + 4)
+        draw.text((3, y + cell // 2 - 6), label[:14], fill="black", font=font)
+        for c, tile in enumerate(row):
+            pil = Image.fromarray(tile).resize((cell, cell), Image.Resampling.BILINEAR)
+            canvas.paste(pil, (pad_left + c * (cell + 4), y))
+    return canvas
+
+
+def write_figures(out_dir: Path, data: "EvalData", outcomes: Sequence["GeneratorOutcome"],
+                  examples: Sequence[int]) -> None:
+    pixel = [(o.name, *o.pr_pixel, o.metrics["pixel_ap"]) for o in outcomes]
+    image = [(o.name, *o.pr_image, o.metrics["image_ap"]) for o in outcomes]
+    left, right = _pr_panel("pixel-level PR, real defects", pixel), _pr_panel("image-level PR", image)
+    both = Image.new("RGB", (left.width + right.width, left.height), "white")
+    both.paste(left, (0, 0))
+    both.paste(right, (left.width, 0))
+    save_png_atomic(out_dir / "pr_curves.png", both)
+
+    test = data.test_set
+    rows, labels = [], []
+    for row_index, test_index in enumerate(examples):
+        item = test[test_index]
+        rows.append([item.image, _outlined(item.image, item.mask)]
+                    + [_heat(o.example_maps[row_index]) for o in outcomes])
+        labels.append(item.defect)
+    save_png_atomic(out_dir / "examples.png",
+                    _grid(rows, ["image", "ground truth"] + [o.name for o in outcomes], labels))
+
+    sample_rows = []
+    for o in outcomes:
+        kept = o.generated.samples
+        pick = np.linspace(0, len(kept) - 1, min(8, len(kept))).round().astype(int)
+        sample_rows.append([_outlined(kept[i].image, kept[i].mask) for i in pick])
+    save_png_atomic(out_dir / "training_samples.png",
+                    _grid(sample_rows, [], [o.name for o in outcomes]))

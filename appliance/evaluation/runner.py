@@ -1,0 +1,211 @@
+"""``evaluate``: what each generator's synthetic data teaches a detector about real defects.
+
+For every generator, on the same train normals, with the same seed and the same budget:
+synthesize one anomaly per normal -> train the same UNet -> predict the held-out normals and the
+real defects -> pixel and image AUROC / AP / F1-max, overall and per defect class. The protocol
+(split, UNet, budget) is fixed in ``EvalConfig`` before any generator runs.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from appliance.evaluation import report as report_mod
+from appliance.evaluation.data import GOOD, EvalData, LabeledImage, load_folders, load_mvtec_category
+from appliance.evaluation.generation_metrics import (FEATURE_MODEL, defect_crop, generation_report,
+                                                     image_features)
+from appliance.evaluation.generators import (BASELINES, GeneratedSet, generate_training_set,
+                                             make_generator)
+from appliance.evaluation.metrics import detection_scores, image_score, pr_points
+from appliance.evaluation.train import TrainConfig, predict, train_unet
+from appliance.imaging import is_grayscale
+
+DEFAULT_GENERATORS = ("ours", "draem", "cutpaste")
+
+
+@dataclass
+class EvalConfig:
+    size: int = 256
+    seed: int = 0
+    generators: tuple[str, ...] = DEFAULT_GENERATORS
+    train_size: int = 300
+    test_fraction: float = 0.2  # share of the normals held out (folder layout only)
+    max_rounds: int = 3  # episodes per train normal, at most, to get one accepted sample
+    generation_metrics: bool = True
+    examples_per_class: int = 2
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.size % 16:
+            raise ValueError("size must be a multiple of 16 (four 2x poolings in the UNet)")
+        self.train.seed = self.seed
+
+
+@dataclass
+class GeneratorOutcome:
+    name: str
+    generated: GeneratedSet
+    metrics: dict
+    per_class: dict
+    generation: dict
+    timings: dict
+    train_losses: list[float]
+    pr_pixel: tuple[np.ndarray, np.ndarray]
+    pr_image: tuple[np.ndarray, np.ndarray]
+    example_maps: np.ndarray  # anomaly maps of the example test images
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    luma = np.asarray(image, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = np.clip(luma + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _score_set(maps: np.ndarray, items: Sequence[LabeledImage], window: int) -> dict:
+    pixel = detection_scores(np.stack([it.mask for it in items]), maps)
+    image_labels = np.array([it.defect != GOOD for it in items])
+    image_scores = np.array([image_score(m, window) for m in maps])
+    image = detection_scores(image_labels, image_scores)
+    return {"pixel": pixel.as_dict(), "image": image.as_dict(), "_image_scores": image_scores}
+
+
+def _flat(scores: dict) -> dict:
+    return {f"{level}_{name}": scores[level][name]
+            for level in ("pixel", "image") for name in ("auroc", "ap", "f1_max")}
+
+
+def example_indices(data: EvalData, per_class: int) -> list[int]:
+    """Which test images the example figure shows: the first few of every class, one normal."""
+    test = data.test_set
+    chosen: list[int] = []
+    for defect in [GOOD] + data.defect_classes:
+        limit = 1 if defect == GOOD else per_class
+        chosen += [i for i, it in enumerate(test) if it.defect == defect][:limit]
+    return chosen
+
+
+def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
+                  real_features: np.ndarray | None, grayscale: bool,
+                  examples: Sequence[int], log: Callable[[str], None]) -> GeneratorOutcome:
+    normals = [it.image for it in data.train_normals]
+    generator = make_generator(name, data.category, data.defect_classes, engine)
+    log(f"[{name}] synthesizing from {len(normals)} train normals")
+    generated = generate_training_set(generator, normals, config.seed, config.max_rounds)
+    if not generated.samples:
+        raise RuntimeError(f"{name} produced no usable sample from {len(normals)} normals")
+    kept = generated.samples
+    # The detector must not learn a colour cue that the real test images cannot have.
+    images = [_gray(s.image) if grayscale else s.image for s in kept]
+    sources = [normals[s.source_index] for s in kept]
+    log(f"[{name}] {len(kept)} samples kept of {generated.episodes} episodes "
+        f"in {generated.seconds:.1f} s; training the UNet")
+    model, train_log = train_unet(images, [s.mask for s in kept], sources, config.train)
+    log(f"[{name}] trained {train_log.steps} steps in {train_log.seconds:.1f} s "
+        f"(loss {train_log.epoch_losses[0]:.4f} -> {train_log.epoch_losses[-1]:.4f}); predicting")
+    start = time.perf_counter()
+    test = data.test_set
+    maps = predict(model, [it.image for it in test], config.train)
+    predict_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    window = max(1, round(config.size * 21 / 256)) | 1  # DRAEM's 21 px window at 256 px
+    overall = _score_set(maps, test, window)
+    per_class = {}
+    n_normal = len(data.test_normals)
+    for defect in data.defect_classes:
+        index = list(range(n_normal)) + [n_normal + i for i, it in enumerate(data.test_defects)
+                                         if it.defect == defect]
+        scored = _score_set(maps[index], [test[i] for i in index], window)
+        per_class[defect] = _flat(scored) | {"images": len(index) - n_normal}
+    masks = np.stack([it.mask for it in test])
+    pr_pixel = pr_points(masks, maps)
+    pr_image = pr_points(np.array([it.defect != GOOD for it in test]), overall["_image_scores"])
+    metrics_seconds = time.perf_counter() - start
+
+    generation: dict = {"acceptance_rate": generated.acceptance_rate if name not in BASELINES else None,
+                        "episodes": generated.episodes, "kept": len(kept)}
+    gen_seconds = 0.0
+    if real_features is not None:
+        start = time.perf_counter()
+        generation |= generation_report(images, [s.mask for s in kept], [s.defect for s in kept],
+                                        [_gray(n) if grayscale else n for n in sources],
+                                        real_features, config.train.device)
+        gen_seconds = time.perf_counter() - start
+    timings = {"synthesis_s": generated.seconds, "train_s": train_log.seconds,
+               "predict_s": predict_seconds, "metrics_s": metrics_seconds,
+               "generation_metrics_s": gen_seconds,
+               "seconds_per_kept_sample": generated.seconds / len(kept)}
+    return GeneratorOutcome(name, generated, _flat(overall), per_class, generation, timings,
+                            train_log.epoch_losses, pr_pixel, pr_image, maps[list(examples)])
+
+
+def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, engine: Any = None,
+             log: Callable[[str], None] = print) -> dict:
+    """Run every generator of ``config`` on ``data``; write report.json, report.md and figures
+    under ``out_dir``; return the report."""
+    config = config or EvalConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    grayscale = all(is_grayscale(it.image) for it in data.train_normals + data.test_normals)
+    log(f"eval: {data.category}: {len(data.train_normals)} train normals "
+        f"(of {data.train_pool_size}), {len(data.test_normals)} test normals, "
+        f"{len(data.test_defects)} real defects in {len(data.defect_classes)} classes "
+        f"({', '.join(data.defect_classes)}), {config.size}px, seed {config.seed}")
+    real_features = None
+    if config.generation_metrics:
+        real_features = image_features([defect_crop(it.image, it.mask) for it in data.test_defects],
+                                       config.train.device)
+    examples = example_indices(data, config.examples_per_class)
+    outcomes = [run_generator(name, data, config, engine, real_features, grayscale, examples, log)
+                for name in config.generators]
+
+    result = {
+        "category": data.category,
+        "protocol": {
+            "size": config.size, "seed": config.seed, "train_normals": len(data.train_normals),
+            "train_pool": data.train_pool_size, "test_normals": len(data.test_normals),
+            "test_defects": len(data.test_defects),
+            "test_defects_per_class": {d: sum(it.defect == d for it in data.test_defects)
+                                       for d in data.defect_classes},
+            "grayscale_training": grayscale, "max_rounds": config.max_rounds,
+            "train": config.train.as_dict(), "unet": f"SmallUNet(width={config.train.width}, depth=4)",
+            "image_score": "max of the anomaly map averaged over a DRAEM-size window",
+            "feature_model": FEATURE_MODEL,
+        },
+        "generators": {o.name: {"metrics": o.metrics, "per_class": o.per_class,
+                                "generation": o.generation, "timings": o.timings,
+                                "train_losses": o.train_losses} for o in outcomes},
+        "ratio_ours_to_best_baseline": report_mod.ratios({o.name: o.metrics for o in outcomes}),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "threads": config.train.threads, "device": config.train.device},
+        "wall_seconds": None,
+    }
+    report_mod.write_figures(out_dir, data, outcomes, examples)
+    result["wall_seconds"] = time.perf_counter() - started
+    report_mod.write_reports(out_dir, result)
+    return result
+
+
+def evaluate_folders(normal_dir: Path, defects_dir: Path, out_dir: Path, category: str,
+                     config: EvalConfig | None = None, engine: Any = None,
+                     log: Callable[[str], None] = print) -> dict:
+    config = config or EvalConfig()
+    data = load_folders(normal_dir, defects_dir, config.size, config.seed, config.train_size,
+                        category, config.test_fraction)
+    return evaluate(data, out_dir, config, engine, log)
+
+
+def evaluate_mvtec(category_dir: Path, out_dir: Path, category: str | None = None,
+                   config: EvalConfig | None = None, engine: Any = None,
+                   log: Callable[[str], None] = print) -> dict:
+    config = config or EvalConfig()
+    data = load_mvtec_category(category_dir, config.size, config.seed, config.train_size, category)
+    return evaluate(data, out_dir, config, engine, log)

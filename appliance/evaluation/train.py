@@ -1,0 +1,132 @@
+"""Training the segmentation UNet on one generator's samples, and predicting anomaly maps.
+
+The budget (epochs, batch, learning rate, width, share of clean normals) is one ``TrainConfig``
+shared by every generator of a run. Half of the training examples, drawn per example and per
+epoch, are the clean normal the anomaly was made from (DRAEM trains its segmentation network
+the same way), so the detector also learns what "nothing to report" looks like. The draws come
+from the run's seed, so every generator gets the same normal/anomaly pattern.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from appliance.evaluation.unet import SmallUNet, focal_loss
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    batch_size: int = 16
+    lr: float = 2e-3
+    width: int = 16
+    normal_fraction: float = 0.5
+    seed: int = 0
+    threads: int = 2
+    device: str = "cpu"
+    # None: bfloat16 autocast where the hardware does it natively (CUDA, AVX512-BF16 CPUs).
+    bf16: bool | None = None
+
+    def use_bf16(self) -> bool:
+        if self.bf16 is not None:
+            return self.bf16
+        if self.device.startswith("cuda"):
+            return True
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"bf16": self.use_bf16()}
+
+
+@dataclass
+class TrainLog:
+    seconds: float = 0.0
+    steps: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def set_determinism(seed: int, threads: int, device: str) -> None:
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, threads))
+    if device.startswith("cuda"):
+        # cuBLAS needs a fixed workspace for reproducible matrix products.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        # Warn rather than fail: an op without a deterministic CUDA kernel should not kill a run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
+
+
+def to_batch(images: Sequence[np.ndarray], device: str) -> torch.Tensor:
+    array = np.stack(images).astype(np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
+    return tensor.to(device).contiguous(memory_format=torch.channels_last)
+
+
+def _autocast(config: TrainConfig):
+    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.use_bf16())
+
+
+def train_unet(anomalies: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+               normals: Sequence[np.ndarray], config: TrainConfig) -> tuple[SmallUNet, TrainLog]:
+    """``anomalies[i]`` was made from ``normals[i]``; ``masks[i]`` marks its defect."""
+    if not (len(anomalies) == len(masks) == len(normals)) or not anomalies:
+        raise ValueError("need one mask and one source normal per anomaly, and at least one")
+    set_determinism(config.seed, config.threads, config.device)
+    model = SmallUNet(width=config.width).to(config.device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps_per_epoch = -(-len(anomalies) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
+                                                   total_steps=total_steps, pct_start=0.15)
+    draws = torch.Generator().manual_seed(config.seed)
+    empty = np.zeros_like(masks[0], dtype=bool)
+    log = TrainLog()
+    start = time.perf_counter()
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(anomalies), generator=draws).tolist()
+        use_normal = (torch.rand(len(anomalies), generator=draws) < config.normal_fraction).tolist()
+        losses = []
+        for first in range(0, len(order), config.batch_size):
+            chosen = order[first:first + config.batch_size]
+            images = [normals[i] if use_normal[i] else anomalies[i] for i in chosen]
+            targets = [empty if use_normal[i] else masks[i] for i in chosen]
+            x = to_batch(images, config.device)
+            y = torch.from_numpy(np.stack(targets).astype(np.float32))[:, None].to(config.device)
+            with _autocast(config):
+                logits = model(x)
+            loss = focal_loss(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            log.steps += 1
+        log.epoch_losses.append(float(np.mean(losses)))
+    log.seconds = time.perf_counter() - start
+    model.eval()
+    return model, log
+
+
+@torch.no_grad()
+def predict(model: SmallUNet, images: Sequence[np.ndarray], config: TrainConfig,
+            batch_size: int = 32) -> np.ndarray:
+    """Anomaly probability maps, float32 (N, H, W) in [0, 1]."""
+    model.eval()
+    maps = []
+    for first in range(0, len(images), batch_size):
+        x = to_batch(images[first:first + batch_size], config.device)
+        with _autocast(config):
+            logits = model(x)
+        maps.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
+    return np.concatenate(maps).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Model weights, offline: the manifest, bundles, exports and the tiny test kit."""

@@ -1,0 +1,47 @@
+"""Crack: a jagged, branching dark fracture whose width varies and thins to nothing at its tips."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from appliance.tools.image_gen.prompt_params import EditParams
+from appliance.tools.image_gen.renderers.base import (Canvas, Rendered, along_profile, darken,
+                                                      midpoint_path, mottle, stroke_coverage,
+                                                      taper)
+
+
+def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rendered:
+    theta = float(params.orientation_deg or 0.0)
+    length = canvas.line_length(theta, thickness=canvas.region.height * 0.1) * 0.95
+    cx, cy = canvas.center
+    direction = np.array([math.cos(math.radians(theta)), math.sin(math.radians(theta))])
+    start = np.array([cx, cy]) - direction * length / 2.0
+    end = np.array([cx, cy]) + direction * length / 2.0
+    roughness = 0.3 + 0.7 * params.roughness
+    main = midpoint_path(start, end, roughness * 0.6, segment_px=3.0, rng=rng)
+
+    width = float(np.clip(0.9 + length / 70.0, 0.9, 3.2)) * (0.6 + 0.5 * params.severity)
+    n = len(main)
+    widths = width * taper(n, power=0.6, floor=0.2) * (0.6 + 0.4 * along_profile(n, rng, 8))
+    strokes = [(main, widths)]
+
+    # Side branches leave the main line at a sharp angle and die out quickly.
+    branch_count = int(rng.integers(0, 2 + min(int(length // 40), 3)))
+    for _ in range(branch_count):
+        at = int(rng.integers(int(0.15 * n), max(int(0.85 * n), int(0.15 * n) + 1)))
+        local = main[min(at + 1, n - 1)] - main[max(at - 1, 0)]
+        heading = math.atan2(local[1], local[0]) + rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.0)
+        span = length * rng.uniform(0.12, 0.35)
+        tip = main[at] + span * np.array([math.cos(heading), math.sin(heading)])
+        branch = midpoint_path(main[at], tip, roughness * 0.7, segment_px=3.0, rng=rng)
+        bw = widths[at] * 0.7 * np.linspace(1.0, 0.15, len(branch))
+        strokes.append((branch, bw))
+
+    coverage = stroke_coverage(canvas.shape, strokes)
+    depth = (0.35 + 0.55 * params.severity) * (0.85 + 0.15 * mottle(canvas, rng, 12.0))
+    out = darken(canvas.base, np.clip(coverage * depth, 0.0, 1.0),
+                 floor_levels=12.0 + 18.0 * params.severity)
+    return Rendered(out, details={"width_px": round(width, 2), "length_px": round(length, 1),
+                                  "branches": branch_count})

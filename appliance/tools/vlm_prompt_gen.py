@@ -1,0 +1,133 @@
+"""PG on a local vision-language model: one local-edit instruction per (photo, part, defect).
+
+The structure follows the paper's PG tool (the model sees the normal photo, the part name and the
+defect type, reasons about where and how such a defect really occurs, and writes a single
+localized editing instruction); the wording is ours. When the knowledge base has an entry for the
+pair, its description goes in as context. An unusable reply falls back to ``fallback``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from appliance.knowledge import KnowledgeBase
+from appliance.policies.vlm_chat import ChatRequest, VLMRuntime, pil_image, release_runtime
+from appliance.tools.interfaces import KnowledgeEntry, PromptGenerator, PromptRequest
+
+SYSTEM_PROMPT = """\
+You write image-editing instructions for an industrial defect synthesis station. An inpainting \
+model will follow your instruction to add one realistic manufacturing defect to a photo of a \
+good part, and a detector will later be trained on the result, so physical realism matters more \
+than anything else.
+
+Think it through before writing (keep this reasoning to yourself):
+1. What does this defect type mean for this particular part in a real inspection line?
+2. On which part of the object does it physically occur? Pick one concrete spot you can see in \
+the photo.
+3. How does it look there: outline and structure, how it interacts with the material's texture \
+and finish, its contrast, its size relative to the part, its severity?
+
+Then write the instruction:
+- It is a local edit. Start in the spirit of "In this photo, change only ..." and end by saying \
+that everything else stays exactly as it is: background, lighting, geometry, the rest of the \
+surface.
+- Be concrete about the spot, the look, the size (small and confined unless the defect type \
+says otherwise) and how the defect blends into the surrounding material.
+- Describe what should be there, not what should be avoided. No artistic or global changes.
+
+Reply with the instruction only: one plain paragraph, no heading, no list, no quotes, no \
+explanation."""
+
+USER_TEMPLATE = """\
+Normal photo of the part: see the image above.
+Part: {category}
+Defect type: {defect}
+{knowledge}Write the editing instruction for this defect now."""
+
+MIN_WORDS = 6  # shorter replies are not instructions
+MAX_CHARS = 1200
+
+_THINK_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.DOTALL)
+_LABEL = re.compile(r"^\s*(?:\*\*)?(?:final\s+)?(?:editing\s+)?(?:instruction|prompt)\s*(?:\*\*)?\s*:\s*",
+                    re.IGNORECASE)
+
+
+def _readable(name: str) -> str:
+    return name.replace("_", " ").strip()
+
+
+def user_prompt(category: str, defect: str, entry: KnowledgeEntry | None) -> str:
+    knowledge = ""
+    if entry is not None:
+        knowledge = (f"What the plant's knowledge base says about it: {entry.appearance} "
+                     f"Typical location: {entry.location} Typical size: {entry.size}\n")
+    return USER_TEMPLATE.format(category=_readable(category), defect=_readable(defect),
+                                knowledge=knowledge)
+
+
+def strip_thinking(text: str) -> str:
+    """Drop reasoning blocks, including an unopened one closed by a bare ``</think>``."""
+    text = _THINK_BLOCK.sub("", text)
+    for closing in ("</think>", "</thinking>"):
+        if closing in text:
+            text = text.rsplit(closing, 1)[1]
+    return text
+
+
+def clean_instruction(text: str) -> str | None:
+    """The instruction in a model reply, or None when the reply holds no usable one."""
+    text = strip_thinking(text).strip()
+    text = re.sub(r"^```[a-z]*\s*|\s*```$", "", text).strip()
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if not paragraphs:
+        return None
+    text = _LABEL.sub("", paragraphs[0])
+    text = " ".join(text.split()).strip("\"'“”‘’ ")
+    if len(text.split()) < MIN_WORDS:
+        return None
+    if len(text) > MAX_CHARS:
+        cut = text[:MAX_CHARS]
+        text = cut[:cut.rfind(". ") + 1] if ". " in cut else cut
+    return text
+
+
+class VLMPromptGenerator:
+    """PromptGenerator on a resident VLM runtime, batched across episodes."""
+
+    name = "vlm"
+
+    def __init__(self, runtime: VLMRuntime, knowledge_base: KnowledgeBase | None = None,
+                 fallback: PromptGenerator | None = None, max_new_tokens: int = 512) -> None:
+        self.runtime = runtime
+        self.knowledge_base = knowledge_base
+        self.fallback = fallback
+        self.max_new_tokens = max_new_tokens
+        self.fallbacks_used = 0  # how often the model's reply was unusable, for the logs
+
+    def request(self, request: PromptRequest) -> ChatRequest:
+        entry = self.knowledge_base.entry(request.category, request.defect) \
+            if self.knowledge_base is not None else None
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+            {"role": "user", "content": [
+                {"type": "image"},
+                {"type": "text", "text": user_prompt(request.category, request.defect, entry)}]},
+        ]
+        return ChatRequest(messages, [pil_image(request.image)])
+
+    def generate_prompts(self, requests: Sequence[PromptRequest]) -> list[str]:
+        replies = self.runtime.chat([self.request(r) for r in requests],
+                                    max_new_tokens=self.max_new_tokens)
+        prompts: list[str | None] = [clean_instruction(reply) for reply in replies]
+        missing = [i for i, p in enumerate(prompts) if p is None]
+        if missing:
+            if self.fallback is None:
+                raise ValueError(f"the model wrote no usable instruction: {replies[missing[0]][:200]!r}")
+            self.fallbacks_used += len(missing)
+            for i, text in zip(missing, self.fallback.generate_prompts([requests[i] for i in missing])):
+                prompts[i] = text
+        return [p for p in prompts if p is not None]
+
+    def close(self) -> None:
+        release_runtime(self.runtime)
