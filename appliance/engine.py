@@ -32,6 +32,7 @@ class EngineConfig:
     mask_gen: str = "difference"
     knowledge_base: Path | None = None  # None: $APPLIANCE_KNOWLEDGE_BASE or the bundled folder
     cache_dir: Path | None = None  # None: $APPLIANCE_CACHE or ~/.cache/appliance
+    models_dir: Path | None = None  # None: $APPLIANCE_MODELS or the default (models/manifest.py)
     env: EnvConfig = field(default_factory=EnvConfig)
 
     def backend_names(self) -> dict[str, str]:
@@ -84,13 +85,100 @@ def _difference_mask_gen(ctx: BuildContext):
     return DifferenceMaskGenerator()
 
 
+def _installed_model(ctx: BuildContext, role: str, backend: str):
+    """(manifest entry, folder) of the installed model serving ``backend`` in ``role``."""
+    from appliance.models.manifest import ManifestError, model_for
+
+    try:
+        return model_for(getattr(ctx.config, "models_dir", None), role, backend)
+    except (FileNotFoundError, ManifestError) as exc:
+        raise EngineError(f"{role} backend {backend!r}: {exc}") from exc
+
+
+def _diffusers_image_gen(ctx: BuildContext, backend: str):
+    from appliance.tools.image_gen.diffusers_inpaint import DiffusersInpaintGenerator
+
+    entry, folder = _installed_model(ctx, "image_gen", backend)
+    return DiffusersInpaintGenerator(folder, backend, entry.settings, ctx.knowledge_base,
+                                     model_id=f"{entry.repo}@{entry.revision[:12]}")
+
+
+def _sdxl_inpaint_image_gen(ctx: BuildContext):
+    return _diffusers_image_gen(ctx, "sdxl-inpaint")
+
+
+def _flux_fill_image_gen(ctx: BuildContext):
+    return _diffusers_image_gen(ctx, "flux-fill")
+
+
+def _metauas_mask_gen(ctx: BuildContext):
+    from appliance.tools.mask_gen_metauas import MetaUASMaskGenerator
+
+    entry, folder = _installed_model(ctx, "mask_gen", "metauas-onnx")
+    onnx = [f.path for f in entry.files if f.path.endswith(".onnx")]
+    if len(onnx) != 1:
+        raise EngineError(f"{entry.name}: expected one .onnx file, found {onnx}")
+    return MetaUASMaskGenerator(folder / onnx[0], threshold=float(entry.settings.get("threshold", 0.5)))
+
+
+def _qwen_transformers_policy(ctx: BuildContext) -> Policy:
+    from appliance.policies.qwen_transformers import QwenTransformersPolicy, transformers_config
+
+    entry, folder = _installed_model(ctx, "policy", "qwen-transformers")
+    config, adapter_dir = transformers_config(folder, entry.settings)
+    return QwenTransformersPolicy(config, adapter_dir=adapter_dir)
+
+
+def _qwen_llamacpp_policy(ctx: BuildContext) -> Policy:
+    from appliance.policies.qwen_llamacpp import QwenLlamaCppPolicy, llamacpp_config
+
+    entry, folder = _installed_model(ctx, "policy", "qwen-llamacpp")
+    return QwenLlamaCppPolicy(llamacpp_config(folder, entry.settings))
+
+
+def _vlm_runtime(ctx: BuildContext, role: str):
+    """The resident VLM serving PG or QE; the same weights as the policy load only once."""
+    entry, folder = _installed_model(ctx, role, "vlm")
+    settings = {k: v for k, v in entry.settings.items() if k != "adapter"}  # PG/QE: base weights
+    if entry.format == "gguf":
+        from appliance.policies.qwen_llamacpp import llamacpp_config, llamacpp_runtime
+
+        config = llamacpp_config(folder, settings)
+        return llamacpp_runtime(config), config.max_new_tokens
+    from appliance.policies.qwen_transformers import transformers_config, transformers_runtime
+
+    config, _ = transformers_config(folder, settings)
+    return transformers_runtime(config), config.max_new_tokens
+
+
+def _vlm_prompt_gen(ctx: BuildContext):
+    from appliance.tools.prompt_gen import KnowledgePromptGenerator
+    from appliance.tools.vlm_prompt_gen import VLMPromptGenerator
+
+    runtime, max_new_tokens = _vlm_runtime(ctx, "prompt_gen")
+    return VLMPromptGenerator(runtime, ctx.knowledge_base,
+                              fallback=KnowledgePromptGenerator(ctx.knowledge_base),
+                              max_new_tokens=min(512, max_new_tokens))
+
+
+def _vlm_quality_eval(ctx: BuildContext):
+    from appliance.tools.quality_eval import HeuristicQualityEvaluator
+    from appliance.tools.vlm_quality_eval import VLMQualityEvaluator
+
+    runtime, max_new_tokens = _vlm_runtime(ctx, "quality_eval")
+    return VLMQualityEvaluator(runtime, fallback=HeuristicQualityEvaluator(),
+                               max_new_tokens=min(768, max_new_tokens))
+
+
 BACKENDS: dict[str, dict[str, Factory]] = {
-    "policy": {"scripted": _scripted_policy},
-    "prompt_gen": {"knowledge": _knowledge_prompt_gen},
-    "image_gen": {"procedural": _procedural_image_gen},
-    "quality_eval": {"heuristic": _heuristic_quality_eval},
+    "policy": {"scripted": _scripted_policy, "qwen-transformers": _qwen_transformers_policy,
+               "qwen-llamacpp": _qwen_llamacpp_policy},
+    "prompt_gen": {"knowledge": _knowledge_prompt_gen, "vlm": _vlm_prompt_gen},
+    "image_gen": {"procedural": _procedural_image_gen, "sdxl-inpaint": _sdxl_inpaint_image_gen,
+                  "flux-fill": _flux_fill_image_gen},
+    "quality_eval": {"heuristic": _heuristic_quality_eval, "vlm": _vlm_quality_eval},
     "knowledge": {"faiss-minilm": _faiss_knowledge},
-    "mask_gen": {"difference": _difference_mask_gen},
+    "mask_gen": {"difference": _difference_mask_gen, "metauas-onnx": _metauas_mask_gen},
 }
 
 ENGINES: dict[str, EngineConfig] = {"cpu": EngineConfig()}

@@ -106,8 +106,9 @@ def test_exact_entries_rank_first_and_scores_explain_it(retriever):
     assert [e.id for e in found.entries][0] == "magnetic_tile/blowhole"
     assert found.scores[0] > EXACT_BOOST > found.scores[1]
     assert found.scores == sorted(found.scores, reverse=True)
-    # The runners-up stay on the part or its material: the boosts keep look-alikes elsewhere out.
-    assert all(e.subject in ("magnetic_tile", "ceramic") for e in found.entries)
+    # The runner-up is the material's entry for the same kind of flaw, and all three are holes.
+    assert found.entries[1].id == "ceramic/hole"
+    assert {e.renderer for e in found.entries} == {"hole"}
 
 
 def test_unknown_part_without_a_material_still_gets_related_knowledge(retriever, kb):

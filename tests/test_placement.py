@@ -54,18 +54,17 @@ def _center(box):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_never_in_the_background(plate, family):
     image, object_map = plate
-    inside = inside_distance(object_map)
+    near_part = cv2.dilate(object_map.foreground.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     for seed in range(40):
         rng = np.random.default_rng(seed)
         params = parse_prompt("a defect", rng)
         placement = place(object_map, params, family, image.shape, rng)
-        for box in placement.boxes:
-            cx, cy = _center(box)
-            # The centre is on the part (an outline defect sits on the outline itself).
-            assert object_map.foreground[min(int(cy), image.shape[0] - 1), min(int(cx), image.shape[1] - 1)] \
-                or inside[int(round(cy)), int(round(cx))] > 0 or family == "missing"
         cx, cy = placement.center
         assert object_map.foreground[int(cy), int(cx)]
+        for box in placement.boxes[1:]:
+            # Further instances are centred on the part too (a bite on its outline).
+            cx, cy = _center(box)
+            assert near_part[min(int(cy), image.shape[0] - 1), min(int(cx), image.shape[1] - 1)]
         if family != "missing":
             # Most of the main box is on the part.
             box = placement.box
@@ -77,7 +76,8 @@ def test_missing_sits_on_the_outline(plate):
     band = object_map.boundary_band(3)
     for seed in range(40):
         rng = np.random.default_rng(seed)
-        placement = place(object_map, parse_prompt("a chipped piece", rng), "missing", image.shape, rng)
+        params = parse_prompt("a chipped piece", rng)
+        placement = place(object_map, params, "missing", image.shape, rng)
         cx, cy = placement.center
         assert band[int(cy), int(cx)]
         box = placement.box
@@ -110,6 +110,21 @@ def test_edge_lines_follow_the_outline(plate):
         assert placement.anchor == "edge:top"
         assert placement.orientation_deg is not None
         assert abs((placement.orientation_deg - 8.0 + 90.0) % 180.0 - 90.0) < 20.0
+
+
+def test_lines_running_in_from_the_edge_start_there(plate):
+    image, object_map = plate
+    inside = inside_distance(object_map)
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        params = parse_prompt("a crack running in from the top edge", rng)
+        assert params.edge_mode == "inward"
+        placement = place(object_map, params, "crack", image.shape, rng)
+        # Across the top edge (8 degrees), so at about 98 degrees, centred half a length in.
+        assert abs((placement.orientation_deg - 98.0 + 90.0) % 180.0 - 90.0) < 20.0
+        cx, cy = placement.center
+        depth = 0.45 * placement.axes[0]
+        assert depth - 1 <= inside[int(cy), int(cx)] <= depth + 4
 
 
 def test_side_and_corner_words(plate):
@@ -207,5 +222,6 @@ def test_placement_is_deterministic(plate):
     runs = []
     for _ in range(2):
         rng = np.random.default_rng(11)
-        runs.append(place(object_map, parse_prompt("two scratches", rng), "scratch", image.shape, rng))
+        params = parse_prompt("two scratches", rng)
+        runs.append(place(object_map, params, "scratch", image.shape, rng))
     assert runs[0].boxes == runs[1].boxes

@@ -232,3 +232,13 @@ def test_a_free_form_prompt_from_another_generator_is_refined_in_place():
     twice = refine_prompt(refined, [Issue.TOO_STRONG], None)
     assert twice.count("Strength:") == 1 and "subtle, low-contrast" in twice
     assert not severity_conflicts(twice)
+
+
+def test_knowledge_turns_a_free_form_prompt_into_a_structured_one(blowhole):
+    knowledge = Knowledge(query="blowhole on magnetic tile", entries=[blowhole], scores=[1.0])
+    refined = refine_prompt("Put a subtle pore somewhere on the tile.", [Issue.TOO_FAINT],
+                            knowledge)
+    parts = PromptParts.parse(refined)
+    assert parts.category == "magnetic tile" and parts.defect == "blowhole"
+    assert parts.look == blowhole.appearance and parts.strength == 1
+    assert not severity_conflicts(refined, "blowhole")

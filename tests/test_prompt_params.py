@@ -69,7 +69,8 @@ def test_orientation_words(prompt, expected):
 
 
 def test_diagonal_is_45_or_135_degrees():
-    angles = {round(_parse("a diagonal scratch", seed).orientation_deg / 45.0) for seed in range(20)}
+    angles = {round(_parse("a diagonal scratch", seed).orientation_deg / 45.0)
+              for seed in range(20)}
     assert angles == {1, 3}
 
 

@@ -36,6 +36,9 @@ class EnvConfig:
     max_image_gen: int = 3  # image_gen attempts per episode
     min_location: int = 3  # acceptance bar on the judge's 0-5 location score
     min_quality: int = 3  # acceptance bar on the judge's 0-5 quality score
+    # A rejected attempt scoring below this (location + quality, 0-10) calls for knowledge
+    # retrieval before the next try; the GRPO behaviour reward uses the same bar.
+    knowledge_threshold: int = 7
 
     def passes(self, report: QualityReport) -> bool:
         return report.location_score >= self.min_location and report.quality_score >= self.min_quality

@@ -9,7 +9,7 @@ the PIL image processor.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -33,7 +33,7 @@ class TransformersVLMConfig:
     device: str = "auto"  # "auto" (cuda when available), "cuda", "cuda:1", "cpu"
     dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "bfloat16", "float16", "float32"
     # Pixels per image after resizing; bounds the visual tokens (one per 32x32 px on Qwen3-VL).
-    # None keeps the checkpoint's own limits.
+    # max_pixels only lowers the checkpoint's own limit; None keeps the checkpoint's limits.
     min_pixels: int | None = None
     max_pixels: int | None = 640 * 640
     max_new_tokens: int = 1024
@@ -43,6 +43,24 @@ class TransformersVLMConfig:
     top_p: float = 0.95
     top_k: int = 20
     attn_implementation: str = "sdpa"
+
+
+def transformers_config(model_dir: Path, settings: dict) -> tuple[TransformersVLMConfig, Path | None]:
+    """Config and LoRA adapter folder from a models-manifest entry's ``settings`` table.
+
+    Keys are the config's fields plus ``adapter`` (a folder, relative to the model's or absolute);
+    an unknown key is an error, so a typo never silently runs the defaults.
+    """
+    settings = dict(settings)
+    adapter = settings.pop("adapter", None)
+    allowed = {f.name for f in fields(TransformersVLMConfig)} - {"model_dir"}
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise ValueError(f"unknown transformers VLM setting(s) {unknown}; allowed: "
+                         f"{sorted(allowed | {'adapter'})}")
+    model_dir = Path(model_dir)
+    adapter_dir = None if adapter in (None, "") else model_dir / Path(adapter)  # absolute stays absolute
+    return TransformersVLMConfig(model_dir, **settings), adapter_dir
 
 
 def resolve_device(device: str) -> str:
@@ -86,8 +104,9 @@ def load_processor(model_dir: Path, min_pixels: int | None = None, max_pixels: i
         size = dict(image_processor.size)
         if min_pixels is not None:
             size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max(max_pixels, size.get("shortest_edge", 0))
+        if max_pixels is not None:  # a cap: never above the checkpoint's own limit
+            size["longest_edge"] = max(min(max_pixels, size.get("longest_edge", max_pixels)),
+                                       size.get("shortest_edge", 0))
         image_processor.size = size
     return image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                                         chat_template=load_chat_template(model_dir))

@@ -124,7 +124,8 @@ class ScriptedPolicy:
                 "I mask it so the attempt is recorded.", schemas.MASK_GEN,
                 {"anomaly_image": best["anomaly_image"]})
         issues = set(review.get("issues", []))
-        wants_knowledge = bool(issues & _KNOWLEDGE_ISSUES) or review["score"] <= 5
+        wants_knowledge = (bool(issues & _KNOWLEDGE_ISSUES)
+                           or review["score"] < state.config.knowledge_threshold)
         if wants_knowledge and h.knowledge is None and h.last_tool == schemas.QUALITY_EVAL:
             return format_tool_call(
                 f"Rejected: {_describe(review)}. Before revising I look up how a "

@@ -1,14 +1,20 @@
 """KR: knowledge retrieval over ``knowledge_base/`` with FAISS and a sentence embedder.
 
-The index holds several rows per knowledge entry: the entry's full text (appearance, location,
-size) and one short "<name> on <subject> (<material>)" row per defect name and alias, so that a
-terse query such as "pore on magnetic tile" meets a row of the same shape. An entry's similarity
-is the best of its rows.
+One flat inner-product index over L2-normalised vectors (scores are cosine similarities, exact
+search; the index is a few hundred rows) holds two kinds of rows: each entry's full text
+(``entry.text()`` plus its aliases), then every distinct defect name and alias once ("blowhole",
+"gas hole", "pore", ...). A query is embedded twice: "<defect> on <category> (<material>)"
+against the text rows and the bare defect name against the name rows; an entry's similarity
+mixes its text row with its best name row. Names are short and shared between entries, so they
+cost little to embed, and they are what lets "gas pores" find the blowhole although its
+appearance text never says "pore". Boosts for what the caller stated exactly (category,
+material, a literal name) then order the candidates; see the constants below.
 
-The index is small (a few hundred rows), so a flat inner-product index over L2-normalised
-vectors is exact and fast. It is built once and cached on disk, keyed by the knowledge base
-digest and the embedder fingerprint: editing a knowledge file or swapping the model changes the
-key and the next retriever rebuilds it; an unchanged setup loads it without embedding anything.
+The index is built once and cached on disk, keyed by the knowledge base digest and the embedder
+fingerprint: editing a knowledge file or swapping the model changes the key and the next
+retriever rebuilds it; an unchanged setup loads it (about a millisecond) without embedding.
+A running retriever keeps the knowledge base it was built with; construct a new one to pick up
+edits.
 """
 
 from __future__ import annotations
@@ -29,14 +35,20 @@ from appliance.tools.embedder import SentenceEmbedder, load_embedder, model_fing
 from appliance.tools.interfaces import Knowledge, KnowledgeEntry
 
 # Bump when the row texts or the file layout change, so that old caches are not reused.
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
-# Ranking = cosine similarity (at most 1) plus these boosts. They encode what the caller already
-# told us exactly and what semantic similarity alone gets wrong:
+# An entry's similarity: this share from its text row, the rest from its best name row. The
+# text carries paraphrases of the look ("turned upside down"), the names carry spellings.
+TEXT_WEIGHT = 0.6
+
+# Ranking = similarity (at most 1) plus these boosts. They encode what the caller told us
+# exactly, which similarity alone can get wrong between near-identical entries of other parts:
 EXACT_BOOST = 1.0  # kb.entry(category, defect) found it by name or alias: it always ranks first
-SUBJECT_BOOST = 0.15  # the entry is about the asked category: prefer it over look-alikes elsewhere
-MATERIAL_BOOST = 0.08  # the entry is about the category's material: the fallback for new parts
-NAME_BOOST = 0.10  # the asked defect is one of the entry's names, on whatever subject
+SUBJECT_BOOST = 0.15  # the entry is about the asked category
+MATERIAL_BOOST = 0.10  # the entry is about the category's material: the fallback for new parts
+NAME_BOOST = 0.05  # the asked defect is literally one of the entry's names (any subject)
+
+QUERY_CACHE_SIZE = 4096  # query vectors kept per retriever (1.5 KB each)
 
 
 def default_cache_dir() -> Path:
@@ -50,20 +62,17 @@ def _readable(name: str) -> str:
     return name.replace("_", " ")
 
 
-def index_rows(kb: KnowledgeBase) -> tuple[list[str], list[int]]:
-    """The texts to embed and, for each, the index of the entry it belongs to."""
-    texts: list[str] = []
-    owners: list[int] = []
-    for position, entry in enumerate(kb.entries):
-        full = _readable(entry.text())
-        if entry.aliases:
-            full += " Also called: " + ", ".join(_readable(a) for a in entry.aliases) + "."
-        texts.append(full)
-        owners.append(position)
-        for name in entry.names():
-            texts.append(f"{_readable(name)} on {_readable(entry.subject)} ({entry.material})")
-            owners.append(position)
-    return texts, owners
+def entry_text(entry: KnowledgeEntry) -> str:
+    """The text row of an entry: ``entry.text()`` plus its aliases."""
+    text = _readable(entry.text())
+    if entry.aliases:
+        text += " Also called: " + ", ".join(_readable(a) for a in entry.aliases) + "."
+    return text
+
+
+def name_rows(kb: KnowledgeBase) -> list[str]:
+    """Every distinct defect name and alias in the knowledge base, readable, sorted."""
+    return sorted({_readable(name) for entry in kb.entries for name in entry.names()})
 
 
 @dataclass
@@ -92,7 +101,8 @@ class FaissKnowledgeRetriever:
         self._model_name = model_name
         self._embedder = embedder
         self._index: faiss.Index | None = None
-        self._owners: list[int] = []
+        self._name_rows: list[list[int]] = []  # per entry, the index rows of its names
+        self._query_cache: dict[str, np.ndarray] = {}
         self.stats: IndexStats | None = None
 
     # --- index ---------------------------------------------------------------------------
@@ -118,24 +128,29 @@ class FaissKnowledgeRetriever:
         if self.stats is not None:
             return self.stats
         path = self.index_path()
-        texts, owners = index_rows(self.kb)
+        texts = [entry_text(entry) for entry in self.kb.entries]
+        names = name_rows(self.kb)
         start = time.perf_counter()
-        index = self._read_cached(path, owners)
+        index = self._read_cached(path, names)
         source = "cache"
         if index is None:
-            self.embedder  # load the model first so that the timing below is the build alone
+            _ = self.embedder  # load the model first: the timing below is the build alone
             start = time.perf_counter()
-            index = self._build(path, texts, owners)
+            index = self._build(path, texts, names)
             source = "built"
-        self._index, self._owners = index, owners
+        self._index = index
+        row_of = {name: len(texts) + i for i, name in enumerate(names)}
+        self._name_rows = [[row_of[_readable(n)] for n in entry.names()]
+                           for entry in self.kb.entries]
         self.stats = IndexStats(source=source, seconds=time.perf_counter() - start,
                                 rows=index.ntotal, path=str(path))
         return self.stats
 
-    def _entry_ids(self, owners: list[int]) -> list[str]:
-        return [self.kb.entries[i].id for i in owners]
+    def _meta(self, names: list[str]) -> dict:
+        return {"format": INDEX_FORMAT, "entries": [entry.id for entry in self.kb.entries],
+                "names": names}
 
-    def _read_cached(self, path: Path, owners: list[int]) -> faiss.Index | None:
+    def _read_cached(self, path: Path, names: list[str]) -> faiss.Index | None:
         meta_path = path.with_suffix(".json")
         if not (path.is_file() and meta_path.is_file()):
             return None
@@ -144,16 +159,19 @@ class FaissKnowledgeRetriever:
             index = faiss.read_index(str(path))
         except (OSError, ValueError, RuntimeError):
             return None  # unreadable or half-copied cache: rebuilding is always safe
-        if meta.get("rows") != self._entry_ids(owners) or index.ntotal != len(owners):
+        expected = self._meta(names)
+        if any(meta.get(key) != value for key, value in expected.items()):
+            return None
+        if index.ntotal != len(expected["entries"]) + len(names):
             return None
         return index
 
-    def _build(self, path: Path, texts: list[str], owners: list[int]) -> faiss.Index:
-        vectors = self.embedder.encode(texts)
+    def _build(self, path: Path, texts: list[str], names: list[str]) -> faiss.Index:
+        vectors = self.embedder.encode(texts + names)
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
-        meta = {"format": INDEX_FORMAT, "kb_root": str(self.kb.root), "kb_digest": self.kb.digest,
-                "embedder": self.embedder.info.as_dict(), "rows": self._entry_ids(owners)}
+        meta = self._meta(names) | {"kb_root": str(self.kb.root), "kb_digest": self.kb.digest,
+                                    "embedder": self.embedder.info.as_dict()}
         # Both files are written whole under temporary names and renamed into place, so a reader
         # (or a crash) never sees a torn index; the metadata is checked against the rows on load.
         write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
@@ -192,7 +210,7 @@ class FaissKnowledgeRetriever:
         assert self._index is not None
         material = self.material_for(category, material)
         query = self.query_text(category, defect, material)
-        similarity = self._entry_similarity(query)
+        similarity = self._entry_similarity(query, defect)
         subject = self.kb.subject(category)
         exact = self.kb.entry(category, defect)
         if exact is None and material:
@@ -215,15 +233,29 @@ class FaissKnowledgeRetriever:
         return Knowledge(query=query, entries=[self.kb.entries[p] for _, p in top],
                          scores=[round(s, 4) for s, _ in top])
 
-    def _entry_similarity(self, query: str) -> np.ndarray:
-        """Cosine similarity of the query to each entry: the best of the entry's rows."""
+    def _entry_similarity(self, query: str, defect: str) -> np.ndarray:
+        """Per entry: TEXT_WEIGHT * text-row cosine + the rest * best name-row cosine."""
         assert self._index is not None
-        vector = self.embedder.encode([query])
-        sims, rows = self._index.search(vector, self._index.ntotal)
-        best = np.full(len(self.kb.entries), -1.0, dtype=np.float32)
-        owners = np.asarray(self._owners)[rows[0]]
-        np.maximum.at(best, owners, sims[0])
-        return best
+        vectors = np.stack([self._query_vector(query),
+                            self._query_vector(_readable(normalize_name(defect)))])
+        total = self._index.ntotal
+        sims, rows = self._index.search(vectors, total)
+        by_row = np.empty((2, total), dtype=np.float32)  # search() sorts; undo that
+        by_row[0, rows[0]] = sims[0]
+        by_row[1, rows[1]] = sims[1]
+        text_sim = by_row[0, :len(self.kb.entries)]
+        name_sim = np.array([by_row[1, entry_rows].max() for entry_rows in self._name_rows])
+        return TEXT_WEIGHT * text_sim + (1 - TEXT_WEIGHT) * name_sim
+
+    def _query_vector(self, text: str) -> np.ndarray:
+        # Batch runs ask about the same few (category, defect) pairs over and over.
+        vector = self._query_cache.get(text)
+        if vector is None:
+            vector = self.embedder.encode([text])[0]
+            if len(self._query_cache) >= QUERY_CACHE_SIZE:
+                self._query_cache.pop(next(iter(self._query_cache)))
+            self._query_cache[text] = vector
+        return vector
 
     def provenance(self) -> dict:
         """What to record in a trajectory: which model, which knowledge, which index."""
@@ -231,7 +263,3 @@ class FaissKnowledgeRetriever:
         return {"tool": self.name, "embedder": self.embedder.info.as_dict(),
                 "kb_digest": self.kb.digest, "index": stats.path, "index_source": stats.source}
 
-
-def describe(entry: KnowledgeEntry) -> str:
-    """One paragraph for the policy's context: what the entry says, with its id."""
-    return f"[{entry.id}] {_readable(entry.text())}"

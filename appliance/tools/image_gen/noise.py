@@ -73,24 +73,30 @@ def value_noise(shape: tuple[int, int], rng: np.random.Generator, cell_px: float
 
 
 def draem_perlin_noise(shape: tuple[int, int], rng: np.random.Generator, min_scale: int = 0,
-                       max_scale: int = 6) -> np.ndarray:
+                       max_scale: int = 6, max_side: int = 256) -> np.ndarray:
     """DRAEM's noise: Perlin at a random scale 2^min..2^(max-1) per axis, randomly rotated.
 
     DRAEM scales its noise by sqrt(2) to span about [-1, 1]; we keep that convention so that a
-    0.5 threshold covers the same share of the area.
+    0.5 threshold covers the same share of the area. At most 32 cells across, the noise is smooth
+    enough to be computed on at most ``max_side`` pixels and upsampled.
     """
     height, width = shape
     scale_y = 2 ** int(rng.integers(min_scale, max_scale))
     scale_x = 2 ** int(rng.integers(min_scale, max_scale))
     angle = float(rng.uniform(-90.0, 90.0))
+    factor = min(1.0, max_side / max(height, width))
+    work_h, work_w = max(int(round(height * factor)), 2), max(int(round(width * factor)), 2)
     # Noise on a padded square so that rotation leaves no empty corners.
-    side = int(np.ceil(np.hypot(height, width))) + 2
+    side = int(np.ceil(np.hypot(work_h, work_w))) + 2
     noise = np.sqrt(2.0) * perlin_2d((side, side), (scale_y, scale_x), rng)
     rotation = cv2.getRotationMatrix2D((side / 2.0, side / 2.0), angle, 1.0)
     noise = cv2.warpAffine(noise, rotation, (side, side), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REFLECT)
-    top, left = (side - height) // 2, (side - width) // 2
-    return np.ascontiguousarray(noise[top:top + height, left:left + width])
+    top, left = (side - work_h) // 2, (side - work_w) // 2
+    noise = np.ascontiguousarray(noise[top:top + work_h, left:left + work_w])
+    if (work_h, work_w) != (height, width):
+        noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_LINEAR)
+    return noise
 
 
 def draem_perlin_mask(shape: tuple[int, int], rng: np.random.Generator, min_scale: int = 0,

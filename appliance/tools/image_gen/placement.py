@@ -129,17 +129,21 @@ def _side_mask(side: str, foreground: np.ndarray) -> np.ndarray:
 
 
 def _facing_mask(side: str, inside: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    """Ring pixels whose nearest outline lies toward ``side`` (the "top edge", not the top third)."""
-    gy, gx = np.gradient(inside)
+    """Ring pixels whose nearest outline lies toward ``side``: the "top edge", not the top third."""
+    gy, gx = np.gradient(cv2.GaussianBlur(inside.astype(np.float32), (0, 0), 2.0))
     # The inside distance grows away from the outline, so the outline lies against its gradient.
-    vertical, horizontal = np.abs(gy) > np.maximum(np.abs(gx), 0.3), np.abs(gx) > np.maximum(np.abs(gy), 0.3)
+    # Near a corner's bisector two outlines are equally near and the smoothed gradient weakens:
+    # those pixels face no single side.
+    clear = np.hypot(gx, gy) > 0.85
+    vertical = clear & (np.abs(gy) > np.abs(gx))
+    horizontal = clear & (np.abs(gx) > np.abs(gy))
     toward = {"top": vertical & (gy > 0), "bottom": vertical & (gy < 0),
               "left": horizontal & (gx > 0), "right": horizontal & (gx < 0)}[side]
     return ring & toward
 
 
 def _corner_mask(object_map: ObjectLike, ring: np.ndarray, extent: float) -> np.ndarray:
-    """Ring pixels where the object is most convex: a small share of the disc around them is part."""
+    """Ring pixels where the object is most convex (little of the disc around them is part)."""
     if not ring.any():
         return ring
     if object_map.is_texture:
@@ -171,8 +175,16 @@ def _near_centroid(foreground: np.ndarray, allowed: np.ndarray, extent: float) -
     return near
 
 
+def _runs_inward(params: EditParams, family: str) -> bool:
+    """A line that starts at the outline and runs into the part ("a crack running in from the
+    edge"), rather than one lying along the outline."""
+    return (family in LINE_FAMILIES and params.edge_mode == "inward"
+            and "orientation_deg" not in params.specified)
+
+
 def _candidates(object_map: ObjectLike, params: EditParams, family: str, inside: np.ndarray,
-                half: tuple[float, float], minor: float, extent: float) -> tuple[np.ndarray, str]:
+                half: tuple[float, float], major: float, minor: float,
+                extent: float) -> tuple[np.ndarray, str]:
     """Allowed centre pixels, relaxing the wish step by step when it cannot be met."""
     fg = object_map.foreground
     location, side = params.location, params.side
@@ -186,12 +198,15 @@ def _candidates(object_map: ObjectLike, params: EditParams, family: str, inside:
             wishes.append(("corner", _corner_mask(object_map, outline, extent)))
         place_side = side or (location if location in ("top", "bottom", "left", "right") else None)
         if place_side:
-            wishes.append((f"edge:{place_side}", _facing_mask(place_side, inside, fg & (inside <= 3.0))
-                           & outline))
+            facing = _facing_mask(place_side, inside, fg & (inside <= 3.0))
+            wishes.append((f"edge:{place_side}", facing & outline))
         wishes.append(("edge", outline))
     else:
         if location in ("edge", "corner"):
             inner = minor / 2.0 + 1.0 if family not in OUTLINE_FAMILIES else 1.0
+            if _runs_inward(params, family):
+                # The centre half a length in, so that the line starts at the outline.
+                inner, band = 0.45 * major, 3.0
             ring = fg & (inside >= inner) & (inside <= inner + band)
             if location == "corner":
                 corner = _corner_mask(object_map, ring, extent)
@@ -218,23 +233,44 @@ def _candidates(object_map: ObjectLike, params: EditParams, family: str, inside:
     return np.ones_like(fg), "frame"
 
 
-def _tangent_deg(object_map: ObjectLike, inside: np.ndarray, cx: float, cy: float) -> float:
-    """Direction of the outline nearest to (cx, cy), from the gradient of the inside distance."""
+def _tangent_deg(object_map: ObjectLike, inside: np.ndarray, cx: float, cy: float,
+                 reach: float) -> float:
+    """Direction of the outline nearest to (cx, cy): the main axis of the outline pixels
+    within ``reach`` of the nearest one (robust near corners, unlike a distance gradient)."""
     height, width = inside.shape
     x, y = int(round(min(max(cx, 0), width - 1))), int(round(min(max(cy, 0), height - 1)))
-    y0, y1 = max(y - 3, 0), min(y + 4, height)
-    x0, x1 = max(x - 3, 0), min(x + 4, width)
-    patch = cv2.GaussianBlur(inside[y0:y1, x0:x1].astype(np.float32), (3, 3), 0)
-    gy, gx = np.gradient(patch) if min(patch.shape) > 1 else (np.zeros(1), np.zeros(1))
-    ny, nx = float(np.mean(gy)), float(np.mean(gx))
-    if abs(nx) + abs(ny) < 1e-6:
+    r = int(math.ceil(float(inside[y, x]) + reach + 2))
+    y0, y1, x0, x1 = max(y - r, 0), min(y + r + 1, height), max(x - r, 0), min(x + r + 1, width)
+    outline = (inside[y0:y1, x0:x1] <= 1.0) & object_map.foreground[y0:y1, x0:x1]
+    ys, xs = np.nonzero(outline)
+    if ys.size < 2:
         return 0.0
-    return (math.degrees(math.atan2(ny, nx)) + 90.0) % 180.0
+    ys, xs = ys + y0, xs + x0
+    nearest = int(np.argmin(np.hypot(xs - cx, ys - cy)))
+    close = np.hypot(xs - xs[nearest], ys - ys[nearest]) <= reach
+    points = np.stack([xs[close], ys[close]], axis=1).astype(np.float64)
+    if len(points) < 2:
+        return 0.0
+    points -= points.mean(axis=0)
+    _, vectors = np.linalg.eigh(points.T @ points)
+    major = vectors[:, -1]
+    return math.degrees(math.atan2(major[1], major[0])) % 180.0
+
+
+def cluster_centres(object_map: ObjectLike, family: str,
+                    inside: np.ndarray | None = None) -> np.ndarray:
+    """Where further instances of a defect may be centred: the outline for bites, else the part."""
+    inside = inside_distance(object_map) if inside is None else inside
+    if family in OUTLINE_FAMILIES and not object_map.is_texture:
+        allowed = object_map.foreground & (inside <= 2.0)
+    else:
+        allowed = object_map.foreground & (inside >= 2.0)
+    return allowed if allowed.any() else object_map.foreground
 
 
 def instance_boxes(primary: Box, count: int, allowed: np.ndarray,
                    rng: np.random.Generator) -> list[Box]:
-    """The main box plus ``count - 1`` boxes of the same size close to it, centred on ``allowed``."""
+    """The main box plus ``count - 1`` same-size boxes close to it, centred on ``allowed``."""
     boxes = [primary]
     if count <= 1:
         return boxes
@@ -263,26 +299,24 @@ def place(object_map: ObjectLike, params: EditParams, family: str, image_shape: 
     theta = params.orientation_deg if params.orientation_deg is not None else 0.0
     half = half_extent(family, major, minor, theta)
     inside = inside_distance(object_map)
-    allowed, anchor = _candidates(object_map, params, family, inside, half, minor, extent)
+    allowed, anchor = _candidates(object_map, params, family, inside, half, major, minor, extent)
 
     ys, xs = np.nonzero(allowed)
     pick = int(rng.integers(ys.size))
     cx, cy = float(xs[pick]), float(ys[pick])
 
     orientation = None
-    follows_edge = anchor.split(":")[0].endswith(("edge", "corner"))
+    follows_edge = any(part in ("edge", "corner") for part in anchor.split(":"))
     if (family in LINE_FAMILIES and follows_edge
             and "orientation_deg" not in params.specified):
         # Edge cracks, frays and scratches run along the outline unless told otherwise.
-        orientation = _tangent_deg(object_map, inside, cx, cy)
+        orientation = _tangent_deg(object_map, inside, cx, cy, max(6.0, 0.25 * major))
+        if _runs_inward(params, family):
+            orientation = (orientation + 90.0) % 180.0
         half = half_extent(family, major, minor, orientation)
 
     primary = box_around(cx, cy, half[0], half[1], image_shape)
-    if family in OUTLINE_FAMILIES and not object_map.is_texture:
-        cluster_allowed = object_map.foreground & (inside <= 2.0)
-    else:
-        cluster_allowed = object_map.foreground & (inside >= min(max(min(half), 1.0), 2.0))
-    boxes = instance_boxes(primary, params.count, cluster_allowed, rng)
+    boxes = instance_boxes(primary, params.count, cluster_centres(object_map, family, inside), rng)
     return Placement(boxes=boxes, center=(cx, cy), orientation_deg=orientation, anchor=anchor,
                      axes=(round(major, 2), round(minor, 2)),
                      notes={"extent_px": round(extent, 2)})

@@ -15,8 +15,8 @@ import numpy as np
 
 from appliance.knowledge import KnowledgeBase
 from appliance.tools.image_gen.families import family_for_defect
-from appliance.tools.image_gen.placement import (OUTLINE_FAMILIES, foreground_bbox,
-                                                 inside_distance, instance_boxes, place)
+from appliance.tools.image_gen.placement import (cluster_centres, foreground_bbox,
+                                                 instance_boxes, place)
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
 from appliance.tools.image_gen.renderers import render_instances
 from appliance.tools.interfaces import Box, EditRequest, EditResult
@@ -106,11 +106,7 @@ class ProceduralImageGenerator:
                         params = replace(params, orientation_deg=0.0)
                     elif region.height >= 1.5 * region.width:
                         params = replace(params, orientation_deg=90.0)
-                inside = inside_distance(object_map)
-                if family in OUTLINE_FAMILIES and not object_map.is_texture:
-                    allowed = object_map.foreground & (inside <= 2.0)
-                else:
-                    allowed = object_map.foreground & (inside >= 2.0)
+                allowed = cluster_centres(object_map, family)
                 boxes = instance_boxes(region, params.count, allowed, rng)
                 return boxes, {"anchor": "given", "region": region.as_list(),
                                "on_object": round(float(on_object), 3)}, params

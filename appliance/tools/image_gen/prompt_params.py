@@ -7,6 +7,12 @@ more specific prompt correct it, which is the loop the agent learns.
 
 Every attribute draws its random numbers in a fixed order whether or not the prompt names it, so
 two prompts that differ in one word and share a seed differ in that attribute only.
+
+Prompts written by the knowledge-base prompt generator have labelled parts ("Where: ... Look:
+... Size: ... Strength: ... Extent: ..."). Each attribute is read from the part that speaks of
+it: places from Where, sizes from Size/Extent, appearance from the rest. That keeps "the bright
+outer ring" of a location or the "large" in a defect's name from being read as the defect's own
+look or size. Free-form prompts are read as a whole.
 """
 
 from __future__ import annotations
@@ -21,28 +27,32 @@ LOCATIONS = ("edge", "corner", "center", "top", "bottom", "left", "right")
 SIDES = ("top", "bottom", "left", "right")
 POLARITIES = ("dark", "bright")
 FORMS = ("fibre", "speck")
+EDGE_MODES = ("along", "inward")
 
 # Unspecified ranges: wide on purpose (see the module note).
 SIZE_RANGE = (0.03, 0.45)  # log-uniform
 SEVERITY_RANGE = (0.1, 0.95)
 ELONGATION_RANGE = (1.0, 2.5)  # log-uniform
 ROUGHNESS_RANGE = (0.2, 0.8)
+# "sometimes several pores": the plural is taken this often.
+SOMETIMES_SHARE = 0.35
 
-# (pattern, (low, high)): the first pattern that matches wins, so longer phrases come first.
+# (pattern, value): the first pattern that matches wins, so longer phrases come first.
 _SIZE_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
     (r"very (small|little|short)|tiny|minute|miniature|pinpoint|pin-?head", (0.02, 0.05)),
     (r"very (large|big|long)|huge|broad|extensive|wide area|whole|most of", (0.40, 0.70)),
     (r"small|little|short|smaller|compact", (0.05, 0.12)),
-    (r"large|big|long|larger|bigger|longer", (0.25, 0.45)),
-    (r"medium|moderate[- ]sized|mid[- ]sized|average[- ]sized", (0.12, 0.25)),
+    (r"large|big|long|larger|bigger|longer|sizeable", (0.25, 0.45)),
+    (r"medium|moderate[- ]sized|mid[- ]sized|average[- ]sized|moderate", (0.12, 0.25)),
 )
 _SEVERITY_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
     (r"very (faint|subtle|light|slight)|barely visible|hardly visible|almost invisible",
      (0.05, 0.15)),
-    (r"clearly visible|(very )?(pronounced|strong|heavy|severe|deep|distinct|obvious|"
-     r"conspicuous|prominent|marked|stronger|intense)|high[- ]contrast|more visible",
-     (0.70, 0.95)),
-    (r"faint|subtle|slight|weak|mild|fainter|low[- ]contrast|less visible|"
+    (r"(strongly|very|extremely|highly) (pronounced|visible|strong|marked|conspicuous)|"
+     r"high[- ]contrast|glaring|stark", (0.85, 1.0)),
+    (r"clearly visible|pronounced|strong|heavy|severe|deep|distinct|obvious|conspicuous|"
+     r"prominent|marked|stronger|intense|more visible", (0.65, 0.85)),
+    (r"faint|subtle|slight|weak|mild|fainter|low[- ]contrast|less visible|shallow|"
      r"light(?![- ]?(colou?red|grey|gray|brown|blue|green|yellow|tone|toned))", (0.15, 0.35)),
     (r"moderate|noticeable|visible|medium[- ]contrast", (0.40, 0.60)),
 )
@@ -62,9 +72,15 @@ _SIDE_WORDS: tuple[tuple[str, str], ...] = (
     (r"left", "left"),
     (r"right(?![- ]angle)", "right"),
 )
-_DARK = r"dark|darker|black|blackish|shadowed|shadowy|shadow|dim|dull"
-_BRIGHT = (r"bright|brighter|white|whitish|shiny|glossy|glossier|specular|reflective|pale|"
-           r"light[- ]?colou?red|light[- ]toned|lighter")
+_EDGE_MODE_WORDS: tuple[tuple[str, str], ...] = (
+    (r"(running|growing|starting|reaching|extending|spreading|coming) (in(ward)?|out)? ?from|"
+     r"runn?(ing|s)? inwards?|toward(s)? the (center|centre|middle)|into the (face|part|surface)",
+     "inward"),
+    (r"along|hugging|following|parallel to", "along"),
+)
+_DARK = r"dark|darker|black|blackish|shadowed|shadowy|shadow|dim|dull|duller"
+_BRIGHT = (r"bright|brighter|white|whitish|shiny|glossy|glossier|specular|reflective|pale|paler|"
+           r"light[- ]?colou?red|light[- ]toned|lighter|glinting|glints?")
 _COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     (r"rust(y|-coloured|-colored)?", (155, 80, 35)),
     (r"(dark )?brown(ish)?|coffee|tan", (110, 72, 42)),
@@ -75,17 +91,27 @@ _COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     (r"blue|bluish", (60, 90, 170)),
     (r"purple|violet", (120, 60, 140)),
     (r"beige|cream", (200, 180, 140)),
+    (r"copper(y|-coloured|-colored)?", (184, 115, 60)),
     (r"black(ish)?", (25, 25, 25)),
     (r"white|whitish", (235, 235, 235)),
     (r"gr[ae]y(ish)?|silver", (128, 128, 128)),
 )
+# Counting words count only when they qualify the defect's pieces ("two pits", "a few specks"),
+# not "one to four pixels wide" or "one of the three cores".
+_PIECES = (r"(?:\w+[ -]){0,2}?(?:scratch(?:es)?|cracks?|pits?|pores?|holes?|blowholes?|dents?|"
+           r"bumps?|stains?|spots?|specks?|particles?|fib(?:re|er)s?|threads?|hairs?|chips?|"
+           r"marks?|blobs?|defects?|dots?|bubbles?|cuts?|tears?|folds?|wrinkles?|lines?|flaws?|"
+           r"inclusions?|patch(?:es)?|drops?|droplets?|splinters?|strands?|clumps?|pieces?|"
+           r"grains?|flecks?|smears?|blotch(?:es)?|scuffs?|nicks?|notch(?:es)?|dimples?|"
+           r"craters?|voids?|bites?|streaks?|of them|together|close together)\b")
 _COUNT_WORDS: tuple[tuple[str, tuple[int, int]], ...] = (
-    (r"cluster|many|multiple|numerous|group of|scattered|lots of", (4, 7)),
-    (r"a few|few|several|some", (3, 4)),
+    (r"(a )?cluster of|many|multiple|numerous|group of|scattered|lots of", (4, 7)),
+    (r"two or three|2 or 3", (2, 3)),
+    (r"one or two|1 or 2", (1, 2)),
+    (r"a few|few|several", (3, 4)),
     (r"three|triple", (3, 3)),
-    (r"two|pair|couple|double|twin", (2, 2)),
-    (r"single|one(?! (third|half|quarter|side|end|edge|corner|of))|lone|an? isolated|solitary",
-     (1, 1)),
+    (r"two|pair of|couple of|double|twin", (2, 2)),
+    (r"single|one|lone|an isolated|solitary", (1, 1)),
 )
 _ELONGATION_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
     (r"elongated|thin|narrow|streak|line|linear|strip|stripe|slender|long", (3.0, 6.0)),
@@ -93,21 +119,35 @@ _ELONGATION_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
     (r"round(ish)?|circular|dot|spot|compact|blob", (1.0, 1.2)),
 )
 _ROUGHNESS_WORDS: tuple[tuple[str, tuple[float, float]], ...] = (
-    (r"jagged|rough|irregular|ragged|frayed|torn|uneven|splintered|crumbly", (0.65, 0.95)),
-    (r"smooth|clean|regular|neat|soft[- ]edged", (0.05, 0.30)),
+    (r"jagged|rough|irregular|ragged|frayed|torn|splintered|crumbly|fuzzy", (0.65, 0.95)),
+    (r"smooth|clean|regular|neat|soft[- ]edged|crisp", (0.05, 0.30)),
 )
 _FORM_WORDS: tuple[tuple[str, str], ...] = (
-    (r"fib(re|er)s?|hairs?|threads?|filaments?|lint|strands?", "fibre"),
-    (r"specks?|particles?|dust|dirt|grains?|debris|dots?|crumbs?|flecks?", "speck"),
+    (r"fib(re|er)s?|hairs?|threads?|filaments?|lint|strands?|wires?", "fibre"),
+    (r"specks?|particles?|dust|dirt|grains?|debris|dots?|crumbs?|flecks?|grit|shavings?", "speck"),
 )
 # Location words count only in a locative phrase ("near the edge", "the top corner", "edge of"),
-# so that appearance text such as "its edges are sharp" does not move the defect.
+# so that appearance text such as "its edges are sharp" does not move the defect; and not in a
+# phrase that keeps the defect away from the place ("well inside its outline").
 _LOCATIVE_BEFORE = re.compile(
     r"\b(at|on|near|along|by|from|to|towards?|around|in|into|across|hugging|following|touching|"
     r"over|within|through)\b(\s+[\w-]+){0,3}\s*$")
 _LOCATIVE_AFTER = re.compile(
     r"^[- ]?(edges?|corners?|sides?|half|part|portion|area|region|end|face|of)\b")
+_AWAY_BEFORE = re.compile(
+    r"\b(inside|within|away from|far from|clear of|not (at|on|near)|never (at|on|near)|"
+    r"except)\b(\s+[\w-]+){0,2}\s*$")
+# Colour and brightness words describing the surroundings ("on the white wax", "across the
+# glossy shell") say nothing about the defect.
+_CONTEXT_BEFORE = re.compile(
+    r"\b(on|against|across|over|of|in|into|onto|from|than|through|beside|around|under|"
+    r"surrounding|the surrounding)\s+(the|a|an|its|their)?\s*([\w-]+,?\s+){0,1}$")
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*(?:(?:-|to)\s*(\d+(?:\.\d+)?)\s*)?(?:%|percent|per cent)")
+_LABELS = ("Where", "Look", "Size", "Strength", "Extent", "Shape", "Edges", "Placement", "Type")
+_LABEL_RE = re.compile(r"\b(" + "|".join(_LABELS) + r"):")
+# Sentences of the prompt generator's frame, which carry no attribute of the defect.
+_FRAME_RE = re.compile(r"edit only one region of the [^.]*\.|add an? [^.]*? defect\.|"
+                       r"leave everything else[^.]*\.", re.I)
 
 
 @dataclass
@@ -125,8 +165,41 @@ class EditParams:
     roughness: float  # irregularity of the outline, 0 = smooth, 1 = jagged
     side: str | None = None  # a side qualifying an edge/corner location ("top edge")
     form: str | None = None  # "fibre" or "speck" for contamination
+    edge_mode: str | None = None  # at an edge: "along" it or running "inward" from it
     specified: list[str] = field(default_factory=list)
     matched: dict[str, str] = field(default_factory=dict)  # attribute -> the words that set it
+
+
+@dataclass
+class _Texts:
+    """The prompt split by what each part may tell."""
+
+    where: str
+    look: str
+    size: str
+    strength: str
+    extent: str
+
+
+def _split(prompt: str) -> _Texts:
+    text = " ".join(prompt.lower().replace("_", " ").split())
+    if not _LABEL_RE.search(prompt.replace("_", " ")):
+        text = _FRAME_RE.sub(" ", text)
+        return _Texts(text, text, text, "", "")
+    sections: dict[str, list[str]] = {label.lower(): [] for label in _LABELS}
+    pieces = _LABEL_RE.split(" ".join(prompt.replace("_", " ").split()))
+    free = [pieces[0]]
+    for label, body in zip(pieces[1::2], pieces[2::2]):
+        sections[label.lower()].append(body)
+    free_text = _FRAME_RE.sub(" ", " ".join(free)).lower()
+
+    def joined(*labels: str) -> str:
+        body = " ".join(" ".join(sections[label]) for label in labels)
+        return " ".join(_FRAME_RE.sub(" ", body).lower().split())
+
+    look = " ".join([free_text, joined("look", "shape", "edges", "type")])
+    return _Texts(where=joined("where", "placement"), look=" ".join(look.split()),
+                  size=joined("size"), strength=joined("strength"), extent=joined("extent"))
 
 
 def _find(patterns, text: str):
@@ -138,14 +211,45 @@ def _find(patterns, text: str):
     return None, None
 
 
+def _find_first(patterns, text: str):
+    """The earliest word of any pattern: the first description is usually the defect's own."""
+    best = None
+    for pattern, value in patterns:
+        found = re.search(rf"\b(?:{pattern})\b", text)
+        if found and (best is None or found.start() < best[1].start()):
+            best = (value, found)
+    return (best[0], best[1].group(0)) if best else (None, None)
+
+
 def _find_located(patterns, text: str):
-    """Like ``_find`` but only for matches in a locative phrase."""
+    """Like ``_find`` but only for matches in a locative phrase that does not keep away."""
     for pattern, value in patterns:
         for found in re.finditer(rf"\b(?:{pattern})\b", text):
             before, after = text[:found.start()], text[found.end():]
+            if _AWAY_BEFORE.search(before):
+                continue
             if _LOCATIVE_BEFORE.search(before) or _LOCATIVE_AFTER.match(after):
                 return value, found.group(0)
     return None, None
+
+
+def _find_own(pattern: str, text: str):
+    """The first match that describes the defect itself, not the surface around it."""
+    for found in re.finditer(rf"\b(?:{pattern})\b", text):
+        if not _CONTEXT_BEFORE.search(text[:found.start()]):
+            return found
+    return None
+
+
+def _find_count(text: str):
+    """(band, words, sometimes) for a count word that qualifies the defect's pieces."""
+    for pattern, band in _COUNT_WORDS:
+        for found in re.finditer(rf"\b(?:{pattern})\s+{_PIECES}", text):
+            before = text[:found.start()]
+            sometimes = bool(re.search(r"\b(sometimes|occasionally|now and then|at times)\s*$",
+                                       before))
+            return band, found.group(0), sometimes
+    return None, None, False
 
 
 def _in_band(band: tuple[float, float], u: float) -> float:
@@ -158,10 +262,11 @@ def _log_uniform(low: float, high: float, u: float) -> float:
 
 def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
     """Read size, severity, orientation, location, polarity, colour, count and shape words."""
-    text = " ".join(prompt.lower().replace("_", " ").split())
+    texts = _split(prompt)
+    everything = " ".join((texts.where, texts.look, texts.size, texts.strength, texts.extent))
     # One uniform draw per attribute, always in this order (see the module note).
     u = dict(zip(("size", "severity", "orientation", "elongation", "count", "roughness",
-                  "diagonal", "jitter", "form"), rng.random(9)))
+                  "diagonal", "jitter", "form", "sometimes"), rng.random(10)))
     specified: list[str] = []
     matched: dict[str, str] = {}
 
@@ -169,14 +274,20 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         specified.append(name)
         matched[name] = words
 
-    # Size: an explicit percentage beats words.
-    percent = _PERCENT.search(text)
-    band, words = _find(_SIZE_WORDS, text)
+    # Size: a percentage is the most precise (refinement rescales it), then a refinement's
+    # Extent word, then size words.
+    size_text = texts.size if texts.size or texts.extent else texts.look
+    extent_band, extent_words = _find(_SIZE_WORDS, texts.extent)
+    percent = _PERCENT.search(size_text)
+    band, words = _find(_SIZE_WORDS, size_text)
     if percent:
         low = float(percent.group(1)) / 100.0
         high = float(percent.group(2)) / 100.0 if percent.group(2) else low
         size = _in_band((min(low, high), max(low, high)), u["size"])
         note("size", percent.group(0))
+    elif extent_band:
+        size = _in_band(extent_band, u["size"])
+        note("size", extent_words)
     elif band:
         size = _in_band(band, u["size"])
         note("size", words)
@@ -184,14 +295,16 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         size = _log_uniform(*SIZE_RANGE, u["size"])
     size = float(np.clip(size, 0.01, 0.95))
 
-    band, words = _find(_SEVERITY_WORDS, text)
+    band, words = _find(_SEVERITY_WORDS, texts.strength)
+    if not band:
+        band, words = _find(_SEVERITY_WORDS, texts.look)
     if band:
         severity = _in_band(band, u["severity"])
         note("severity", words)
     else:
         severity = _in_band(SEVERITY_RANGE, u["severity"])
 
-    direction, orientation_words = _find(_ORIENTATION_WORDS, text)
+    direction, orientation_words = _find(_ORIENTATION_WORDS, everything)
     jitter = (u["jitter"] - 0.5) * 12.0  # hand-drawn, never ruler-exact
     if direction == "horizontal":
         orientation = jitter % 180.0
@@ -201,59 +314,69 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         orientation = (45.0 if u["diagonal"] < 0.5 else 135.0) + jitter
     else:
         orientation = u["orientation"] * 180.0
+    where = texts.where
     if direction:
         note("orientation_deg", orientation_words)
         # "from top to bottom" is a direction, not a place.
         for pattern, _ in _ORIENTATION_WORDS:
-            text = re.sub(rf"\b(?:{pattern})\b", " ", text)
+            where = re.sub(rf"\b(?:{pattern})\b", " ", where)
 
-    location, words = _find_located(_LOCATION_WORDS, text)
-    side, side_words = _find_located(_SIDE_WORDS, text)
+    location, words = _find_located(_LOCATION_WORDS, where)
+    side, side_words = _find_located(_SIDE_WORDS, where)
     if location:
         note("location", words)
         if side:
             note("side", side_words)
     elif side:
-        location = side
-        side = None
+        location, side = side, None
         note("location", side_words)
+    edge_mode = None
+    if location in ("edge", "corner"):
+        edge_mode, mode_words = _find(_EDGE_MODE_WORDS, where)
+        if edge_mode:
+            note("edge_mode", mode_words)
 
     polarity = None
-    dark = re.search(rf"\b(?:{_DARK})\b", text)
-    bright = re.search(rf"\b(?:{_BRIGHT})\b", text)
+    dark, bright = _find_own(_DARK, texts.look), _find_own(_BRIGHT, texts.look)
     if dark or bright:
         # The first mention is the main appearance ("a dark pit with a bright rim").
         first = min((m for m in (dark, bright) if m), key=lambda m: m.start())
         polarity = "dark" if first is dark else "bright"
         note("polarity", first.group(0))
 
-    color, words = _find(_COLORS, text)
-    if color:
-        note("color", words)
+    color = None
+    for pattern, value in _COLORS:
+        found = _find_own(pattern, texts.look)
+        if found:
+            color = value
+            note("color", found.group(0))
+            break
 
-    count_band, words = _find(_COUNT_WORDS, text)
+    count_band, words, sometimes = _find_count(" ".join((texts.look, texts.size)))
+    if count_band and sometimes and u["sometimes"] >= SOMETIMES_SHARE:
+        count_band = (1, 1)  # "sometimes two or three": this time, one
     if count_band:
-        count = int(round(_in_band((count_band[0], count_band[1] + 0.999), u["count"]) - 0.5))
+        count = int(math.floor(_in_band((count_band[0], count_band[1] + 0.999), u["count"])))
         count = int(np.clip(count, count_band[0], count_band[1]))
         note("count", words)
     else:
         count = 1 if u["count"] < 0.7 else (2 if u["count"] < 0.9 else 3)
 
-    band, words = _find(_ELONGATION_WORDS, text)
+    band, words = _find_first(_ELONGATION_WORDS, " ".join((texts.look, texts.size)))
     if band:
         elongation = _in_band(band, u["elongation"])
         note("elongation", words)
     else:
         elongation = _log_uniform(*ELONGATION_RANGE, u["elongation"])
 
-    band, words = _find(_ROUGHNESS_WORDS, text)
+    band, words = _find_first(_ROUGHNESS_WORDS, texts.look)
     if band:
         roughness = _in_band(band, u["roughness"])
         note("roughness", words)
     else:
         roughness = _in_band(ROUGHNESS_RANGE, u["roughness"])
 
-    form, words = _find(_FORM_WORDS, text)
+    form, words = _find_first(_FORM_WORDS, texts.look)
     if form:
         note("form", words)
     else:
@@ -263,5 +386,5 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         size=round(size, 4), severity=round(float(severity), 4),
         orientation_deg=round(float(orientation), 2), location=location,
         elongation=round(float(elongation), 3), polarity=polarity, color=color, count=count,
-        roughness=round(float(roughness), 3), side=side, form=form, specified=specified,
-        matched=matched)
+        roughness=round(float(roughness), 3), side=side, form=form, edge_mode=edge_mode,
+        specified=specified, matched=matched)

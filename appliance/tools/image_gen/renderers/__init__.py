@@ -19,7 +19,7 @@ import numpy as np
 
 from appliance.imaging import is_grayscale
 from appliance.tools.image_gen.families import FAMILIES
-from appliance.tools.image_gen.placement import (MaskObjectMap, inside_distance, instance_boxes,
+from appliance.tools.image_gen.placement import (MaskObjectMap, cluster_centres, instance_boxes,
                                                  place)
 from appliance.tools.image_gen.prompt_params import EditParams
 from appliance.tools.image_gen.renderers import (contamination, crack, cut, cutpaste_scar, dent,
@@ -79,11 +79,12 @@ def render_instances(family: str, image: np.ndarray, foreground: np.ndarray, par
             continue
         canvas = make_canvas(edited, foreground, box, gray, light_deg, is_texture, background_color)
         rendered = RENDERERS[family](canvas, params, rng)
-        window, window_mask, notes = finalize(canvas, rendered)
         w = canvas.window
+        view = (slice(w.y0, w.y1), slice(w.x0, w.x1))
+        window, window_mask, notes = finalize(canvas, rendered, image[view], mask[view])
         windows.append(w)
-        edited[w.y0:w.y1, w.x0:w.x1] = window
-        mask[w.y0:w.y1, w.x0:w.x1] |= window_mask
+        edited[view] = window
+        mask[view] = window_mask
         instances.append({"box": box.as_list(), **rendered.details, **notes})
     # Belt and braces for overlapping windows: nothing outside the mask may differ.
     for w in windows:
@@ -123,8 +124,7 @@ def render_defect(family: str, image: np.ndarray, foreground: np.ndarray, params
             details["placement"] = {"anchor": placement.anchor, "axes": list(placement.axes),
                                     "orientation_deg": params.orientation_deg}
     else:
-        allowed = foreground & (inside_distance(object_map) >= 2.0)
-        boxes = instance_boxes(region, params.count, allowed if allowed.any() else foreground, rng)
+        boxes = instance_boxes(region, params.count, cluster_centres(object_map, family), rng)
     return render_instances(family, image, foreground, params, rng, boxes,
                             is_texture=object_map.is_texture,
                             background_color=object_map.background_color, details=details)

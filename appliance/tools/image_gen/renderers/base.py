@@ -49,7 +49,8 @@ class Canvas:
 
     @property
     def center(self) -> tuple[float, float]:
-        return (self.region.x0 + self.region.x1 - 1) / 2.0, (self.region.y0 + self.region.y1 - 1) / 2.0
+        r = self.region
+        return (r.x0 + r.x1 - 1) / 2.0, (r.y0 + r.y1 - 1) / 2.0
 
     @property
     def light(self) -> tuple[float, float]:
@@ -114,6 +115,9 @@ class Rendered:
     support: np.ndarray | None = None
     details: dict = field(default_factory=dict)
     median_filter: int = 0  # NSA smooths its change mask with a median filter of this size
+    # The object's pixels as the renderer refined them (a bite must take the part's last pixel
+    # column too, which a coarse foreground mask can miss); None = the canvas foreground.
+    object_pixels: np.ndarray | None = None
 
 
 def make_canvas(image: np.ndarray, foreground: np.ndarray, box: Box, gray: bool, light_deg: float,
@@ -127,22 +131,32 @@ def make_canvas(image: np.ndarray, foreground: np.ndarray, box: Box, gray: bool,
     region = Box(box.x0 - window.x0, box.y0 - window.y0, box.x1 - window.x0, box.y1 - window.y0)
     crop = image[window.y0:window.y1, window.x0:window.x1]
     return Canvas(image=image, foreground=foreground, window=window, region=region,
-                  base=crop.astype(np.float32), fg=foreground[window.y0:window.y1, window.x0:window.x1],
+                  base=crop.astype(np.float32),
+                  fg=foreground[window.y0:window.y1, window.x0:window.x1],
                   gray=gray, light_deg=light_deg, is_texture=is_texture,
                   background_color=background_color)
 
 
-def finalize(canvas: Canvas, rendered: Rendered) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Round the edit, keep it on the object, and make the mask exactly the changed pixels."""
+def finalize(canvas: Canvas, rendered: Rendered, original: np.ndarray | None = None,
+             prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Round the edit, keep it on the object, and make the mask exactly the changed pixels.
+
+    ``original`` is the untouched input under the window and ``prior`` the mask of instances
+    already painted there (both default to "nothing painted yet"): change is always measured
+    against the input, so several overlapping instances still give one exact mask.
+    """
+    current = np.rint(canvas.base).astype(np.uint8)
+    original = current if original is None else original
+    prior = np.zeros(canvas.shape, dtype=bool) if prior is None else prior
+    on_object = canvas.fg if rendered.object_pixels is None else rendered.object_pixels
     out = rendered.image
     if canvas.gray:
         out = np.repeat((out @ LUMA)[..., None], 3, axis=2)
-    original = np.rint(canvas.base).astype(np.uint8)
     edited = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    edited[~canvas.fg] = original[~canvas.fg]
+    edited[~on_object] = current[~on_object]
     diff = np.abs(edited.astype(np.int16) - original.astype(np.int16)).max(axis=2)
     strong = diff > CHANGE_THRESHOLD
-    support = None if rendered.support is None else rendered.support & canvas.fg
+    support = None if rendered.support is None else rendered.support & on_object
 
     # Gaps in the change inside the defect's own footprint (a dent's shading crosses zero) are
     # part of the defect: fill them once, on the visible change.
@@ -152,12 +166,12 @@ def finalize(canvas: Canvas, rendered: Rendered) -> tuple[np.ndarray, np.ndarray
                                   np.ones((3, 3), np.uint8)).astype(bool)
         gaps = (closed | ndimage.binary_fill_holes(strong)) & support & ~strong
 
-    mask, level = strong, CHANGE_THRESHOLD
     # Try the lowest revert level first (smallest step at the mask border), with the footprint's
-    # gaps filled, then without them; the last option (mask == strong) always qualifies.
+    # gaps filled, then without them; the last resort (mask == strong) is exact.
     options = [(lvl, gaps) for lvl in range(LOWEST_REVERT_LEVEL, CHANGE_THRESHOLD + 1)]
     if gaps.any():
         options += [(lvl, None) for lvl in range(LOWEST_REVERT_LEVEL, CHANGE_THRESHOLD + 1)]
+    mask, level = strong, CHANGE_THRESHOLD
     for level, fill in options:
         candidate = diff > level
         if fill is not None:
@@ -165,15 +179,16 @@ def finalize(canvas: Canvas, rendered: Rendered) -> tuple[np.ndarray, np.ndarray
         if rendered.median_filter and candidate.any():
             candidate = cv2.medianBlur(candidate.astype(np.uint8) * 255,
                                        rendered.median_filter) > 127
-            candidate &= canvas.fg
+            candidate &= on_object
         kept = int((strong & candidate).sum())
         if kept >= TARGET_IOU * int(candidate.sum()):
             mask = candidate
             break
     else:
         mask, level = strong, CHANGE_THRESHOLD
-    result = np.where(mask[..., None], edited, original)
-    return result, mask, {"revert_level": level}
+    # Outside this instance's mask: earlier instances stay as painted, the rest is the input.
+    result = np.where(mask[..., None], edited, np.where(prior[..., None], current, original))
+    return result, mask | prior, {"revert_level": level}
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -186,13 +201,17 @@ def smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
 
 def irregular_radius(canvas: Canvas, radius: np.ndarray, roughness: float, a: float,
                      rng: np.random.Generator, amount: float = 0.35) -> np.ndarray:
-    """Perturb an elliptic radius field so the outline wobbles; more with ``roughness``."""
+    """Perturb an elliptic radius field so the outline wobbles; more with ``roughness``.
+
+    The wobble only pulls the outline inward, so the shape never leaves its region's ellipse
+    (a box given by the policy or by placement is a promise about where the defect is).
+    """
     # Lattice cells about the size of the defect, so the wobble has a few lobes around it.
     longer = max(canvas.shape)
     cells = max(2.0, 2.5 * longer / max(2.0 * a, 1.0))
     noise = fractal_noise(canvas.shape, rng, base_cells=cells, octaves=3, persistence=0.55,
                           max_side=64)
-    return radius * (1.0 + amount * (0.25 + roughness) * noise)
+    return radius * (1.0 + amount * (0.25 + roughness) * (noise + 1.0) / 2.0)
 
 
 def mottle(canvas: Canvas, rng: np.random.Generator, cell_px: float) -> np.ndarray:
@@ -356,7 +375,8 @@ def source_center(canvas: Canvas, half_w: float, half_h: float, rng: np.random.G
         if not canvas.foreground[int(y), int(x)]:
             continue
         # Corners and edges of the patch on the object too, and far enough from the target.
-        probe = [(x + dx * half_w * 0.9, y + dy * half_h * 0.9) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+        probe = [(x + dx * half_w * 0.9, y + dy * half_h * 0.9)
+                 for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
         on = np.mean([canvas.foreground[min(max(int(py), 0), height - 1),
                                         min(max(int(px), 0), width - 1)] for px, py in probe])
         apart = min(math.hypot(x - tx, y - ty) / max(half_w + half_h, 1.0), 1.0)

@@ -15,7 +15,8 @@ DARK_DIRT = ((40, 36, 32), (70, 55, 40), (25, 25, 25))
 LIGHT_DUST = ((225, 222, 215), (200, 195, 185))
 
 
-def _specks(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def _specks(canvas: Canvas, params: EditParams,
+            rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     theta = float(params.orientation_deg or 0.0)
     a, b = canvas.ellipse_axes(params.elongation, theta)
     cx, cy = canvas.center
@@ -29,13 +30,15 @@ def _specks(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> tup
         px, py = cx + a * u * c - b * v * s, cy + a * u * s + b * v * c
         size = scale * rng.uniform(0.5, 1.6)
         polygons.append(blob_polygon(px, py, size, size * rng.uniform(0.5, 1.0),
-                                     float(rng.uniform(0, 180)), int(rng.integers(7, 12)), 0.25, rng))
+                                     float(rng.uniform(0, 180)), int(rng.integers(7, 12)), 0.25,
+                                     rng))
         levels.append(float(rng.uniform(0.7, 1.0)))
     coverage = polygon_coverage(canvas.shape, polygons, levels)
     return coverage, {"form": "speck", "particles": count, "particle_px": round(2 * scale, 2)}
 
 
-def _fibre(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def _fibre(canvas: Canvas, params: EditParams,
+           rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     theta = float(params.orientation_deg or 0.0)
     length = canvas.line_length(theta) * 0.9
     n = max(int(length / 1.5), 12)

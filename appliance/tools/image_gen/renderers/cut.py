@@ -16,10 +16,10 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     bend = float(rng.normal(0.0, 0.04)) * length
     t = np.clip(2.0 * u / max(length, 1.0), -1.0, 1.0)
     # A blade wanders a little; a tear more.
-    wander = (0.3 + 1.2 * params.roughness) * mottle(canvas, rng, max(length / 6.0, 4.0))
+    wander = (0.2 + 0.6 * params.roughness) * mottle(canvas, rng, max(length / 5.0, 4.0))
     across = v - bend * (1.0 - t * t) - wander
-    ends = smoothstep(1.0, 0.7, np.abs(t))
-    gap = (0.5 + 1.6 * params.severity) * min(1.0, length / 40.0 + 0.4) * np.sqrt(ends)
+    ends = smoothstep(1.0, 0.35, np.abs(t))
+    gap = (0.5 + 1.3 * params.severity) * min(1.0, length / 40.0 + 0.4) * ends
 
     # The lips are pushed apart: each side samples from closer to the cut.
     push = gap * np.sign(across) * np.exp(-np.abs(across) / (3.0 * gap + 1.0))

@@ -1,4 +1,4 @@
-"""CutPaste scar: a thin strip cut from elsewhere on the same part, colour-jittered, rotated, pasted."""
+"""CutPaste scar: a thin strip cut from elsewhere on the same part, jittered, rotated, pasted."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def _jitter(patch: np.ndarray, params: EditParams, gray: bool,
     out = (patch - mean) * contrast + mean * brightness
     details = {"brightness": round(brightness, 3), "contrast": round(contrast, 3)}
     if not gray:
-        hsv = cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
+        rgb = np.clip(out, 0, 255).astype(np.uint8)
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
         hue_shift = rng.uniform(-1.0, 1.0) * 15.0 * strength  # OpenCV hue is 0-180
         saturation = 1.0 + rng.uniform(-0.5, 0.5) * strength
         hsv[..., 0] = (hsv[..., 0] + hue_shift) % 180.0
@@ -33,9 +34,9 @@ def _jitter(patch: np.ndarray, params: EditParams, gray: bool,
 
 def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rendered:
     theta = float(params.orientation_deg or 0.0)
-    thickness = float(np.clip(min(canvas.region.width, canvas.region.height), 2.0, 16.0))
-    if canvas.region.width > 1.5 * canvas.region.height or canvas.region.height > 1.5 * canvas.region.width:
-        thickness = float(np.clip(min(canvas.region.width, canvas.region.height) * 0.8, 2.0, 16.0))
+    # CutPaste scars are 2 to 16 px wide; a strip-shaped region says how wide exactly.
+    short, long = sorted((canvas.region.width, canvas.region.height))
+    thickness = float(np.clip(short * (0.8 if long > 1.5 * short else 1.0), 2.0, 16.0))
     length = canvas.line_length(theta, thickness)
     thickness = min(thickness, max(length / 2.0, 2.0))
     half_l, half_t = length / 2.0, thickness / 2.0
@@ -50,7 +51,8 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     linear = rot_source @ rot_target
     offset = np.array([sx, sy]) - linear @ np.array([canvas.window.x0 + cx, canvas.window.y0 + cy])
     # warpAffine with WARP_INVERSE_MAP maps destination (image coords) to source; shift to window.
-    to_source = np.hstack([linear, (offset + linear @ np.array([canvas.window.x0, canvas.window.y0]))[:, None]])
+    window_origin = np.array([canvas.window.x0, canvas.window.y0])
+    to_source = np.hstack([linear, (offset + linear @ window_origin)[:, None]])
     height, width = canvas.shape
     patch = cv2.warpAffine(canvas.image.astype(np.float32), to_source, (width, height),
                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,

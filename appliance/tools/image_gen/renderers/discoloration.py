@@ -35,7 +35,7 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
         out = out + (alpha * strength * 1.6)[..., None] * (recolored - out)
     elif brighter is None:
         cast = np.asarray(CASTS[cast_pick], dtype=np.float32)
-        cast = 1.0 + (cast - 1.0) * (strength / 0.2)
+        cast = 1.0 + (cast - 1.0) * (strength / 0.3)
         out = out * (1.0 + alpha[..., None] * (cast - 1.0))
     if brighter is True:
         out = out + (255.0 - out) * (alpha * strength)[..., None] + (alpha * 6.0)[..., None]

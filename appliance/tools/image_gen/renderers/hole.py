@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from appliance.tools.image_gen.prompt_params import EditParams
@@ -42,13 +40,20 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     rim_light = (0.1 + 0.25 * params.severity) * rim * (0.55 - 0.45 * toward)
 
     base = canvas.base
-    floor = 10.0 + 25.0 * params.severity
-    interior = base * (1.0 - cavity[..., None]) - floor * (cavity[..., None] / 0.97)
-    if params.color is not None:
-        interior = interior * (0.5 + 0.5 * tint_factor(params.color))
-    out = base + inside[..., None] * (interior - base)
-    out = out + (255.0 - out) * rim_light[..., None]
+    if params.polarity == "bright":
+        # A bubble or a glinting pit: a lighter core inside a darker ring.
+        interior = base + (255.0 - base) * (0.7 * cavity)[..., None] + 10.0 * cavity[..., None]
+        out = base + inside[..., None] * (interior - base)
+        out = out * (1.0 - 1.5 * rim_light[..., None])
+    else:
+        floor = 10.0 + 25.0 * params.severity
+        interior = base * (1.0 - cavity[..., None]) - floor * (cavity[..., None] / 0.97)
+        if params.color is not None:
+            interior = interior * (0.5 + 0.5 * tint_factor(params.color))
+        out = base + inside[..., None] * (interior - base)
+        out = out + (255.0 - out) * rim_light[..., None]
     support = smoothstep(1.3, 1.0, radius) > 0.5
     return Rendered(np.clip(out, 0, 255), support=support,
                     details={"radius_px": [round(a, 1), round(b, 1)],
+                             "kind": "bubble" if params.polarity == "bright" else "cavity",
                              "depth": round(float(depth), 3)})

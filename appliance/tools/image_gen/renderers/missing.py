@@ -16,7 +16,8 @@ from appliance.tools.image_gen.renderers.base import (Canvas, Rendered, blob_pol
                                                       midpoint_path, mottle, polygon_coverage)
 
 
-def _bite(canvas: Canvas, params: EditParams, rng: np.random.Generator, shrink: float) -> np.ndarray:
+def _bite(canvas: Canvas, params: EditParams, rng: np.random.Generator,
+          shrink: float) -> np.ndarray:
     theta = float(params.orientation_deg or 0.0)
     a, b = canvas.ellipse_axes(min(params.elongation, 2.5), theta)
     scale = shrink * (0.75 + 0.25 * params.severity)
@@ -49,17 +50,26 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     return _chip(canvas, params, rng)
 
 
+def _part_pixels(canvas: Canvas, background: np.ndarray, grain: float) -> np.ndarray:
+    """The foreground plus the part's own pixels just outside it (a coarse outline misses them)."""
+    near = cv2.dilate(canvas.fg.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    distance = np.abs(canvas.base - background[None, None, :]).max(axis=2)
+    return canvas.fg | (near & (distance > max(12.0, 3.0 * grain)))
+
+
 def _bite_off(canvas: Canvas, params: EditParams, rng: np.random.Generator,
               background: np.ndarray, grain: float) -> Rendered:
-    bite = _bite(canvas, params, rng, shrink=1.0) * canvas.fg
+    part = _part_pixels(canvas, background, grain)
+    bite = _bite(canvas, params, rng, shrink=1.0) * part
     fill = background[None, None, :] + grain * mottle(canvas, rng, 1.5)[..., None]
     out = canvas.base * (1.0 - bite[..., None]) + fill * bite[..., None]
     # The exposed fracture face: a thin darker band just inside the new outline.
     grown = cv2.GaussianBlur(bite, (0, 0), 1.0)
-    rim = np.clip(grown * 2.0 - bite, 0.0, 1.0) * canvas.fg * (1.0 - bite)
+    rim = np.clip(grown * 2.0 - bite, 0.0, 1.0) * part * (1.0 - bite)
     out = out * (1.0 - (0.25 + 0.35 * params.severity) * rim[..., None])
-    return Rendered(np.clip(out, 0, 255), support=bite > 0.5,
-                    details={"mode": "bite", "background": [round(float(c), 1) for c in background]})
+    return Rendered(np.clip(out, 0, 255), support=bite > 0.5, object_pixels=part,
+                    details={"mode": "bite",
+                             "background": [round(float(c), 1) for c in background]})
 
 
 def _chip(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rendered:

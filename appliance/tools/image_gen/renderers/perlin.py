@@ -52,7 +52,8 @@ def _shuffled_patch(canvas: Canvas, height: int, width: int,
     patch = np.rot90(patch, 2) if rng.random() < 0.5 else patch[:, ::-1]
     # Shuffle a grid of tiles so the borrowed structure no longer continues the surface.
     tiles = int(rng.integers(2, 4))
-    ys, xs = np.linspace(0, height, tiles + 1).astype(int), np.linspace(0, width, tiles + 1).astype(int)
+    ys = np.linspace(0, height, tiles + 1).astype(int)
+    xs = np.linspace(0, width, tiles + 1).astype(int)
     cells = [patch[ys[i]:ys[i + 1], xs[j]:xs[j + 1]] for i in range(tiles) for j in range(tiles)]
     order = rng.permutation(len(cells))
     out = np.empty_like(patch)
@@ -91,7 +92,7 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     # Scales of 2^0..2^3 cells across the region: finer noise would only make confetti here.
     mask = np.zeros((height, width), dtype=bool)
     for attempt in range(4):
-        noise = draem_perlin_noise((height, width), rng, 1, 4)
+        noise = draem_perlin_noise((height, width), rng, 1, 4, max_side=96)
         threshold = 0.5 - 0.15 * attempt
         # Either sign of the noise is DRAEM noise: try both before lowering the threshold.
         for signed in (noise, -noise):

@@ -43,10 +43,13 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     # Stronger prompts exaggerate the borrowed texture's contrast, which is what survives cloning.
     gain = 1.0 + 1.6 * params.severity
     mean = source.mean(axis=(0, 1), keepdims=True)
-    source = (source - mean) * gain + mean
+    # Amplify structure, not sensor noise: the finest detail is kept as it is.
+    smooth = cv2.GaussianBlur(source, (0, 0), 1.2)
+    source = (smooth - mean) * gain + mean + (source - smooth)
     # NSA also varies intensity; a smooth swell of brightness is a gradient, so it survives the
     # cloning and keeps the anomaly visible on plain surfaces too.
-    swell_sign = {"bright": 1.0, "dark": -1.0}.get(params.polarity or "", float(rng.choice([-1.0, 1.0])))
+    random_sign = float(rng.choice([-1.0, 1.0]))
+    swell_sign = {"bright": 1.0, "dark": -1.0}.get(params.polarity or "", random_sign)
     swell = swell_sign * (10.0 + 35.0 * params.severity) * np.exp(-2.0 * radius ** 2)
     source = np.clip(source + swell[..., None], 0, 255).astype(np.uint8)
 

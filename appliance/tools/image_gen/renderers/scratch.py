@@ -21,7 +21,7 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     start = np.array([cx, cy]) - direction * length / 2.0
     end = np.array([cx, cy]) + direction * length / 2.0
     # A hand- or tool-made scratch bows a little; the sag stays inside the region's thickness.
-    sag = rng.normal(0.0, 1.0, 2) * min(0.05 * length, max(canvas.region.height, canvas.region.width) * 0.05)
+    sag = rng.normal(0.0, 1.0, 2) * 0.05 * length
     controls = np.stack([start, start + (end - start) / 3.0 + normal * sag[0],
                          start + 2.0 * (end - start) / 3.0 + normal * sag[1], end])
     n = max(int(length / 2.0), 12)

@@ -1,0 +1,72 @@
+"""HF Qwen3-VL folder -> llama.cpp GGUF language model + mmproj, with llama.cpp's own converter.
+
+The converter and its matching gguf-py are vendored from llama.cpp (MIT, see
+``_llama_cpp_convert/README.md``). They expect ``conversion`` and ``gguf`` as top-level modules,
+so the conversion runs in a child Python with those paths first, exactly as upstream's
+``convert_hf_to_gguf.py`` arranges them; the caller's own imports are never touched.
+
+llama.cpp recognises a BPE pre-tokenizer by hashing how it splits a test string. A home-made
+tokenizer (the tiny kit's) hashes to nothing it knows, so ``pre_tokenizer`` names the split rule
+explicitly; the tiny kit uses Qwen2's exact regex, which llama.cpp calls "qwen2". Pass None to
+keep upstream's detection (real checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+OutType = Literal["f32", "f16", "bf16", "q8_0"]
+VENDOR = Path(__file__).resolve().parent / "_llama_cpp_convert"
+ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+def convert_qwen3vl(hf_dir: Path, out_dir: Path, outtype: OutType = "f16",
+                    pre_tokenizer: str | None = "qwen2", timeout: float = 1800) -> tuple[Path, Path]:
+    """Write ``model-<outtype>.gguf`` and ``mmproj-<outtype>.gguf`` into ``out_dir``."""
+    hf_dir, out_dir = Path(hf_dir).resolve(), Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, mmproj = out_dir / f"model-{outtype}.gguf", out_dir / f"mmproj-{outtype}.gguf"
+    command = [sys.executable, "-m", "appliance.models.gguf_convert", str(hf_dir), str(out_dir),
+               "--outtype", outtype, "--pre-tokenizer", pre_tokenizer or ""]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0 or not model.is_file() or not mmproj.is_file():
+        raise ConversionError(f"GGUF conversion of {hf_dir} failed (exit {done.returncode}):\n"
+                              f"{done.stderr[-4000:]}")
+    return model, mmproj
+
+
+def _convert_in_this_process(hf_dir: Path, out_dir: Path, outtype: str, pre_tokenizer: str) -> None:
+    """The child's work: upstream's ``convert_hf_to_gguf.main`` for one text and one mmproj file."""
+    sys.path[:0] = [str(VENDOR / "gguf_py"), str(VENDOR)]
+    import gguf
+    import torch
+    from conversion import ModelType, get_model_class
+
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    with torch.inference_mode():
+        for model_type, name in ((ModelType.TEXT, "model"), (ModelType.MMPROJ, "mmproj")):
+            model_class = get_model_class(ARCHITECTURE, mmproj=model_type == ModelType.MMPROJ)
+            if pre_tokenizer:
+                model_class.get_vocab_base_pre = lambda self, tokenizer: pre_tokenizer
+            converter = model_class(hf_dir, file_types[outtype], out_dir / f"{name}-{outtype}.gguf",
+                                    eager=True)
+            converter.write()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("hf_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    parser.add_argument("--pre-tokenizer", default="qwen2")
+    args = parser.parse_args()
+    _convert_in_this_process(args.hf_dir, args.out_dir, args.outtype, args.pre_tokenizer)

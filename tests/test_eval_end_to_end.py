@@ -1,0 +1,202 @@
+"""The baselines, and a tiny end-to-end ``appliance eval`` on real magnetic tile photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from appliance.evaluation.baselines import (CutPasteGenerator, DraemGenerator, cutpaste_patch,
+                                            cutpaste_scar)
+from appliance.evaluation.data import find_images, load_normals
+from appliance.evaluation.generators import generate_training_set
+from appliance.imaging import changed_pixels
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+TILES = DATASETS / "magnetic-tile"
+needs_tiles = pytest.mark.skipif(not TILES.is_dir(),
+                                 reason=f"magnetic tile photos not found at {TILES}")
+
+
+def _normals(n: int, size: int) -> list[np.ndarray]:
+    if TILES.is_dir():
+        return [it.image for it in load_normals(find_images(TILES / "MT_Free")[:n], size)]
+    import skimage.data
+
+    brick = np.repeat(skimage.data.brick()[..., None], 3, axis=2)
+    return [np.ascontiguousarray(brick[i * 8:i * 8 + size, :size]) for i in range(n)]
+
+
+def test_draem_is_deterministic_and_masks_what_it_changes() -> None:
+    normals = _normals(6, 128)
+    first = DraemGenerator().generate(normals, seed=5)
+    again = DraemGenerator().generate(normals, seed=5)
+    other = DraemGenerator().generate(normals, seed=6)
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+               for a, b in zip(first, again))
+    assert any(not np.array_equal(a.mask, b.mask) for a, b in zip(first, other))
+    for sample, normal in zip(first, normals):
+        assert sample.mask.any() and sample.accepted
+        # Nothing outside the Perlin mask may change.
+        changed = changed_pixels(normal, sample.image, threshold=1)
+        assert not (changed & ~sample.mask).any()
+
+
+def test_cutpaste_patch_follows_the_paper() -> None:
+    image = _normals(1, 256)[0]
+    for seed in range(20):
+        out, mask = cutpaste_patch(image, np.random.default_rng(seed))
+        ys, xs = np.nonzero(mask)
+        height, width = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert mask.sum() == height * width  # the mask is the pasted box
+        assert 0.02 * 0.95 <= mask.mean() <= 0.15 * 1.05
+        assert 0.3 * 0.9 <= width / height <= 1 / 0.3 * 1.1
+        assert not (changed_pixels(image, out, threshold=0) & ~mask).any()
+
+
+def test_cutpaste_scar_is_a_thin_rotated_strip() -> None:
+    image = _normals(1, 256)[0]
+    for seed in range(20):
+        out, mask = cutpaste_scar(image, np.random.default_rng(seed))
+        assert 2 * 10 * 0.5 <= mask.sum() <= 16 * 25 * 1.2
+        assert not (changed_pixels(image, out, threshold=0) & ~mask).any()
+
+
+def test_cutpaste_mixed_uses_both_variants() -> None:
+    samples = CutPasteGenerator("mixed").generate(_normals(12, 64), seed=0)
+    assert {s.defect for s in samples} == {"patch", "scar"}
+    assert [s.source_index for s in samples] == list(range(12))
+
+
+def test_ours_adapter_keeps_one_sample_per_normal_and_is_deterministic() -> None:
+    from appliance.engine import build_engine
+    from appliance.evaluation.generators import OursGenerator
+
+    normals = _normals(4, 64)
+    generator = OursGenerator("magnetic_tile", ["blowhole", "crack"], build_engine())
+    first = generate_training_set(generator, normals, seed=4)
+    again = generate_training_set(generator, normals, seed=4)
+    assert 1 <= len(first.samples) <= 4 and first.episodes >= 4
+    assert len({s.source_index for s in first.samples}) == len(first.samples)
+    for sample in first.samples:
+        assert sample.accepted and sample.mask.any() and sample.image.shape == (64, 64, 3)
+        assert sample.defect in ("blowhole", "crack")
+    assert [s.source_index for s in first.samples] == [s.source_index for s in again.samples]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(first.samples, again.samples))
+
+
+class _RejectingFirst:
+    """A generator whose judge rejects every first attempt: the top-up rounds must rerun it."""
+
+    name = "ours"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def generate(self, images, seed):
+        from appliance.evaluation.baselines import TrainingSample
+
+        self.calls.append(len(images))
+        accepted = len(self.calls) > 1
+        return [TrainingSample(im, np.ones(im.shape[:2], bool), "crack", accepted, i)
+                for i, im in enumerate(images)]
+
+
+def test_rejected_samples_are_retried_and_not_trained_on() -> None:
+    generator = _RejectingFirst()
+    result = generate_training_set(generator, _normals(3, 32), seed=0, max_rounds=3)
+    assert generator.calls == [3, 3]
+    assert len(result.samples) == 3 and all(s.accepted for s in result.samples)
+    assert result.acceptance_rate == pytest.approx(0.5)
+    assert result.episodes == 6
+
+
+def _tiny_tiles(root: Path) -> Path:
+    for folder, count in (("MT_Free", 12), ("MT_Crack", 3), ("MT_Blowhole", 3)):
+        target = root / folder / "Imgs"
+        target.mkdir(parents=True)
+        for photo in sorted((TILES / folder / "Imgs").glob("*.jpg"))[:count]:
+            shutil.copy(photo, target / photo.name)
+            shutil.copy(photo.with_suffix(".png"), target / photo.with_suffix(".png").name)
+    return root
+
+
+@needs_tiles
+def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
+    from appliance.cli.eval_command import eval_command
+
+    root = _tiny_tiles(tmp_path / "tiles")
+    args = ["--normal", str(root / "MT_Free"), "--defects", str(root), "--size", "64",
+            "--train-size", "8", "--epochs", "2", "--generators", "ours,draem,cutpaste",
+            "--threads", "2", "--seed", "1", "--out", str(tmp_path / "a")]
+    start = time.perf_counter()
+    first = CliRunner().invoke(eval_command, args)
+    assert first.exit_code == 0, first.output
+    assert time.perf_counter() - start < 60
+    assert "pixel AP" in first.output and "ours / best baseline" in first.output
+
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["category"] == "tiles"
+    assert report["protocol"]["test_defects_per_class"] == {"blowhole": 3, "crack": 3}
+    assert report["protocol"]["grayscale_training"] is True
+    assert list(report["generators"]) == ["ours", "draem", "cutpaste"]
+    for name in ("ours", "draem", "cutpaste"):
+        metrics = report["generators"][name]["metrics"]
+        assert set(metrics) == {"pixel_auroc", "pixel_ap", "pixel_f1_max",
+                                "image_auroc", "image_ap", "image_f1_max"}
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+        assert set(report["generators"][name]["per_class"]) == {"blowhole", "crack"}
+        generation = report["generators"][name]["generation"]
+        assert 1 <= generation["kept"] <= 8
+        assert (generation["acceptance_rate"] is None) == (name != "ours")
+        assert generation["kernel_distance_to_real"] is not None
+    ratios = report["ratio_ours_to_best_baseline"]
+    pixel_ap = report["generators"]["ours"]["metrics"]["pixel_ap"]
+    best = max(report["generators"][g]["metrics"]["pixel_ap"] for g in ("draem", "cutpaste"))
+    assert ratios["pixel_ap"]["ratio"] == pytest.approx(pixel_ap / best)
+    assert "| pixel AP |" in (tmp_path / "a" / "report.md").read_text()
+    for figure in ("pr_curves.png", "examples.png", "training_samples.png"):
+        with Image.open(tmp_path / "a" / figure) as image:
+            assert image.width > 100 and image.height > 100
+
+
+
+@needs_tiles
+def test_same_seed_same_numbers(tmp_path: Path) -> None:
+    from appliance.evaluation.data import load_folders
+    from appliance.evaluation.runner import EvalConfig, evaluate
+    from appliance.evaluation.train import TrainConfig
+
+    root = _tiny_tiles(tmp_path / "tiles")
+    data = load_folders(root / "MT_Free", root, 32, seed=2, train_size=6, category="magnetic_tile")
+
+    def run(seed: int, out: str) -> dict:
+        config = EvalConfig(size=32, seed=seed, generators=("draem", "cutpaste"),
+                            generation_metrics=False,
+                            train=TrainConfig(epochs=1, batch_size=4, threads=2))
+        return evaluate(data, tmp_path / out, config, log=lambda _: None)["generators"]
+
+    first, again, other = run(2, "a"), run(2, "b"), run(3, "c")
+    for name in ("draem", "cutpaste"):
+        assert first[name]["metrics"] == again[name]["metrics"]
+        assert first[name]["train_losses"] == again[name]["train_losses"]
+    assert first["draem"]["train_losses"] != other["draem"]["train_losses"]
+
+
+def test_cli_refuses_ambiguous_inputs(tmp_path: Path) -> None:
+    from appliance.cli.eval_command import eval_command
+
+    result = CliRunner().invoke(eval_command, ["--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--category-dir" in result.output
+    result = CliRunner().invoke(eval_command, ["--category-dir", str(tmp_path), "--normal",
+                                               str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    result = CliRunner().invoke(eval_command, ["--category-dir", str(tmp_path), "--out",
+                                               str(tmp_path / "o"), "--generators", "gan"])
+    assert result.exit_code != 0 and "unknown generator" in result.output
