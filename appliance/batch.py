@@ -9,27 +9,50 @@ may carry ``spec.toml``::
 
 Every (photo, defect, sample) is one episode with a seed derived from the photo's content, so
 a re-run (or a renamed copy of a photo) skips work already in the dataset.
+
+This module holds the one queue loop of the appliance: ``appliance batch``, ``appliance run`` and
+the watcher all go through ``intake_image`` (photo -> normal + queued episodes in the job store)
+and ``process_queue`` (claim episodes, run them, write samples). The job store
+(``appliance.storage``) is the single source of truth, so a batch killed at any moment resumes
+where it stopped without losing, duplicating or half-writing a sample.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import logging
 import multiprocessing
+import os
+import shutil
 import statistics
 import time
 import tomllib
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
+
+import numpy as np
 
 from appliance.agent.environment import EpisodeResult, EpisodeSpec
 from appliance.engine import Engine, EngineConfig, build_engine
-from appliance.imaging import IMAGE_SUFFIXES, ImageReadError, load_rgb, sha256_file
+from appliance.imaging import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, load_rgb
 from appliance.knowledge import KnowledgeBase, normalize_name
+from appliance.storage import DiskFullError, EpisodePlan, JobStore
+
+# Model files are only ever read as tensors: even a library that asks torch.load for a full
+# unpickle gets the weights-only loader (read by torch at call time).
+os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+
+log = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.toml"
 _SPEC_KEYS = {"defects", "per_image", "material"}
+DEFAULT_MAX_TRIES = 5
 
 
 class InboxError(ValueError):
@@ -46,13 +69,17 @@ class CategoryPlan:
 
 
 @dataclass
-class Job:
-    path: Path
-    sha256: str
+class EpisodeJob:
+    """What a worker needs to run one claimed episode (picklable, no pixels)."""
+
+    episode_id: int
+    key: str
     category: str
     defect: str
     seed: int
-    key: str
+    sha256: str
+    normal_path: str  # the normalised PNG in train/good: the pixels the episode edits
+    source: str  # where the photo came from, for provenance
 
 
 @dataclass
@@ -69,6 +96,9 @@ class BatchSummary:
     refined_accepts: int = 0
     knowledge_calls: int = 0
     seconds: float = 0.0
+    stopped: str = "done"  # why processing ended: done, paused, deadline, signal, disk full
+    notes: list[str] = field(default_factory=list)  # recovery done at start, warnings
+    batch_id: str | None = None
 
     @property
     def accepted_rate(self) -> float:
@@ -77,7 +107,8 @@ class BatchSummary:
     def lines(self) -> list[str]:
         per_sample = self.seconds / self.written if self.written else float("nan")
         mean_turns = statistics.fmean(self.turns) if self.turns else 0.0
-        lines = [
+        lines = [f"recovered          {note}" for note in self.notes]
+        lines += [
             f"episodes run       {self.episodes}  (skipped, already done: {self.skipped_done})",
             f"samples written    {self.written}",
             f"accepted rate      {100 * self.accepted_rate:.1f}%  "
@@ -86,12 +117,21 @@ class BatchSummary:
             f"mean turns         {mean_turns:.2f}  (knowledge retrieved in {self.knowledge_calls} episodes)",
             f"time               {self.seconds:.1f} s, {per_sample:.2f} s per written sample",
         ]
+        if self.stopped != "done":
+            lines.append(f"stopped early      {self.stopped}; the rest stays queued")
         for name, reason in self.unreadable:
             lines.append(f"unreadable input   {name}: {reason}")
         for name, reason in self.skipped_categories:
             lines.append(f"skipped category   {name}: {reason}")
         return lines
 
+    def as_dict(self) -> dict:
+        return {"episodes": self.episodes, "written": self.written, "rejected": self.rejected,
+                "failed": self.failed, "skipped_done": self.skipped_done,
+                "seconds": round(self.seconds, 3), "stopped": self.stopped}
+
+
+# Planning ---------------------------------------------------------------------------------------
 
 def _read_spec(folder: Path) -> dict:
     path = folder / SPEC_FILE
@@ -112,6 +152,18 @@ def _read_spec(folder: Path) -> dict:
     return spec
 
 
+def resolve_defects(category: str, knowledge_base: KnowledgeBase, spec: dict,
+                    defects: Sequence[str] | None = None) -> list[str]:
+    """Defect types for a category: given, else the spec's, else the knowledge base's."""
+    chosen = list(defects) if defects else spec.get("defects")
+    if not chosen:
+        chosen = knowledge_base.defects_for(category)
+    if not chosen and spec.get("material"):
+        material = knowledge_base.subject(spec["material"])
+        chosen = list(material.defects) if material else []
+    return [normalize_name(d) for d in chosen or []]
+
+
 def plan_inbox(inbox: Path, knowledge_base: KnowledgeBase, per_image: int,
                defects: Sequence[str] | None = None) -> tuple[list[CategoryPlan], list[tuple[str, str]]]:
     """Categories to run, and (category, reason) for folders that cannot be run."""
@@ -126,12 +178,7 @@ def plan_inbox(inbox: Path, knowledge_base: KnowledgeBase, per_image: int,
         except InboxError as exc:
             skipped.append((folder.name, str(exc)))
             continue
-        chosen = list(defects) if defects else spec.get("defects")
-        if not chosen:
-            chosen = knowledge_base.defects_for(category)
-        if not chosen and spec.get("material"):
-            material = knowledge_base.subject(spec["material"])
-            chosen = list(material.defects) if material else []
+        chosen = resolve_defects(category, knowledge_base, spec, defects)
         if not chosen:
             skipped.append((folder.name, f"the knowledge base has no defect list for {category!r}; "
                                          f"add {folder / SPEC_FILE} with defects = [...]"))
@@ -141,8 +188,8 @@ def plan_inbox(inbox: Path, knowledge_base: KnowledgeBase, per_image: int,
         if not images:
             skipped.append((folder.name, "no image files"))
             continue
-        plans.append(CategoryPlan(category, folder, [normalize_name(d) for d in chosen],
-                                  spec.get("per_image", per_image), images))
+        plans.append(CategoryPlan(category, folder, chosen, spec.get("per_image", per_image),
+                                  images))
     return plans, skipped
 
 
@@ -150,6 +197,45 @@ def episode_seed(base_seed: int, sha256: str, defect: str, sample: int) -> int:
     """Deterministic per (photo content, defect, sample), independent of file names and order."""
     digest = hashlib.sha256(f"{base_seed}:{sha256}:{defect}:{sample}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def plan_episodes(sha256: str, category: str, defects: Sequence[str], per_image: int,
+                  base_seed: int = 0) -> list[EpisodePlan]:
+    from appliance.dataset.writer import episode_key
+
+    plans = []
+    for defect in defects:
+        for sample in range(per_image):
+            seed = episode_seed(base_seed, sha256, defect, sample)
+            plans.append(EpisodePlan(episode_key(sha256, category, defect, seed), sha256,
+                                     category, defect, sample, seed))
+    return plans
+
+
+# Intake: one photo into the store ---------------------------------------------------------------
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes of an image file as uint8 RGB (EXIF orientation applied); ImageReadError if not."""
+    return load_rgb(io.BytesIO(data), max_pixels=max_pixels)  # type: ignore[arg-type]
+
+
+def intake_image(writer, category: str, image: np.ndarray, sha256: str, source: str,
+                 size: int, defects: Sequence[str], per_image: int, base_seed: int = 0,
+                 original_size: tuple[int, int] | None = None) -> tuple[int, list[str]]:
+    """Record a photo, write its normal and queue its episodes; (added, keys already done)."""
+    store: JobStore = writer.store
+    store.add_input(sha256, size, image.shape[1], image.shape[0], source, original_size)
+    writer.add_normal(category, image, sha256, source)
+    return store.enqueue(plan_episodes(sha256, category, defects, per_image, base_seed))
+
+
+# Running episodes -------------------------------------------------------------------------------
+
+def _run_jobs(engine: Engine, jobs: list[EpisodeJob]) -> list[EpisodeResult]:
+    specs = [EpisodeSpec(image=load_rgb(Path(job.normal_path)), category=job.category,
+                         defect=job.defect, seed=job.seed, source=job.source,
+                         source_sha256=job.sha256) for job in jobs]
+    return engine.environment.run(specs, engine.policy)
 
 
 # Worker processes build the engine once and keep it resident.
@@ -164,96 +250,262 @@ def _init_worker(config: EngineConfig) -> None:
     _WORKER_ENGINE = build_engine(config)
 
 
-def _run_chunk(chunk: list[tuple[Job, object]]) -> list[EpisodeResult]:
+def _run_chunk(jobs: list[EpisodeJob]) -> list[EpisodeResult]:
     assert _WORKER_ENGINE is not None
-    specs = [EpisodeSpec(image=image, category=job.category, defect=job.defect, seed=job.seed,
-                         source=str(job.path), source_sha256=job.sha256) for job, image in chunk]
-    return _WORKER_ENGINE.environment.run(specs, _WORKER_ENGINE.policy)
+    return _run_jobs(_WORKER_ENGINE, jobs)
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+class EpisodeRunner:
+    """Runs chunks of episodes in this process (``workers=1``) or in resident worker processes."""
 
+    def __init__(self, engine: Engine | None = None, config: EngineConfig | None = None,
+                 workers: int = 1):
+        self.config = config or (engine.config if engine else EngineConfig())
+        self.workers = max(1, workers)
+        self.engine = engine
+        self._pool: ProcessPoolExecutor | None = None
+        if self.workers == 1 and self.engine is None:
+            self.engine = build_engine(self.config)
+
+    @property
+    def slots(self) -> int:
+        """Chunks kept in flight at once."""
+        return self.workers
+
+    def describe(self) -> dict:
+        if self.engine is not None:
+            return self.engine.describe()
+        return {"engine": self.config.name, **self.config.backend_names()}
+
+    def submit(self, jobs: list[EpisodeJob]) -> Future:
+        if self.workers == 1:
+            future: Future = Future()
+            try:
+                future.set_result(_run_jobs(self.engine, jobs))
+            except Exception as exc:  # noqa: BLE001 - reported per chunk by the caller
+                future.set_exception(exc)
+            return future
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self.config,))
+        return self._pool.submit(_run_chunk, jobs)
+
+    def reset_pool(self) -> None:
+        """After a worker died: a fresh pool for the next chunk."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def check_free_space(root: Path, min_free_bytes: int) -> None:
+    """Refuse to start work that the disk cannot hold (raises DiskFullError)."""
+    if min_free_bytes <= 0:
+        return
+    free = shutil.disk_usage(root).free
+    if free < min_free_bytes:
+        raise DiskFullError(f"only {free / 1e6:.0f} MB free on the device of {root}, below the "
+                            f"minimum of {min_free_bytes / 1e6:.0f} MB; waiting for space")
+
+
+def _jobs_for(store: JobStore, rows: list[dict], max_tries: int) -> list[EpisodeJob]:
+    jobs = []
+    for row in rows:
+        normal = store.normal(row["sha256"], row["category"])
+        if normal is None or normal["status"] != "ok":
+            store.retry_or_fail([row["id"]], "its normal image is missing from train/good", 1)
+            continue
+        jobs.append(EpisodeJob(row["id"], row["key"], row["category"], row["defect"],
+                               row["seed"], row["sha256"], str(store.root / normal["path"]),
+                               normal["source"] or ""))
+    return jobs
+
+
+def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int = 4,
+                  max_tries: int = DEFAULT_MAX_TRIES, batch: str | None = None,
+                  summary: BatchSummary | None = None,
+                  stop: Callable[[], str | None] | None = None,
+                  progress: Callable[[int, int, BatchSummary], None] | None = None,
+                  min_free_bytes: int = 0) -> str:
+    """Run queued episodes until the queue is empty or ``stop()`` gives a reason; returns it.
+
+    Episodes are claimed a chunk at a time (so a kill re-queues only the chunks in flight),
+    and ``stop`` is asked between chunks: pause, the end of the time window, a signal. Chunks
+    already running are finished and written before returning. A full disk raises
+    DiskFullError after putting every unwritten claimed episode back in the queue.
+    """
+    summary = summary if summary is not None else BatchSummary()
+    in_flight: deque[tuple[list[EpisodeJob], Future]] = deque()
+    total = store.counts()["queued"]
+    reason = "done"
+
+    def release_all(extra: list[int]) -> None:
+        ids = extra + [job.episode_id for jobs, _ in in_flight for job in jobs]
+        for _, future in in_flight:
+            future.cancel()
+        in_flight.clear()
+        store.release(ids, error="waiting for disk space")
+
+    while True:
+        # 1. Ask between chunks whether to go on.
+        if reason == "done" and stop is not None and (why := stop()):
+            reason = why
+        # 2. Keep the workers busy: claim and submit chunks.
+        while reason == "done" and len(in_flight) < runner.slots:
+            try:
+                check_free_space(store.root, min_free_bytes)
+            except DiskFullError:
+                release_all([])
+                raise
+            rows = store.claim(chunk)
+            if not rows:
+                break
+            jobs = _jobs_for(store, rows, max_tries)
+            if jobs:
+                in_flight.append((jobs, runner.submit(jobs)))
+        if not in_flight:
+            if reason == "done" and store.counts()["queued"]:
+                continue  # a chunk whose normals were missing: claim the next one
+            break
+        # 3. Write the oldest chunk's results.
+        jobs, future = in_flight.popleft()
+        ids = [job.episode_id for job in jobs]
+        try:
+            results = future.result()
+        except Exception as exc:  # noqa: BLE001 - an engine failure must not stop the queue
+            if isinstance(exc, BrokenProcessPool):
+                runner.reset_pool()
+            failed = store.retry_or_fail(ids, f"engine error: {type(exc).__name__}: {exc}",
+                                         max_tries)
+            summary.failed += len(failed)
+            summary.episodes += len(failed)
+            log.error("a chunk of %d episode(s) failed: %s", len(ids), exc)
+            continue
+        for index, (job, result) in enumerate(zip(jobs, results)):
+            try:
+                written = writer.write(result, episode_id=job.episode_id, batch=batch)
+            except DiskFullError:
+                release_all(ids[index:])
+                raise
+            _count(summary, result, written is not None)
+        if progress is not None:
+            progress(summary.episodes, total, summary)
+    summary.stopped = reason
+    return reason
+
+
+def _count(summary: BatchSummary, result: EpisodeResult, written: bool) -> None:
+    summary.episodes += 1
+    summary.turns.append(result.turns)
+    if "knowledge_retrieval" in result.tool_sequence:
+        summary.knowledge_calls += 1
+    if written:
+        summary.written += 1
+        if len(result.attempts) == 1:
+            summary.first_try_accepts += 1
+        else:
+            summary.refined_accepts += 1
+    elif result.status == "rejected":
+        summary.rejected += 1
+    else:
+        summary.failed += 1
+
+
+# Per-batch output -------------------------------------------------------------------------------
+
+def write_batch_folder(store: JobStore, batch_id: str) -> Path:
+    """``batches/<id>/`` with this batch's manifest and contact sheet (paths relative to it)."""
+    from appliance.dataset.contact_sheet import write_contact_sheet
+    from appliance.imaging import write_atomic
+    from appliance.storage.reconcile import jsonl_line, normal_record
+
+    folder = store.root / "batches" / batch_id
+    up = "../../"
+    records, normals = [], {}
+    for row in store.samples("ok", batch=batch_id):
+        record = json.loads(row["record"])
+        for key in ("image", "mask", "trajectory"):
+            record[key] = up + record[key]
+        records.append(record)
+        normal = store.normal(record["source_sha256"], record["category"])
+        if normal is not None:
+            entry = normal_record(normal)
+            entry["path"] = up + entry["path"]
+            normals[(normal["sha256"], normal["category"])] = entry
+    rejected = [json.loads(r[0]) for r in store.db.execute(
+        "select result from episodes where batch = ? and status in ('rejected', 'failed') "
+        "and result is not null order by finished_at", [batch_id])]
+    for name, lines in (("manifest.jsonl", records), ("normals.jsonl", list(normals.values())),
+                        ("rejected.jsonl", rejected)):
+        write_atomic(folder / name, "".join(jsonl_line(r) for r in lines).encode("utf-8"))
+    write_contact_sheet(folder, title=f"Batch {batch_id}")
+    return folder
+
+
+def finish_batch(store: JobStore, batch_id: str, summary: BatchSummary) -> None:
+    """Contact sheets for the batch and the whole dataset, and the batch's row."""
+    from appliance.dataset.contact_sheet import write_contact_sheet
+
+    with store.dataset_lock():
+        if summary.episodes:
+            write_batch_folder(store, batch_id)
+        write_contact_sheet(store.root)
+    store.end_batch(batch_id, summary.as_dict())
+
+
+# appliance batch --------------------------------------------------------------------------------
 
 def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
               per_image: int = 1, seed: int = 0, workers: int = 1,
               defects: Sequence[str] | None = None, chunk: int = 4,
               progress: Callable[[int, int, BatchSummary], None] | None = None,
-              engine: Engine | None = None) -> BatchSummary:
-    """Run every pending episode of the inbox and write the dataset; returns the summary."""
-    from appliance.dataset.contact_sheet import write_contact_sheet
-    from appliance.dataset.writer import DatasetWriter, episode_key
+              engine: Engine | None = None, max_tries: int = DEFAULT_MAX_TRIES) -> BatchSummary:
+    """Queue every photo of the inbox, run the dataset's queue and write the dataset."""
+    from appliance.dataset.writer import DatasetWriter
+    from appliance.storage.reconcile import reconcile
 
     started = time.perf_counter()
-    engine_config = engine_config or EngineConfig()
-    if engine is None and workers <= 1:
-        engine = build_engine(engine_config)
-    knowledge_base = engine.knowledge_base if engine else build_engine_kb(engine_config)
+    engine_config = engine_config or (engine.config if engine else EngineConfig())
+    runner = EpisodeRunner(engine, engine_config, workers)
+    knowledge_base = runner.engine.knowledge_base if runner.engine else build_engine_kb(engine_config)
     plans, skipped = plan_inbox(inbox, knowledge_base, per_image, defects)
     summary = BatchSummary(skipped_categories=skipped)
-    describe = engine.describe() if engine else {"engine": engine_config.name,
-                                                 **engine_config.backend_names()}
-    writer = DatasetWriter(out, engine=describe)
-    done = writer.done_keys()
-
-    # 1. Read every photo once: its hash keys the work, and it goes to train/good.
-    work: list[tuple[Job, object]] = []
-    for plan in plans:
-        for path in plan.images:
-            try:
-                image = load_rgb(path)
-                sha = sha256_file(path)
-            except (ImageReadError, OSError) as exc:
-                summary.unreadable.append((str(path), str(exc)))
-                continue
-            writer.add_normal(plan.category, image, sha, str(path))
-            for defect in plan.defects:
-                for sample in range(plan.per_image):
-                    job_seed = episode_seed(seed, sha, defect, sample)
-                    key = episode_key(sha, plan.category, defect, job_seed)
-                    if key in done:
-                        summary.skipped_done += 1
-                        continue
-                    done.add(key)  # the same photo twice in the inbox is one piece of work
-                    work.append((Job(path, sha, plan.category, defect, job_seed, key), image))
-
-    # 2. Run episodes in chunks (in-process or in resident worker processes) and write results.
-    def consume(results: list[EpisodeResult]) -> None:
-        for result in results:
-            summary.episodes += 1
-            summary.turns.append(result.turns)
-            if "knowledge_retrieval" in result.tool_sequence:
-                summary.knowledge_calls += 1
-            if writer.write(result) is not None:
-                summary.written += 1
-                if len(result.attempts) == 1:
-                    summary.first_try_accepts += 1
-                else:
-                    summary.refined_accepts += 1
-            elif result.status == "rejected":
-                summary.rejected += 1
-            else:
-                summary.failed += 1
-        if progress is not None:
-            progress(summary.episodes, len(work), summary)
-
-    chunks = list(_chunks(work, chunk))
-    if workers <= 1:
-        for part in chunks:
-            consume(engine.environment.run(
-                [EpisodeSpec(image=image, category=job.category, defect=job.defect, seed=job.seed,
-                             source=str(job.path), source_sha256=job.sha256) for job, image in part],
-                engine.policy))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                 initializer=_init_worker, initargs=(engine_config,)) as pool:
-            for results in pool.map(_run_chunk, chunks):
-                consume(results)
-
-    # 3. The contact sheet reflects the whole dataset, earlier runs included.
-    write_contact_sheet(out)
+    store = JobStore.for_dataset(out)
+    writer = DatasetWriter(out, engine=runner.describe(), store=store)
+    try:
+        # 1. Settle whatever an earlier, interrupted run left behind.
+        with store.dataset_lock():
+            summary.notes = reconcile(store, max_tries).lines()
+        # 2. Read every photo once: its hash keys the work, and it goes to train/good.
+        done: set[str] = set()
+        for plan in plans:
+            for path in plan.images:
+                try:
+                    data = path.read_bytes()
+                    image = decode_image(data)
+                except (ImageReadError, OSError) as exc:
+                    summary.unreadable.append((str(path), str(exc)))
+                    continue
+                _, finished = intake_image(writer, plan.category, image,
+                                           hashlib.sha256(data).hexdigest(), str(path), len(data),
+                                           plan.defects, plan.per_image, seed)
+                done.update(finished)
+        summary.skipped_done = len(done)  # distinct work: a renamed copy is the same work
+        # 3. Run the queue (this inbox's episodes and any left by an interrupted run).
+        summary.batch_id = store.begin_batch("batch")
+        process_queue(store, writer, runner, chunk=chunk, max_tries=max_tries,
+                      batch=summary.batch_id, summary=summary, progress=progress)
+        # 4. The contact sheet reflects the whole dataset, earlier runs included.
+        summary.seconds = time.perf_counter() - started
+        finish_batch(store, summary.batch_id, summary)
+    finally:
+        runner.close()
+        store.close()
     summary.seconds = time.perf_counter() - started
     return summary
 

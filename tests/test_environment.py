@@ -159,8 +159,9 @@ def test_empty_region_is_refused(engine, tile_image, bad):
 
 def test_policy_region_confines_the_edit(engine, tile_image):
     env = AgentEnvironment(engine.tools, EnvConfig(max_turns=2))
-    messages = [format_tool_call("p", "prompt_gen", {"image": 1, **TASK}),
-                format_tool_call("g", "image_gen", {"prompt": "a small dark stain", "target_image": 1,
+    task = {**TASK, "anomaly_type": "blowhole"}
+    messages = [format_tool_call("p", "prompt_gen", {"image": 1, **task}),
+                format_tool_call("g", "image_gen", {"prompt": "a small dark pit", "target_image": 1,
                                                     "region": [100, 100, 500, 500]})]
     state = env.reset(_spec(tile_image, "blowhole"))
     for message in messages:

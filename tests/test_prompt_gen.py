@@ -242,3 +242,12 @@ def test_knowledge_turns_a_free_form_prompt_into_a_structured_one(blowhole):
     assert parts.category == "magnetic tile" and parts.defect == "blowhole"
     assert parts.look == blowhole.appearance and parts.strength == 1
     assert not severity_conflicts(refined, "blowhole")
+
+
+def test_a_new_part_named_after_its_material_gets_the_material_entry(kb, texture_image):
+    entry = kb.entry("metal", "scratch")
+    if entry is None:
+        pytest.skip("no metal material file with a scratch entry")
+    [prompt] = KnowledgePromptGenerator(kb).generate_prompts(
+        [PromptRequest(image=texture_image, category="Steel Bracket", defect="scratch")])
+    assert entry.appearance in prompt and "steel bracket" in prompt

@@ -278,6 +278,21 @@ def test_missing_bite_takes_the_whole_outline_of_the_part():
     assert np.mean(np.abs(edited[ring].astype(float) - background).max(axis=1) < 30) > 0.9
 
 
+def test_several_pieces_share_a_given_region(generator):
+    image = IMAGES["brick"]
+    region = Box(60, 80, 200, 180)
+    for seed in range(6):
+        request = EditRequest(image, "wall", "hole", "a cluster of small dark pits", seed, region)
+        result = generator.generate([request])[0]
+        assert len(result.params["render"]["instances"]) >= 3
+        ys, xs = np.nonzero(result.mask)
+        assert xs.min() >= region.x0 - 3 and xs.max() < region.x1 + 3
+        assert ys.min() >= region.y0 - 3 and ys.max() < region.y1 + 3
+        inner = result.region
+        assert region.x0 <= inner.x0 and inner.x1 <= region.x1
+        assert region.y0 <= inner.y0 and inner.y1 <= region.y1
+
+
 def test_generator_without_knowledge_base_falls_back_to_keywords():
     result = ProceduralImageGenerator(None).generate(
         [EditRequest(IMAGES["brick"], "wall", "oil_stain", "a clearly visible oil stain", 1)])[0]

@@ -11,24 +11,36 @@
     DATASET/normals.jsonl                              one line per normal photo in train/good
 
 Names sort identically in ``test`` and ``ground_truth`` and ``NNN`` is contained in
-``NNN_mask``, as anomalib's pairing requires. Every file is written to a temporary name, fsynced
-and renamed before its manifest line is appended.
+``NNN_mask``, as anomalib's pairing requires. The job store (``appliance.storage``) is the single
+source of truth: it hands out every number inside a transaction, and a sample's files are
+written to temporary names, fsynced and renamed between its ``writing`` and ``ok`` rows, so a
+crash can neither duplicate a number nor leave a half-written sample. The jsonl files are views
+of the store, appended after each commit and rewritten from it whenever they disagree.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from appliance.agent.environment import EpisodeResult
 from appliance.dataset.trajectory import _json_default, save_trajectory
 from appliance.imaging import is_grayscale, mask_to_pil, save_png_atomic, to_pil
+
+if TYPE_CHECKING:
+    from appliance.storage import JobStore
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 REJECTED = "rejected.jsonl"
@@ -52,7 +64,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                # A line cut short by a crash: the sample behind it is redone on the next run.
+                # A line cut short by a crash; the store rewrites the file on the next start.
                 continue
     return records
 
@@ -73,12 +85,22 @@ class WrittenSample:
 
 
 class DatasetWriter:
-    def __init__(self, root: Path, engine: dict | None = None):
+    """Writes normals and samples into the dataset; reading needs no store."""
+
+    def __init__(self, root: Path, engine: dict | None = None, store: "JobStore | None" = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.engine = engine or {}
-        self._normals = {(r["source_sha256"], r["category"]): r
-                         for r in _read_jsonl(self.root / NORMALS)}
+        self._store = store
+
+    @property
+    def store(self) -> "JobStore":
+        """The dataset's job store, opened on first write."""
+        if self._store is None:
+            from appliance.storage import JobStore
+
+            self._store = JobStore.for_dataset(self.root)
+        return self._store
 
     # Reading back -------------------------------------------------------------------------------
 
@@ -89,70 +111,147 @@ class DatasetWriter:
         return _read_jsonl(self.root / REJECTED)
 
     def normals(self) -> list[dict]:
-        return list(self._normals.values())
+        return _read_jsonl(self.root / NORMALS)
 
     def done_keys(self) -> set[str]:
         """Keys of episodes already finished, written or rejected."""
-        return {r["key"] for r in self.records() + self.rejected() if "key" in r}
+        return self.store.finished_keys()
 
     # Writing ------------------------------------------------------------------------------------
 
     def add_normal(self, category: str, image: np.ndarray, sha256: str, source: str) -> Path:
-        """Copy a normal photo into ``train/good`` once per content hash."""
-        known = self._normals.get((sha256, category))
-        if known is not None:
-            return self.root / known["path"]
+        """Copy a normal photo into ``train/good`` once per (content hash, category)."""
+        from appliance.storage.reconcile import normal_record
+
+        store = self.store
         folder = self.root / category / "train" / "good"
-        path = folder / f"{self._next_number(folder):03d}.png"
-        save_png_atomic(path, to_pil(image))
-        record = {"category": category, "path": str(path.relative_to(self.root)),
-                  "source": source, "source_sha256": sha256}
-        _append_jsonl(self.root / NORMALS, record)
-        self._normals[(sha256, category)] = record
+        with self._disk_guard(folder), store.dataset_lock():
+            row, created = store.reserve_normal(
+                sha256, category, source, lambda n: _rel(folder / f"{n:03d}.png", self.root),
+                at_least=self._next_number(folder))
+            path = self.root / row["path"]
+            if not created:
+                return path
+            try:
+                save_png_atomic(path, to_pil(image))
+            except BaseException:
+                _discard(path)
+                _quietly(store.drop_normal, row["id"])
+                raise
+            store.commit_normal(row["id"])
+            self._export(NORMALS, normal_record({**row, "status": "ok"}))
         return path
 
-    def write(self, result: EpisodeResult) -> WrittenSample | None:
-        """Write an accepted episode as a sample; log any other outcome in rejected.jsonl."""
+    def write(self, result: EpisodeResult, episode_id: int | None = None,
+              batch: str | None = None) -> WrittenSample | None:
+        """Write an accepted episode as a sample; log any other outcome in rejected.jsonl.
+
+        Raises ``DiskFullError`` (with nothing half-written left, the episode queued again)
+        when the disk fills up.
+        """
+        from appliance.storage.reconcile import remove_sample_files
+
         spec = result.spec
         key = episode_key(spec.source_sha256, spec.category, spec.defect, spec.seed)
+        store = self.store
+        if episode_id is None:
+            episode_id = self._episode_for(key, spec)
         if not result.accepted:
-            _append_jsonl(self.root / REJECTED, {
+            record = {
                 "key": key, "category": spec.category, "defect": spec.defect, "seed": spec.seed,
                 "source": spec.source, "source_sha256": spec.source_sha256,
                 "status": result.status, "reason": result.end_reason or result.status,
                 "errors": result.errors[-3:], "turns": result.turns,
-                "scores": [a.report.score for a in result.attempts if a.report is not None]})
+                "scores": [a.report.score for a in result.attempts if a.report is not None]}
+            with self._disk_guard(self.root), store.dataset_lock():
+                store.finish(episode_id, result.status, result=json.loads(
+                    json.dumps(record, default=_json_default)), seconds=result.seconds,
+                    batch=batch, error=record["reason"])
+                self._export(REJECTED, record)
             return None
         image_folder = self.root / spec.category / "test" / spec.defect
         mask_folder = self.root / spec.category / "ground_truth" / spec.defect
-        number = max(self._next_number(image_folder), self._next_number(mask_folder, "_mask"))
-        name = f"{number:03d}"
-        trajectory = save_trajectory(
-            result, self.root / "trajectories" / spec.category / spec.defect / name)
-        image_path = image_folder / f"{name}.png"
-        mask_path = mask_folder / f"{name}_mask.png"
         grayscale = is_grayscale(spec.image)
-        save_png_atomic(image_path, to_pil(result.final_image, grayscale=grayscale))
-        save_png_atomic(mask_path, mask_to_pil(result.mask.mask))
         final = next(a for a in result.attempts if a.image_index == result.final_image_index)
-        record = {
-            "key": key, "image": _rel(image_path, self.root), "mask": _rel(mask_path, self.root),
-            "category": spec.category, "defect": spec.defect, "source": spec.source,
-            "source_sha256": spec.source_sha256, "seed": spec.seed,
-            "engine": self.engine.get("engine", ""), "policy": result.policy,
-            "backends": result.backends, "engine_detail": self.engine,
-            "location_score": result.report.location_score,
-            "quality_score": result.report.quality_score, "score": result.report.score,
-            "review": result.report.review, "prompt": final.prompt, "ig_seed": final.seed,
-            "turns": result.turns, "image_gen_attempts": len(result.attempts),
-            "knowledge_retrieved": "knowledge_retrieval" in result.tool_sequence,
-            "mask_area_ratio": round(result.mask.area_ratio, 6),
-            "mask_confidence": round(float(result.mask.confidence), 4),
-            "trajectory": _rel(trajectory, self.root), "seconds": round(result.seconds, 4),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _append_jsonl(self.root / MANIFEST, record)
-        return WrittenSample(image_path, mask_path, record)
+
+        def record_for(number: int) -> dict:
+            name = f"{number:03d}"
+            return {
+                "key": key, "image": _rel(image_folder / f"{name}.png", self.root),
+                "mask": _rel(mask_folder / f"{name}_mask.png", self.root),
+                "category": spec.category, "defect": spec.defect, "source": spec.source,
+                "source_sha256": spec.source_sha256, "seed": spec.seed,
+                "engine": self.engine.get("engine", ""), "policy": result.policy,
+                "backends": result.backends, "engine_detail": self.engine,
+                "location_score": result.report.location_score,
+                "quality_score": result.report.quality_score, "score": result.report.score,
+                "review": result.report.review, "prompt": final.prompt, "ig_seed": final.seed,
+                "turns": result.turns, "image_gen_attempts": len(result.attempts),
+                "knowledge_retrieved": "knowledge_retrieval" in result.tool_sequence,
+                "mask_area_ratio": round(result.mask.area_ratio, 6),
+                "mask_confidence": round(float(result.mask.confidence), 4),
+                "trajectory": _rel(self.root / "trajectories" / spec.category / spec.defect / name,
+                                   self.root),
+                "seconds": round(result.seconds, 4), "batch": batch,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+
+        with self._disk_guard(image_folder), store.dataset_lock():
+            at_least = max(self._next_number(image_folder),
+                           self._next_number(mask_folder, "_mask"))
+            sample = store.reserve_sample(episode_id, key, spec.category, spec.defect,
+                                          record_for, at_least=at_least)
+            record = json.loads(sample["record"])
+            try:
+                save_trajectory(result, self.root / record["trajectory"])
+                save_png_atomic(self.root / record["image"],
+                                to_pil(result.final_image, grayscale=grayscale))
+                save_png_atomic(self.root / record["mask"], mask_to_pil(result.mask.mask))
+            except BaseException:
+                remove_sample_files(self.root, sample)
+                _quietly(store.drop_sample, sample["id"])
+                raise
+            store.commit_sample(sample["id"], batch=batch)
+            self._export(MANIFEST, record)
+        return WrittenSample(self.root / record["image"], self.root / record["mask"], record)
+
+    def _episode_for(self, key: str, spec) -> int:
+        """The store row of an episode written without one (a direct call, not the queue)."""
+        from appliance.storage import EpisodePlan
+
+        row = self.store.episode_by_key(key)
+        if row is None:
+            self.store.enqueue([EpisodePlan(key, spec.source_sha256, spec.category, spec.defect,
+                                            0, spec.seed)])
+            row = self.store.episode_by_key(key)
+        return row["id"]
+
+    def _export(self, name: str, record: dict) -> None:
+        """Append to a jsonl view; if that fails the store marks it for a rewrite."""
+        try:
+            _append_jsonl(self.root / name, record)
+        except OSError as exc:
+            log.warning("could not append to %s (%s); it will be rewritten from the store",
+                        name, exc)
+            _quietly(self.store.set, "exports_dirty", True)
+
+    @contextmanager
+    def _disk_guard(self, where: Path):
+        """Turn "no space left" from files or SQLite into one clear DiskFullError."""
+        from appliance.storage import DiskFullError, is_disk_full
+
+        try:
+            yield
+        except DiskFullError:
+            raise
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+            raise DiskFullError(
+                f"no space left on the device of {self.root} while writing {where} "
+                f"({free / 1e6:.1f} MB free); nothing half-written was kept and the work stays "
+                f"queued") from exc
 
     @staticmethod
     def _next_number(folder: Path, suffix: str = "") -> int:
@@ -165,3 +264,20 @@ class DatasetWriter:
 
 def _rel(path: Path, root: Path) -> str:
     return str(Path(path).relative_to(root))
+
+
+def _discard(path: Path) -> None:
+    """Remove a file and its temporary siblings after a failed write."""
+    for candidate in [path, *path.parent.glob(f".{path.name}.tmp-*")]:
+        try:
+            candidate.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _quietly(function: Callable, *args) -> None:
+    """Best-effort cleanup: the next lock holder repairs whatever this leaves."""
+    try:
+        function(*args)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("cleanup step %s failed: %s", getattr(function, "__name__", function), exc)

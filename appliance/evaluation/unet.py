@@ -43,6 +43,10 @@ class SmallUNet(nn.Module):
             self.upsample.append(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2))
             self.up.append(_block(2 * widths[i], widths[i]))
         self.head = nn.Conv2d(widths[0], 1, 1)
+        # Start from the prior that about 1 % of pixels are defective (as RetinaNet does for
+        # focal loss): training then spends its steps on finding defects, not on learning
+        # that most of the image is background.
+        nn.init.constant_(self.head.bias, -4.6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Centre the input so that BatchNorm in the first block sees a balanced signal.

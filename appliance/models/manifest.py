@@ -32,18 +32,20 @@ ROLES = ("policy", "prompt_gen", "image_gen", "quality_eval", "knowledge", "mask
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
-# Python packages a backend needs besides the base install (checked without importing them).
+# Python packages a backend needs besides the base install (checked without importing them) ...
 BACKEND_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "sdxl-inpaint": ("torch", "diffusers", "transformers"),
     "flux-fill": ("torch", "diffusers", "transformers"),
     "metauas-onnx": ("onnxruntime",),
+    "qwen-transformers": ("torch", "transformers"),
+    "qwen-llamacpp": ("llama_cpp",),
 }
-# Requirements of the policy / PG / QE backends, by the prefix of their name.
-PREFIX_REQUIREMENTS: dict[str, tuple[str, ...]] = {
-    "qwen": ("torch", "transformers"),
-    "vlm": ("torch", "transformers"),
-    "llama": ("llama_cpp",),
+# ... or, for backends that run several formats (the "vlm" PG/QE), what the model's format needs.
+FORMAT_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "transformers": ("torch", "transformers"),
     "gguf": ("llama_cpp",),
+    "diffusers": ("torch", "diffusers", "transformers"),
+    "onnx": ("onnxruntime",),
 }
 
 
@@ -313,11 +315,9 @@ def load_installed(models_dir: Path | None = None) -> Manifest | None:
     return load_manifest(models_dir / MANIFEST_NAME)
 
 
-def missing_packages(backend: str) -> list[str]:
-    needed = BACKEND_REQUIREMENTS.get(backend)
-    if needed is None:
-        needed = next((req for prefix, req in PREFIX_REQUIREMENTS.items()
-                       if backend.startswith(prefix)), ())
+def missing_packages(backend: str, fmt: str | None = None) -> list[str]:
+    """Packages ``backend`` (serving a model of format ``fmt``) needs that are not installed."""
+    needed = BACKEND_REQUIREMENTS.get(backend) or FORMAT_REQUIREMENTS.get(fmt or "", ())
     return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
@@ -376,7 +376,7 @@ def select_engine(models_dir: Path | None = None, registered: dict | None = None
                 reasons.append(f"{status.entry.name}: {status.reason}")
             elif backend not in registered.get(role, {}):
                 reasons.append(f"{status.entry.name}: backend {backend!r} is not registered")
-            elif missing := missing_packages(backend):
+            elif missing := missing_packages(backend, status.entry.format):
                 reasons.append(f"{status.entry.name}: Python package(s) {', '.join(missing)} "
                                "not installed")
             else:

@@ -12,6 +12,7 @@ real processor, vision tower, language model and generation loop.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,14 @@ def _tokenizer_corpus() -> list[str]:
             "score": 7, "passed": True, "issues": ["too_faint"], "review": "A faint mark."}))
     corpus.append(format_answer("Done.", {"status": "success", "final_image_index": 2,
                                           "mask_generated": True, "summary": "1 attempt"}))
+    # The phrases the scripted policy and the CPU tools write (their string literals live in
+    # their source): the guided tests replay those messages, and fewer tokens is faster.
+    import appliance.policies.scripted
+    import appliance.tools.prompt_gen
+    import appliance.tools.quality_eval
+
+    corpus += [inspect.getsource(module) for module in (
+        appliance.policies.scripted, appliance.tools.prompt_gen, appliance.tools.quality_eval)]
     return corpus
 
 

@@ -21,7 +21,7 @@ from appliance.models.manifest import Manifest, ModelEntry, write_manifest
 
 # Backend names the tiny entries declare; they must match the names registered in engine.py.
 QWEN_TRANSFORMERS_POLICY = "qwen-transformers"
-QWEN_LLAMA_CPP_POLICY = "qwen-llama-cpp"
+QWEN_LLAMA_CPP_POLICY = "qwen-llamacpp"
 VLM_PROMPT_GEN = "vlm"
 VLM_QUALITY_EVAL = "vlm"
 

@@ -153,7 +153,7 @@ class QwenTransformersRuntime:
             # The vision tower and the output head are small and sensitive: keep them in 16 bit.
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=self.dtype, llm_int8_skip_modules=["visual", "lm_head"])
+                bnb_4bit_compute_dtype=self.dtype, llm_int8_skip_modules=["model.visual", "lm_head"])
             kwargs["device_map"] = {"": self.device}
         elif config.quantization != "none":
             raise ValueError(f"unknown quantization {config.quantization!r}; use 'none' or 'nf4'")

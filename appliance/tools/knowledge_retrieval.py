@@ -25,14 +25,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from appliance.imaging import write_atomic
 from appliance.knowledge import KnowledgeBase, load_knowledge_base, normalize_name
 from appliance.tools.embedder import SentenceEmbedder, load_embedder, model_fingerprint
 from appliance.tools.interfaces import Knowledge, KnowledgeEntry
+
+if TYPE_CHECKING:
+    import faiss  # imported where used: the prompt generator imports this module without it
 
 # Bump when the row texts or the file layout change, so that old caches are not reused.
 INDEX_FORMAT = 2
@@ -73,6 +76,29 @@ def entry_text(entry: KnowledgeEntry) -> str:
 def name_rows(kb: KnowledgeBase) -> list[str]:
     """Every distinct defect name and alias in the knowledge base, readable, sorted."""
     return sorted({_readable(name) for entry in kb.entries for name in entry.names()})
+
+
+def material_for(kb: KnowledgeBase, category: str, material: str | None = None) -> str | None:
+    """The material to fall back on: given, from the category's file, or named in the category.
+
+    A part the knowledge base has never seen is often named after its material ("steel
+    bracket", "rubber seal"); a material file's name or alias among its words counts.
+    """
+    if material:
+        subject = kb.subject(material)
+        return subject.name if subject else normalize_name(material)
+    known = kb.material_of(category)
+    if known:
+        return known
+    words = normalize_name(category).split("_")
+    for subject in kb.subjects.values():
+        if subject.kind != "material":
+            continue
+        for name in [subject.name, *subject.aliases]:
+            name_words = normalize_name(name).split("_")
+            if any(words[i:i + len(name_words)] == name_words for i in range(len(words))):
+                return subject.name
+    return None
 
 
 @dataclass
@@ -154,6 +180,8 @@ class FaissKnowledgeRetriever:
         meta_path = path.with_suffix(".json")
         if not (path.is_file() and meta_path.is_file()):
             return None
+        import faiss
+
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             index = faiss.read_index(str(path))
@@ -167,6 +195,8 @@ class FaissKnowledgeRetriever:
         return index
 
     def _build(self, path: Path, texts: list[str], names: list[str]) -> faiss.Index:
+        import faiss
+
         vectors = self.embedder.encode(texts + names)
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
@@ -180,25 +210,6 @@ class FaissKnowledgeRetriever:
 
     # --- queries -------------------------------------------------------------------------
 
-    def material_for(self, category: str, material: str | None = None) -> str | None:
-        """The material to fall back on: given, from the category's file, or named in it."""
-        if material:
-            subject = self.kb.subject(material)
-            return subject.name if subject else normalize_name(material)
-        known = self.kb.material_of(category)
-        if known:
-            return known
-        # An unknown part named after its material ("steel bracket", "rubber seal").
-        words = normalize_name(category).split("_")
-        for subject in self.kb.subjects.values():
-            if subject.kind != "material":
-                continue
-            for name in [subject.name, *subject.aliases]:
-                name_words = normalize_name(name).split("_")
-                if any(words[i:i + len(name_words)] == name_words for i in range(len(words))):
-                    return subject.name
-        return None
-
     def query_text(self, category: str, defect: str, material: str | None) -> str:
         text = f"{_readable(normalize_name(defect))} on {_readable(normalize_name(category))}"
         return f"{text} ({_readable(material)})" if material else text
@@ -208,7 +219,7 @@ class FaissKnowledgeRetriever:
         """The ``k`` best entries for (category, defect); ``scores`` are the ranking scores."""
         self.load()
         assert self._index is not None
-        material = self.material_for(category, material)
+        material = material_for(self.kb, category, material)
         query = self.query_text(category, defect, material)
         similarity = self._entry_similarity(query, defect)
         subject = self.kb.subject(category)

@@ -30,6 +30,7 @@ from appliance.tools.interfaces import (
     KnowledgeRetriever,
     PromptRequest,
 )
+from appliance.tools.knowledge_retrieval import material_for
 
 KEEP_SENTENCE = ("Leave everything else — background, lighting, the rest of the part — "
                  "exactly as it is.")
@@ -48,11 +49,12 @@ STRONG_TO_WEAK = {"clearly visible": "faint", "high-contrast": "low-contrast",
 WEAK_WORDS = tuple(WEAK_TO_STRONG)
 STRONG_WORDS = tuple(STRONG_TO_WEAK)
 
-# Size: a ladder of words; synonyms in knowledge text map onto a rung.
+# Size: a ladder of words; synonyms in knowledge text map onto a rung. ("little" is left out on
+# purpose: "a little darker" is not a size.)
 SIZE_LADDER = ("tiny", "small", "medium", "large", "very large")
-_SIZE_SYNONYMS = {"very large": 4, "huge": 4, "tiny": 0, "minute": 0, "small": 1, "little": 1,
+_SIZE_SYNONYMS = {"very large": 4, "huge": 4, "tiny": 0, "minute": 0, "small": 1,
                   "medium": 2, "moderate": 2, "large": 3, "big": 3, "sizeable": 3}
-SMALL_WORDS = ("tiny", "minute", "small", "little")
+SMALL_WORDS = ("tiny", "minute", "small")
 LARGE_WORDS = ("very large", "huge", "large", "big", "sizeable")
 
 SHAPE_SINGLE = "a single compact patch, all in one place"
@@ -202,7 +204,7 @@ def _scale_percentages(text: str, factor: float) -> str:
 
 
 def _drop_multiple(text: str) -> str:
-    clauses = [c for c in text.split(";")]
+    clauses = text.split(";")
     kept = [c for c in clauses if not _MULTIPLE_RE.search(c)] or clauses[:1]
     return _sentence(";".join(kept).strip()) if kept != clauses else text
 
@@ -321,6 +323,9 @@ class KnowledgePromptGenerator:
     def entry_for(self, category: str, defect: str) -> KnowledgeEntry | None:
         """The exact entry (category's, else its material's), else the retrieved nearest one."""
         entry = self.kb.entry(category, defect)
+        if entry is None:
+            material = material_for(self.kb, category)
+            entry = self.kb.entry(material, defect) if material else None
         if entry is None and self.retriever is not None:
             found = self.retriever.retrieve(category, defect, k=1)
             entry = found.entries[0] if found.entries else None

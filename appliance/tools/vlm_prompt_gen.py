@@ -49,7 +49,7 @@ MIN_WORDS = 6  # shorter replies are not instructions
 MAX_CHARS = 1200
 
 _THINK_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.DOTALL)
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:final\s+)?(?:editing\s+)?(?:instruction|prompt)\s*(?:\*\*)?\s*:\s*",
+_LABEL = re.compile(r"^[\s*#]*(?:final\s+)?(?:image\s+)?(?:editing\s+)?(?:instruction|prompt)[\s*]*:[\s*]*",
                     re.IGNORECASE)
 
 
@@ -83,7 +83,7 @@ def clean_instruction(text: str) -> str | None:
     if not paragraphs:
         return None
     text = _LABEL.sub("", paragraphs[0])
-    text = " ".join(text.split()).strip("\"'“”‘’ ")
+    text = " ".join(text.split()).strip("\"'“”‘’* ")
     if len(text.split()) < MIN_WORDS:
         return None
     if len(text) > MAX_CHARS:

@@ -111,6 +111,25 @@ class DiffusersInpaintGenerator:
         # Flux packs 2x2 latents into one token, so its cell is twice the VAE factor.
         self.latent_cell = scale * (2 if backend == "flux-fill" else 1)
 
+    @classmethod
+    def from_pipeline(cls, pipeline, backend: str, settings: InpaintSettings | dict | None = None,
+                      knowledge_base: "KnowledgeBase | None" = None, model_id: str = "in-memory",
+                      device: str = "cpu", dtype: str = "float32") -> "DiffusersInpaintGenerator":
+        """Wrap an already built pipeline (benchmarks on random full-size weights)."""
+        self = cls.__new__(cls)
+        self.kind = KINDS[backend]
+        self.name = backend
+        self.model_dir = Path(model_id)
+        if isinstance(settings, dict):
+            settings = replace(self.kind.defaults, **settings)
+        self.settings = settings or self.kind.defaults
+        self.knowledge_base = knowledge_base
+        self.model_id = model_id
+        self.pipeline, self.device, self.dtype = pipeline, device, dtype
+        pipeline.set_progress_bar_config(disable=True)
+        self.latent_cell = getattr(pipeline, "vae_scale_factor", 8) * (2 if backend == "flux-fill" else 1)
+        return self
+
     # -- loading --------------------------------------------------------------------------------
 
     def _load(self, device: str | None):

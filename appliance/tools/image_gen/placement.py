@@ -291,6 +291,26 @@ def instance_boxes(primary: Box, count: int, allowed: np.ndarray,
     return boxes
 
 
+def instances_within(region: Box, count: int, allowed: np.ndarray,
+                     rng: np.random.Generator) -> list[Box]:
+    """``count`` boxes that share a given region (a policy's box is a promise about where the
+    defect is, so several pieces split it rather than spilling out of it)."""
+    if count <= 1:
+        return [region]
+    scale = 1.1 / math.sqrt(count)
+    hx, hy = max(region.width * scale / 2.0, 2.0), max(region.height * scale / 2.0, 2.0)
+    inner = Box(int(math.ceil(region.x0 + hx)), int(math.ceil(region.y0 + hy)),
+                int(math.floor(region.x1 - hx)) + 1, int(math.floor(region.y1 - hy)) + 1)
+    if inner.width < 1 or inner.height < 1:
+        return [region]
+    ys, xs = np.nonzero(allowed[inner.y0:inner.y1, inner.x0:inner.x1])
+    if ys.size == 0:
+        return [region]
+    picks = rng.choice(ys.size, size=min(count, ys.size), replace=False)
+    return [box_around(float(xs[i] + inner.x0), float(ys[i] + inner.y0), hx, hy, allowed.shape)
+            for i in picks]
+
+
 def place(object_map: ObjectLike, params: EditParams, family: str, image_shape: tuple[int, ...],
           rng: np.random.Generator) -> Placement:
     """Choose where every instance of the defect goes."""

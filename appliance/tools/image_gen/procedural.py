@@ -16,7 +16,7 @@ import numpy as np
 from appliance.knowledge import KnowledgeBase
 from appliance.tools.image_gen.families import family_for_defect
 from appliance.tools.image_gen.placement import (cluster_centres, foreground_bbox,
-                                                 instance_boxes, place)
+                                                 instances_within, place)
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
 from appliance.tools.image_gen.renderers import render_instances
 from appliance.tools.interfaces import Box, EditRequest, EditResult
@@ -107,7 +107,7 @@ class ProceduralImageGenerator:
                     elif region.height >= 1.5 * region.width:
                         params = replace(params, orientation_deg=90.0)
                 allowed = cluster_centres(object_map, family)
-                boxes = instance_boxes(region, params.count, allowed, rng)
+                boxes = instances_within(region, params.count, allowed, rng)
                 return boxes, {"anchor": "given", "region": region.as_list(),
                                "on_object": round(float(on_object), 3)}, params
             ignored = {"ignored_region": region.as_list(), "reason": "off the object"}

@@ -19,8 +19,8 @@ import numpy as np
 
 from appliance.imaging import is_grayscale
 from appliance.tools.image_gen.families import FAMILIES
-from appliance.tools.image_gen.placement import (MaskObjectMap, cluster_centres, instance_boxes,
-                                                 place)
+from appliance.tools.image_gen.placement import (MaskObjectMap, cluster_centres,
+                                                 instances_within, place)
 from appliance.tools.image_gen.prompt_params import EditParams
 from appliance.tools.image_gen.renderers import (contamination, crack, cut, cutpaste_scar, dent,
                                                  discoloration, fold, hole, missing, perlin,
@@ -103,7 +103,7 @@ def render_defect(family: str, image: np.ndarray, foreground: np.ndarray, params
     """Render a ``family`` defect on the object; returns (edited uint8 RGB, exact bool mask).
 
     Without ``region`` the defect is placed by ``placement.place`` from the foreground; with
-    one, the main instance fills that box and any further instances cluster around it.
+    one, the defect fills that box (several instances share it).
     ``details``, when given, receives the placement and every sampled rendering parameter.
     """
     _check(image, foreground, family)
@@ -124,7 +124,10 @@ def render_defect(family: str, image: np.ndarray, foreground: np.ndarray, params
             details["placement"] = {"anchor": placement.anchor, "axes": list(placement.axes),
                                     "orientation_deg": params.orientation_deg}
     else:
-        boxes = instance_boxes(region, params.count, cluster_centres(object_map, family), rng)
+        height, width = foreground.shape
+        region = Box(max(region.x0, 0), max(region.y0, 0), min(region.x1, width),
+                     min(region.y1, height))
+        boxes = instances_within(region, params.count, cluster_centres(object_map, family), rng)
     return render_instances(family, image, foreground, params, rng, boxes,
                             is_texture=object_map.is_texture,
                             background_color=object_map.background_color, details=details)

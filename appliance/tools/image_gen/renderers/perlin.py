@@ -51,7 +51,8 @@ def _shuffled_patch(canvas: Canvas, height: int, width: int,
     patch = cv2.resize(patch, (width, height)) if patch.shape[:2] != (height, width) else patch
     patch = np.rot90(patch, 2) if rng.random() < 0.5 else patch[:, ::-1]
     # Shuffle a grid of tiles so the borrowed structure no longer continues the surface.
-    tiles = int(rng.integers(2, 4))
+    # Every tile needs at least a pixel each way.
+    tiles = max(1, min(int(rng.integers(2, 4)), height, width))
     ys = np.linspace(0, height, tiles + 1).astype(int)
     xs = np.linspace(0, width, tiles + 1).astype(int)
     cells = [patch[ys[i]:ys[i + 1], xs[j]:xs[j + 1]] for i in range(tiles) for j in range(tiles)]

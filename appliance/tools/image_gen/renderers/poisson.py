@@ -59,8 +59,15 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
         return Rendered(canvas.base.copy(), details={"skipped": "empty patch"})
     # cv2 centres the mask's bounding box at ``center``.
     center = (int((xs.min() + xs.max() + 1) // 2), int((ys.min() + ys.max() + 1) // 2))
-    cloned = cv2.seamlessClone(source, destination, patch_mask, center, cv2.NORMAL_CLONE)
+    try:
+        cloned = cv2.seamlessClone(source, destination, patch_mask, center, cv2.NORMAL_CLONE)
+        blend = "poisson"
+    except cv2.error:
+        # OpenCV refuses some tiny or border-hugging masks; a feathered paste stands in.
+        alpha = cv2.GaussianBlur(patch_mask.astype(np.float32) / 255.0, (0, 0), 1.0)[..., None]
+        cloned = destination * (1.0 - alpha) + source * alpha
+        blend = "feathered"
     return Rendered(cloned.astype(np.float32), support=patch_mask > 0, median_filter=5,
                     details={"source_xy": [round(sx, 1), round(sy, 1)], "scale": round(scale, 3),
                              "angle": round(angle, 1), "mirror": mirror < 0,
-                             "gain": round(gain, 3), "swell": swell_sign})
+                             "gain": round(gain, 3), "swell": swell_sign, "blend": blend})

@@ -1,0 +1,86 @@
+"""Append-only schema migrations, tracked in the ``_migrations`` table.
+
+A migration is a function registered with ``@migration``; it runs once, in its own transaction,
+and its name is recorded with the time it ran. Never edit or reorder a released migration: add
+a new one at the end (the same rule as simonw/llm's ``migrations.py``), so that every store on
+every box reaches the same schema whatever version it started from.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, ContextManager
+
+import sqlite_utils
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(function: Migration) -> Migration:
+    MIGRATIONS.append((function.__name__, function))
+    return function
+
+
+def applied(db: sqlite_utils.Database) -> list[str]:
+    if "_migrations" not in db.table_names():
+        return []
+    return [row["name"] for row in db.query("select name from _migrations order by rowid")]
+
+
+def migrate(db: sqlite_utils.Database, transaction: Callable[[], ContextManager]) -> list[str]:
+    """Apply the migrations this store lacks; returns their names."""
+    with transaction():
+        db["_migrations"].create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
+    done = set(applied(db))
+    ran = []
+    for name, function in MIGRATIONS:
+        if name in done:
+            continue
+        with transaction():
+            # Re-check inside the write lock: another process may have just applied it.
+            if db.execute("select 1 from _migrations where name = ?", [name]).fetchone():
+                continue
+            function(db)
+            db["_migrations"].insert({"name": name,
+                                      "applied_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        ran.append(name)
+    return ran
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    # Content of every accepted input file, whatever it was called.
+    db["inputs"].create({
+        "sha256": str, "size": int, "width": int, "height": int,
+        "original_width": int, "original_height": int, "first_source": str, "first_seen": float,
+    }, pk="sha256")
+    # A normal photo as written to <category>/train/good/NNN.png; episodes read their pixels here.
+    db["normals"].create({
+        "id": int, "sha256": str, "category": str, "number": int, "path": str, "source": str,
+        "status": str, "created": float,
+    }, pk="id", not_null={"sha256", "category", "number", "path", "status"})
+    db["normals"].create_index(["sha256", "category"], unique=True)
+    db["normals"].create_index(["category", "number"], unique=True)
+    # One (input, category, defect, seed): the unit of work, idempotent by key.
+    db["episodes"].create({
+        "id": int, "key": str, "sha256": str, "category": str, "defect": str, "sample": int,
+        "seed": int, "status": str, "attempts": int, "queued_at": float, "started_at": float,
+        "finished_at": float, "seconds": float, "owner": str, "error": str, "result": str,
+        "batch": str,
+    }, pk="id", not_null={"key", "sha256", "category", "defect", "seed", "status"},
+        defaults={"attempts": 0})
+    db["episodes"].create_index(["key"], unique=True)
+    db["episodes"].create_index(["status", "queued_at"])
+    # A written sample; its number is allocated here, inside the transaction that reserves it.
+    db["samples"].create({
+        "id": int, "episode_id": int, "key": str, "category": str, "defect": str, "number": int,
+        "image": str, "mask": str, "trajectory": str, "record": str, "status": str,
+        "batch": str, "created": float,
+    }, pk="id", not_null={"episode_id", "key", "category", "defect", "number", "status"})
+    db["samples"].create_index(["episode_id"], unique=True)
+    db["samples"].create_index(["category", "defect", "number"], unique=True)
+    db["batches"].create({"id": str, "command": str, "started_at": float, "finished_at": float,
+                          "summary": str}, pk="id")
+    # Small shared state: pause flag, last error, heartbeat, engine in use.
+    db["control"].create({"key": str, "value": str, "updated": float}, pk="key")
