@@ -447,14 +447,16 @@ def write_batch_folder(store: JobStore, batch_id: str) -> Path:
     return folder
 
 
-def finish_batch(store: JobStore, batch_id: str, summary: BatchSummary) -> None:
+def finish_batch(store: JobStore, batch_id: str, summary: BatchSummary,
+                 always_sheet: bool = False) -> None:
     """Contact sheets for the batch and the whole dataset, and the batch's row."""
     from appliance.dataset.contact_sheet import write_contact_sheet
 
-    with store.dataset_lock():
-        if summary.episodes:
-            write_batch_folder(store, batch_id)
-        write_contact_sheet(store.root)
+    if summary.episodes or always_sheet:
+        with store.dataset_lock():
+            if summary.episodes:
+                write_batch_folder(store, batch_id)
+            write_contact_sheet(store.root)
     store.end_batch(batch_id, summary.as_dict())
 
 
@@ -482,7 +484,6 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
         with store.dataset_lock():
             summary.notes = reconcile(store, max_tries).lines()
         # 2. Read every photo once: its hash keys the work, and it goes to train/good.
-        done: set[str] = set()
         for plan in plans:
             for path in plan.images:
                 try:
@@ -494,15 +495,14 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
                 _, finished = intake_image(writer, plan.category, image,
                                            hashlib.sha256(data).hexdigest(), str(path), len(data),
                                            plan.defects, plan.per_image, seed)
-                done.update(finished)
-        summary.skipped_done = len(done)  # distinct work: a renamed copy is the same work
+                summary.skipped_done += len(finished)
         # 3. Run the queue (this inbox's episodes and any left by an interrupted run).
         summary.batch_id = store.begin_batch("batch")
         process_queue(store, writer, runner, chunk=chunk, max_tries=max_tries,
                       batch=summary.batch_id, summary=summary, progress=progress)
         # 4. The contact sheet reflects the whole dataset, earlier runs included.
         summary.seconds = time.perf_counter() - started
-        finish_batch(store, summary.batch_id, summary)
+        finish_batch(store, summary.batch_id, summary, always_sheet=True)
     finally:
         runner.close()
         store.close()

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -426,7 +424,8 @@ class Harness:
         raise ValueError(call.kind)
 
     def warm_up(self) -> None:
-        for call in (Call("policy", 32, 1, 4), Call("pg", 32, 1, 4), Call("ig"), Call("mg")):
+        for call in (Call("policy", 32, 1, 4), Call("pg", 32, 1, 4), Call("ig"), Call("mg"),
+                     Call("kr")):
             self._measure(call, 1)
 
 

@@ -11,6 +11,7 @@ _CACHE: dict = {}
 
 def tiny_qwen_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight Qwen3-VL transformers folder (tokenizer, processor, template)."""
+    pytest.importorskip("transformers", reason="transformers is not installed (the gpu extra)")
     if "hf" not in _CACHE:
         from appliance.models.tiny_kit import build_tiny_kit
 

@@ -148,9 +148,13 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
     assert list(report["generators"]) == ["ours", "draem", "cutpaste"]
     for name in ("ours", "draem", "cutpaste"):
         metrics = report["generators"][name]["metrics"]
-        assert set(metrics) == {"pixel_auroc", "pixel_ap", "pixel_f1_max",
-                                "image_auroc", "image_ap", "image_f1_max"}
+        assert set(metrics) == {"pixel_auroc", "pixel_ap", "pixel_f1_max", "image_auroc",
+                                "image_ap", "image_f1_max", "pixel_auroc_class_mean",
+                                "pixel_ap_class_mean", "image_auroc_class_mean"}
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
+        per_class = report["generators"][name]["per_class"]
+        assert metrics["pixel_ap_class_mean"] == pytest.approx(
+            (per_class["blowhole"]["pixel_ap"] + per_class["crack"]["pixel_ap"]) / 2)
         assert set(report["generators"][name]["per_class"]) == {"blowhole", "crack"}
         generation = report["generators"][name]["generation"]
         assert 1 <= generation["kept"] <= 8

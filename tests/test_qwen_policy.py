@@ -18,7 +18,7 @@ from _tiny_qwen import tiny_qwen_gguf, tiny_qwen_hf
 from appliance.agent.environment import AgentEnvironment, EnvConfig, EpisodeSpec
 from appliance.agent.protocol import format_tool_call, parse_assistant_message
 from appliance.policies.scripted import ScriptedPolicy
-from appliance.policies.vlm_chat import finish_text, to_chat_request
+from appliance.policies.vlm_chat import finish_text, template_messages, to_chat_request
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,10 @@ def test_environment_messages_become_template_messages_with_their_pictures():
     # Pictures in order of appearance, as RGB of the right size and content.
     assert [np.asarray(p).mean() for p in request.images] == [0, 200]
     assert all(p.mode == "RGB" and p.size == (50, 40) for p in request.images)
+    # What the template gets: text-only messages as plain strings, pictures as parts.
+    rendered = template_messages(request.messages)
+    assert rendered[2] == {"role": "assistant", "content": "<thinking>a</thinking>"}
+    assert rendered[3]["content"][1] == {"type": "image"}
     with pytest.raises(ValueError, match="image 3"):
         to_chat_request(messages + [{"role": "tool", "name": "x", "content": [
             {"type": "image", "image_index": 3}]}], [normal, edited])
@@ -98,6 +102,18 @@ def test_the_template_renders_tool_responses_and_one_placeholder_per_picture(run
     pad = runtime.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     merge = runtime.processor.image_processor.merge_size ** 2
     assert int((inputs["input_ids"] == pad).sum()) == int(inputs["image_grid_thw"].prod(-1).sum()) // merge
+
+
+def test_the_vendored_template_is_trls_qwen3_vl_template_byte_for_byte():
+    trl = pytest.importorskip("trl", reason="trl is not installed (the train extra)")
+    from pathlib import Path
+
+    from appliance.policies.qwen3_vl_template import QWEN3_VL_CHAT_TEMPLATE
+
+    shipped = Path(trl.__file__).parent / "chat_templates" / "qwen3_vl.jinja"
+    if not shipped.is_file():
+        pytest.skip(f"this trl has no {shipped.name}")
+    assert QWEN3_VL_CHAT_TEMPLATE == shipped.read_text(encoding="utf-8")
 
 
 def test_thinking_output_gets_its_opening_tag_back():
@@ -188,8 +204,9 @@ def test_llamacpp_policy_replays_the_scripted_episode_exactly(tmp_path_factory, 
 # --- 4-bit and LoRA ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                    reason="bitsandbytes is not installed (the gpu extra)")
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None
+                    or importlib.util.find_spec("accelerate") is None,
+                    reason="bitsandbytes/accelerate are not installed (the gpu extra)")
 def test_nf4_loading_quantizes_the_language_model_only(hf_dir, specs):
     import bitsandbytes as bnb
 
@@ -210,6 +227,7 @@ def test_nf4_loading_quantizes_the_language_model_only(hf_dir, specs):
 
 
 def test_lora_adapter_changes_the_policy_and_not_the_shared_base(hf_dir, tmp_path, specs):
+    pytest.importorskip("peft", reason="peft is not installed (the gpu extra)")
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
 

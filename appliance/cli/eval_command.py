@@ -46,7 +46,7 @@ def _generators(value: str) -> tuple[str, ...]:
               help="Comma-separated: ours, draem, cutpaste, cutpaste-patch, cutpaste-scar.")
 @click.option("--train-size", default=300, show_default=True, type=click.IntRange(1, 100_000),
               help="Train normals to synthesize from (one anomaly each).")
-@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--epochs", default=15, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--size", default=256, show_default=True, type=click.IntRange(32, 2048),
               help="Square side every image is resized to (a multiple of 16).")
 @click.option("--threads", default=None, type=click.IntRange(1, 256),

@@ -13,18 +13,30 @@ import appliance  # noqa: F401  (forces offline mode before any HF import)
 from appliance.engine import ENGINES, EngineConfig, EngineError
 
 
-def _engine_config(engine: str, knowledge_base: Path | None, max_attempts: int | None) -> EngineConfig:
-    if engine not in ENGINES:
-        raise click.BadParameter(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}",
-                                 param_hint="--engine")
-    base = ENGINES[engine]
+def _engine_config(engine: str, knowledge_base: Path | None, max_attempts: int | None,
+                   quiet: bool = False) -> EngineConfig:
+    """``auto`` picks backends from what is installed in the models folder and says why."""
+    if engine == "auto":
+        from appliance.models.manifest import select_engine
+
+        choice = select_engine()
+        base = choice.engine_config(ENGINES["cpu"])
+        if not quiet:
+            for role, picked in choice.roles.items():
+                click.echo(f"  {role:13s} {picked.backend:18s} {picked.reason}", err=True)
+    elif engine in ENGINES:
+        base = ENGINES[engine]
+    else:
+        raise click.BadParameter(f"unknown engine {engine!r}; available: auto, "
+                                 f"{', '.join(ENGINES)}", param_hint="--engine")
     env = replace(base.env, max_image_gen=max_attempts or base.env.max_image_gen)
     return replace(base, env=env, knowledge_base=knowledge_base or base.knowledge_base)
 
 
 def _engine_options(command):
-    command = click.option("--engine", default="cpu", show_default=True,
-                           help="Engine (set of backends) to run.")(command)
+    command = click.option("--engine", default="auto", show_default=True,
+                           help="Set of backends: 'auto' (from the installed models in "
+                                "$APPLIANCE_MODELS; the CPU engine when none are) or 'cpu'.")(command)
     command = click.option("--knowledge-base", type=click.Path(path_type=Path, file_okay=False),
                            default=None, help="Knowledge base folder (default: the bundled one, "
                                               "or $APPLIANCE_KNOWLEDGE_BASE).")(command)
@@ -207,16 +219,23 @@ def knowledge_search(category: str, defect: str, k: int) -> None:
         click.echo(f"{score:6.3f}  {entry.id}  ({entry.renderer})\n        {entry.appearance}")
 
 
-def _register_optional_commands() -> None:
+def _register_commands() -> None:
     """Commands that live in their own modules register here."""
-    try:
-        from appliance.cli.eval_command import eval_command
-    except ImportError:
-        return
+    from appliance.cli.eval_command import eval_command
+    from appliance.cli.models_command import models_group
+    from appliance.cli.selftest_command import selftest_command
+    from appliance.cli.service_commands import (config_group, pause_command, resume_command,
+                                                run_command, status_command, watch_command)
+
     cli.add_command(eval_command, name="eval")
+    cli.add_command(models_group, name="models")
+    cli.add_command(selftest_command, name="selftest")
+    for command in (watch_command, run_command, pause_command, resume_command, status_command,
+                    config_group):
+        cli.add_command(command)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry point

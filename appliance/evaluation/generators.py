@@ -79,8 +79,8 @@ class GeneratedSet:
 
     @property
     def acceptance_rate(self) -> float:
-        made = len(self.attempted)
-        return sum(s.accepted for s in self.attempted) / made if made else float("nan")
+        """Accepted episodes over all episodes run (an episode that made no sample counts too)."""
+        return sum(s.accepted for s in self.attempted) / self.episodes if self.episodes else float("nan")
 
 
 def generate_training_set(generator: Generator, images: Sequence[np.ndarray], seed: int,

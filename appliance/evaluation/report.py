@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 DETECTION_ROWS = (
     ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP"), ("pixel_f1_max", "pixel F1-max"),
     ("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("image_f1_max", "image F1-max"),
+    ("pixel_auroc_class_mean", "pixel AUROC, mean over classes"),
+    ("pixel_ap_class_mean", "pixel AP, mean over classes"),
+    ("image_auroc_class_mean", "image AUROC, mean over classes"),
 )
 # (key, label, higher is better)
 GENERATION_ROWS = (
@@ -280,10 +283,6 @@ def write_figures(out_dir: Path, data: "EvalData", outcomes: Sequence["Generator
     save_png_atomic(out_dir / "examples.png",
                     _grid(rows, ["image", "ground truth"] + [o.name for o in outcomes], labels))
 
-    sample_rows = []
-    for o in outcomes:
-        kept = o.generated.samples
-        pick = np.linspace(0, len(kept) - 1, min(8, len(kept))).round().astype(int)
-        sample_rows.append([_outlined(kept[i].image, kept[i].mask) for i in pick])
+    sample_rows = [[_outlined(image, mask) for image, mask in o.train_examples] for o in outcomes]
     save_png_atomic(out_dir / "training_samples.png",
                     _grid(sample_rows, [], [o.name for o in outcomes]))

@@ -60,6 +60,7 @@ class GeneratorOutcome:
     pr_pixel: tuple[np.ndarray, np.ndarray]
     pr_image: tuple[np.ndarray, np.ndarray]
     example_maps: np.ndarray  # anomaly maps of the example test images
+    train_examples: list[tuple[np.ndarray, np.ndarray]]  # (image as trained on, mask), a few
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -124,12 +125,20 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
                                          if it.defect == defect]
         scored = _score_set(maps[index], [test[i] for i in index], window)
         per_class[defect] = _flat(scored) | {"images": len(index) - n_normal}
+    # Macro averages: on the magnetic tiles one class (uneven) has most of the defect pixels
+    # and would otherwise decide the pixel metrics alone.
+    class_means = {f"{key}_class_mean": float(np.nanmean([c[key] for c in per_class.values()]))
+                   for key in ("pixel_auroc", "pixel_ap", "image_auroc")}
     masks = np.stack([it.mask for it in test])
     pr_pixel = pr_points(masks, maps)
     pr_image = pr_points(np.array([it.defect != GOOD for it in test]), overall["_image_scores"])
     metrics_seconds = time.perf_counter() - start
 
-    generation: dict = {"acceptance_rate": generated.acceptance_rate if name not in BASELINES else None,
+    engine_info = None
+    if hasattr(generator, "engine") and hasattr(generator.engine, "describe"):
+        engine_info = {k: v for k, v in generator.engine.describe().items() if k != "env"}
+    generation: dict = {"engine": engine_info} if engine_info else {}
+    generation |= {"acceptance_rate": generated.acceptance_rate if name not in BASELINES else None,
                         "episodes": generated.episodes, "kept": len(kept)}
     gen_seconds = 0.0
     if real_features is not None:
@@ -142,8 +151,10 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
                "predict_s": predict_seconds, "metrics_s": metrics_seconds,
                "generation_metrics_s": gen_seconds,
                "seconds_per_kept_sample": generated.seconds / len(kept)}
-    return GeneratorOutcome(name, generated, _flat(overall), per_class, generation, timings,
-                            train_log.epoch_losses, pr_pixel, pr_image, maps[list(examples)])
+    return GeneratorOutcome(name, generated, _flat(overall) | class_means, per_class, generation, timings,
+                            train_log.epoch_losses, pr_pixel, pr_image, maps[list(examples)],
+                            [(images[i], kept[i].mask) for i in
+                             np.linspace(0, len(kept) - 1, min(8, len(kept))).round().astype(int)])
 
 
 def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, engine: Any = None,

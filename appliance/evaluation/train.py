@@ -27,7 +27,7 @@ from appliance.evaluation.unet import SmallUNet, focal_loss
 
 @dataclass
 class TrainConfig:
-    epochs: int = 6
+    epochs: int = 15
     batch_size: int = 16
     lr: float = 2e-3
     width: int = 16

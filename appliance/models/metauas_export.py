@@ -228,7 +228,8 @@ class DecoderBlock(nn.Module):
     def __init__(self, in_ch: int, skip_ch: int, out_ch: int, reduction: int):
         super().__init__()
         self.conv1 = _conv_bn_relu(in_ch + skip_ch, out_ch)
-        self.attention1 = Attention(in_ch + skip_ch, reduction) if skip_ch else nn.Identity()
+        # Built even without a skip (then unused), as smp does: the checkpoint has its weights.
+        self.attention1 = Attention(in_ch + skip_ch, reduction)
         self.conv2 = _conv_bn_relu(out_ch, out_ch)
         self.attention2 = Attention(out_ch, reduction)
 

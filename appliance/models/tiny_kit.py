@@ -29,7 +29,7 @@ TEXT_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_resp
 # Small images keep the tiny model fast: 16 px patches merged 2x2 -> one token per 32x32 px.
 TINY_MIN_PIXELS = 32 * 32 * 4
 TINY_MAX_PIXELS = 64 * 64
-TINY_VOCAB_SIZE = 3000
+TINY_VOCAB_SIZE = 3000  # an upper bound: the small corpus yields about 1,100 tokens
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,7 @@ def _tokenizer_corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int = TINY_VOCAB_SIZE):
     """A Qwen2-style byte-level BPE tokenizer trained on the appliance's own texts."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -106,7 +105,7 @@ def tiny_config(tokenizer):
     ids = tokenizer.convert_tokens_to_ids
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
-                max_position_embeddings=8192, tie_word_embeddings=False,
+                max_position_embeddings=32768, tie_word_embeddings=False,
                 # mrope sections must sum to head_dim / 2.
                 rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
                                  "mrope_section": [6, 5, 5], "mrope_interleaved": True},
@@ -131,8 +130,9 @@ def build_tiny_qwen3vl_hf(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = tiny_config(tokenizer)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.random.fork_rng():  # seeded weights without touching the caller's generator
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config).eval()
     eos, pad = config.text_config.eos_token_id, config.text_config.pad_token_id
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad,
                                                do_sample=False)

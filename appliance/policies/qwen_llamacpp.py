@@ -15,14 +15,14 @@ from __future__ import annotations
 import base64
 import io
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from appliance.policies.qwen3_vl_template import QWEN3_VL_CHAT_TEMPLATE
-from appliance.policies.vlm_chat import ChatRequest, VLMPolicy, shared_runtime
+from appliance.policies.vlm_chat import ChatRequest, VLMPolicy, shared_runtime, template_messages
 
 if TYPE_CHECKING:
     from appliance.policies.base import Policy
@@ -77,7 +77,10 @@ def openai_messages(request: ChatRequest) -> list[dict]:
     """The request in the OpenAI-style form llama-cpp-python takes: pictures as data URIs."""
     images = iter(request.images)
     messages = []
-    for message in request.messages:
+    for message in template_messages(request.messages):
+        if isinstance(message["content"], str):
+            messages.append(message)
+            continue
         parts = []
         for part in message["content"]:
             if part["type"] == "image":
@@ -204,8 +207,8 @@ class QwenLlamaCppRuntime:
 
 
 def llamacpp_runtime(config: LlamaCppVLMConfig) -> QwenLlamaCppRuntime:
-    key = ("llama-cpp", str(Path(config.model_path).resolve()), str(Path(config.mmproj_path).resolve()),
-           config.n_ctx, config.n_gpu_layers)
+    key = ("llama-cpp", replace(config, model_path=Path(config.model_path).resolve(),
+                                mmproj_path=Path(config.mmproj_path).resolve(), max_new_tokens=0))
     return shared_runtime(key, lambda: QwenLlamaCppRuntime(config))
 
 

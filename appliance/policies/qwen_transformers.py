@@ -9,14 +9,14 @@ the PIL image processor.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
 from appliance.policies.qwen3_vl_template import load_chat_template
-from appliance.policies.vlm_chat import ChatRequest, VLMPolicy, shared_runtime
+from appliance.policies.vlm_chat import ChatRequest, VLMPolicy, shared_runtime, template_messages
 
 if TYPE_CHECKING:
     import torch
@@ -164,6 +164,9 @@ class QwenTransformersRuntime:
         self.adapters: dict[str, Path] = {}
         self._lock = threading.Lock()  # one generate() at a time; adapters switch per call
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # A turn ends at <|im_end|>; base checkpoints may also end a text with <|endoftext|>.
+        self.stop_ids = [self.end_id] + [i for i in [self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+                                         if isinstance(i, int) and i != self.tokenizer.unk_token_id]
         self.name = f"transformers:{model_dir.name}:{config.quantization}"
 
     # Adapters ----------------------------------------------------------------------------------
@@ -189,8 +192,8 @@ class QwenTransformersRuntime:
     # Generation --------------------------------------------------------------------------------
 
     def render(self, request: ChatRequest) -> str:
-        return self.processor.apply_chat_template(request.messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.processor.apply_chat_template(template_messages(request.messages),
+                                                  tokenize=False, add_generation_prompt=True)
 
     def chat(self, requests: Sequence[ChatRequest], *, max_new_tokens: int | None = None,
              adapter: str | None = None) -> list[str]:
@@ -225,15 +228,15 @@ class QwenTransformersRuntime:
         sampling = {"do_sample": True, "temperature": self.config.temperature,
                     "top_p": self.config.top_p, "top_k": self.config.top_k} \
             if self.config.do_sample else {"do_sample": False}
-        # One seed per batch (the generator is shared by its rows): reproducible for a given
-        # batch composition, which a run with fixed episode order has.
+        # One seed per batch (generate() samples from torch's global generator, shared by the
+        # rows): reproducible for a given batch composition, which a fixed episode order gives.
         seed = int(np.random.SeedSequence([r.seed for r in requests]).generate_state(1)[0])
         with self._lock, torch.inference_mode():
             with self._adapter_scope(adapter) if self.adapters else contextlib.nullcontext():
                 torch.manual_seed(seed)
                 output = self.model.generate(
                     **inputs, max_new_tokens=max_new_tokens, logits_processor=processors,
-                    eos_token_id=[self.end_id], pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
                     **sampling)
         new_tokens = output[:, prompt_length:]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True,
@@ -260,8 +263,8 @@ class QwenTransformersRuntime:
 
 def transformers_runtime(config: TransformersVLMConfig) -> QwenTransformersRuntime:
     """The resident runtime for these weights, shared by every backend that names them."""
-    key = ("transformers", str(Path(config.model_dir).resolve()), config.quantization,
-           config.device, config.dtype, config.min_pixels, config.max_pixels)
+    # Every setting but the per-call token budget shapes the loaded runtime.
+    key = ("transformers", replace(config, model_dir=Path(config.model_dir).resolve(), max_new_tokens=0))
     return shared_runtime(key, lambda: QwenTransformersRuntime(config))
 
 

@@ -77,6 +77,10 @@ def _knowledge_from_payload(payload: dict | None) -> Knowledge | None:
     return Knowledge(payload.get("query", ""), entries, [e.get("relevance", 0.0) for e in payload["entries"]])
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _describe(review: dict) -> str:
     issues = ", ".join(i.replace("_", " ") for i in review.get("issues", [])) or "no listed issue"
     return (f"image {review['anomaly_image']} scored location {review['location_score']}/5 and "
@@ -103,7 +107,7 @@ class ScriptedPolicy:
             return self._answer(h)
         if h.prompt is None:
             return format_tool_call(
-                f"I need a first editing instruction for a {spec.defect} on this {spec.category}.",
+                f"I need a first editing instruction for {_a(spec.defect)} on this {spec.category}.",
                 schemas.PROMPT_GEN, {"image": 1, **task})
         if not h.images:
             return format_tool_call("I have the instruction; I edit the normal photo with it.",
@@ -128,8 +132,8 @@ class ScriptedPolicy:
                            or review["score"] < state.config.knowledge_threshold)
         if wants_knowledge and h.knowledge is None and h.last_tool == schemas.QUALITY_EVAL:
             return format_tool_call(
-                f"Rejected: {_describe(review)}. Before revising I look up how a "
-                f"{spec.defect} really looks on a {spec.category}.",
+                f"Rejected: {_describe(review)}. Before revising I look up how "
+                f"{_a(spec.defect)} really looks on {_a(spec.category)}.",
                 schemas.KNOWLEDGE_RETRIEVAL, task)
         knowledge = _knowledge_from_payload(h.knowledge)
         revised = refine_prompt(h.prompt, sorted(issues), knowledge)

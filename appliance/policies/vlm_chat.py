@@ -79,6 +79,21 @@ def to_chat_request(messages: Sequence[dict], images: Sequence[np.ndarray], seed
     return ChatRequest(converted, pictures, seed=seed)
 
 
+def template_messages(messages: Sequence[dict]) -> list[dict]:
+    """Messages as the chat template is given them: a text-only message as one plain string.
+
+    Every Qwen template accepts a string; not every one (the Thinking checkpoints' templates
+    split the reasoning out of an assistant message) reads a list of text parts the same way.
+    """
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list) and all(part["type"] == "text" for part in content):
+            content = "".join(part["text"] for part in content)
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
 def finish_text(text: str) -> str:
     """Tidy a decoded assistant message for the protocol parser.
 

@@ -162,6 +162,9 @@ def repair_writes(store: JobStore, report: ReconcileReport | None = None) -> Rec
             report.removed_partial.append(row["path"])
     if changed or store.get("exports_dirty", False):
         report.exports_rewritten += sync_exports(store)
+    if changed:
+        log.warning("repaired writes of a crashed process: adopted %d, removed %d",
+                    len(report.adopted), len(report.removed_partial))
     return report
 
 
@@ -171,7 +174,8 @@ def reconcile(store: JobStore, max_tries: int = 3) -> ReconcileReport:
     """Bring files and rows into agreement; the caller holds the dataset lock."""
     if not store.lock.held:
         raise RuntimeError("reconcile needs the dataset lock")
-    report = ReconcileReport()
+    report = store.last_repair or ReconcileReport()  # what taking the lock already repaired
+    store.last_repair = None
     root = store.root
     if _store_is_empty(store):
         report.imported = import_existing(store)

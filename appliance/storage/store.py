@@ -79,6 +79,7 @@ class JobStore:
         self._owner: Owner | None = None
         # On taking the dataset lock, first settle what a writer that died holding it left.
         self.repair_on_lock = True
+        self.last_repair = None  # what the last repair on taking the lock did (for reports)
 
     @classmethod
     def for_dataset(cls, root: Path) -> "JobStore":
@@ -116,7 +117,7 @@ class JobStore:
             if first and self.repair_on_lock:
                 from appliance.storage.reconcile import repair_writes
 
-                repair_writes(self)
+                self.last_repair = repair_writes(self)
             yield
         finally:
             self.lock.release()

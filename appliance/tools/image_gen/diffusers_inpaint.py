@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -148,10 +149,13 @@ class DiffusersInpaintGenerator:
         kwargs = {"torch_dtype": dtype, "local_files_only": True}
         if self.settings.variant:
             kwargs["variant"] = self.settings.variant
-        pipeline = cls.from_pretrained(str(self.model_dir), **kwargs)
+        with warnings.catch_warnings():
+            # diffusers >= 0.40 renames torch_dtype to dtype; older releases know only torch_dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipeline = cls.from_pretrained(str(self.model_dir), **kwargs)
         if device.startswith("cuda") and self.settings.offload:
             pipeline.enable_model_cpu_offload()
-        else:
+        elif device != "cpu":  # from_pretrained already placed it on the CPU
             pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline, device, dtype_name
@@ -344,7 +348,3 @@ def _clip_box(box: Box, shape: tuple[int, ...]) -> Box:
     height, width = shape[:2]
     x0, y0 = max(0, min(box.x0, width - 1)), max(0, min(box.y0, height - 1))
     return Box(x0, y0, max(x0 + 1, min(box.x1, width)), max(y0 + 1, min(box.y1, height)))
-
-
-def settings_dict(settings: InpaintSettings) -> dict:
-    return asdict(settings)

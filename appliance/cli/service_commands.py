@@ -1,0 +1,318 @@
+"""Commands for the unattended appliance: watch, run, pause, resume, status, config, install.
+
+Register them on the main group with ``register(cli)``. Until then (and in tests) they run as
+``python -m appliance.cli.service_commands COMMAND``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import click
+
+import appliance  # noqa: F401  (forces offline mode before any HF import)
+from appliance.config import CONFIG_ENV, Config, ConfigError, load_config, render
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = ("appliance-watch.service", "appliance-batch.service", "appliance-batch.timer")
+UNIT_BINARY = "/opt/appliance/.venv/bin/appliance"  # what the shipped unit files name
+DATA_DIRS = ("inbox", "done", "quarantine", "dataset", "models", "cache")
+
+
+def _config_option(command):
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None, help=f"Config file (default: ${CONFIG_ENV}, else "
+                                           f"/etc/appliance/config.toml, else built-in defaults)."
+                        )(command)
+
+
+def _load(config_file: Path | None) -> Config:
+    try:
+        return load_config(config_file)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(78)  # EX_CONFIG: systemd shows it as a configuration error
+
+
+def _store(config: Config):
+    from appliance.storage import JobStore
+
+    return JobStore.for_dataset(config.dataset)
+
+
+@click.command("watch")
+@_config_option
+@click.option("--intake-only", is_flag=True, help="Only take files into the queue; never run "
+                                                  "episodes (another process runs them).")
+@click.option("-v", "--verbose", is_flag=True)
+def watch_command(config_file: Path | None, intake_only: bool, verbose: bool) -> None:
+    """Watch the inbox and work through the queue (the systemd service).
+
+    Scans the whole inbox at start, then polls it; takes a file once it is complete, queues its
+    episodes and moves it to done/, or moves a bad file to quarantine/ with a .reason.txt.
+    Runs queued episodes while the configured time window is open and the queue is not
+    paused. Stops cleanly on SIGTERM after the chunk in progress.
+    """
+    from appliance.service.daemon import Service, configure_logging
+
+    configure_logging(verbose)
+    config = _load(config_file)
+    service = Service(config, role="watcher", process=not intake_only)
+    service.install_signals()
+    try:
+        code = service.watch()
+    finally:
+        service.close()
+    sys.exit(code)
+
+
+@click.command("run")
+@_config_option
+@click.option("--until", "until_text", metavar="HH:MM", default=None,
+              help="Stop starting new work at this time (default: the end of the configured "
+                   "window; none when the window is \"always\").")
+@click.option("-v", "--verbose", is_flag=True)
+def run_command(config_file: Path | None, until_text: str | None, verbose: bool) -> None:
+    """Take what is in the inbox, then run the queue until it is empty or time is up.
+
+    This is what the nightly timer starts. Outside the configured window (and without
+    --until) it does nothing. Exit status 75 means the disk stayed full; the work is queued.
+    """
+    from appliance.service.daemon import Service, configure_logging
+    from appliance.service.schedule import parse_until
+
+    configure_logging(verbose)
+    config = _load(config_file)
+    until = None
+    if until_text:
+        try:
+            until = parse_until(until_text, datetime.now())
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--until") from None
+    service = Service(config, role="runner")
+    service.install_signals()
+    try:
+        result = service.run(until)
+    finally:
+        service.close()
+    for line in result.summary.lines():
+        click.echo(line)
+    if result.exit_code:
+        click.echo(f"stopped: {result.message}", err=True)
+    sys.exit(result.exit_code)
+
+
+@click.command("pause")
+@_config_option
+def pause_command(config_file: Path | None) -> None:
+    """Stop starting new episodes (the chunk in progress finishes); intake goes on."""
+    store = _store(_load(config_file))
+    store.set("paused", True)
+    click.echo("paused: no new episodes start until `appliance resume`")
+
+
+@click.command("resume")
+@_config_option
+def resume_command(config_file: Path | None) -> None:
+    """Start running episodes again after `appliance pause`."""
+    store = _store(_load(config_file))
+    store.set("paused", False)
+    click.echo("resumed")
+
+
+@click.command("status")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--health", is_flag=True, help="Exit 0 only if a watcher or runner is alive "
+                                              "(for container health checks).")
+def status_command(config_file: Path | None, as_json: bool, health: bool) -> None:
+    """Queue depth, progress with rate and ETA, engine, window, pause state, last error."""
+    from appliance.service.status import collect_status, status_lines
+
+    config = _load(config_file)
+    report = collect_status(config)
+    if health:
+        alive = [name for name in ("watcher", "runner") if report[name]["alive"]]
+        click.echo(f"healthy: {', '.join(alive)} alive" if alive else
+                   "unhealthy: no watcher or runner has reported recently")
+        sys.exit(0 if alive else 1)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    for line in status_lines(report):
+        click.echo(line)
+
+
+@click.group("config")
+def config_group() -> None:
+    """Show or check the configuration file."""
+
+
+@config_group.command("show")
+@_config_option
+def config_show(config_file: Path | None) -> None:
+    """Print the effective configuration (file values over defaults, paths resolved)."""
+    click.echo(render(_load(config_file)), nl=False)
+
+
+@config_group.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), required=False)
+def config_check(path: Path | None) -> None:
+    """Validate a config file; exit 78 with every problem listed if it is invalid."""
+    config = _load(path)
+    click.echo(f"ok: {config.source or 'built-in defaults'}")
+
+
+# install-service ---------------------------------------------------------------------------------
+
+CONFIG_TEMPLATE = """\
+# Anomaly synthesis appliance. Every key is optional; `appliance config show` prints the
+# effective configuration with all defaults and what each key means.
+
+[paths]
+root = "/var/lib/appliance"   # inbox/, done/, quarantine/, dataset/, models/, cache/ below it
+
+[engine]
+name = "cpu"                  # the embedded engine; GPU engines once models are installed
+chunk = 4
+
+[schedule]
+window = "22:00-06:00"        # episodes run only inside this window ("always" for no limit)
+
+[service]
+min_free_mb = 2000            # no new work below this much free disk space
+
+# Per-category defect types (else the knowledge base's list, or inbox/<category>/spec.toml):
+# [categories.bottle]
+# defects = ["broken_large", "contamination"]
+# per_image = 2
+"""
+
+
+@click.command("install-service")
+@click.option("--prefix", type=click.Path(file_okay=False, path_type=Path), default=Path("/"),
+              show_default=True, help="Install below this root (for packaging and tests: "
+                                      "no user is created and systemctl is not called).")
+@click.option("--user", default="appliance", show_default=True, help="Dedicated service user.")
+@click.option("--binary", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The appliance executable the units start (default: this installation's).")
+@click.option("--no-enable", is_flag=True, help="Install the files, do not enable the units.")
+@click.option("--dry-run", is_flag=True, help="Print what would be done, change nothing.")
+def install_service_command(prefix: Path, user: str, binary: Path | None, no_enable: bool,
+                            dry_run: bool) -> None:
+    """Create the service user, lay out /var/lib/appliance, install and enable the units."""
+    actions = plan_install(prefix, user, binary or default_binary())
+    for description, action in actions:
+        click.echo(("would " if dry_run else "") + description)
+        if not dry_run:
+            action()
+    if prefix == Path("/") and not no_enable:
+        for command in (["systemctl", "daemon-reload"],
+                        ["systemctl", "enable", "--now", "appliance-watch.service",
+                         "appliance-batch.timer"]):
+            click.echo(("would run " if dry_run else "running ") + " ".join(command))
+            if not dry_run:
+                subprocess.run(command, check=True)
+    elif not dry_run:
+        click.echo("then, on the target: systemctl daemon-reload && systemctl enable --now "
+                   "appliance-watch.service appliance-batch.timer")
+
+
+def default_binary() -> Path:
+    found = shutil.which("appliance")
+    return Path(found) if found else Path(sys.prefix) / "bin" / "appliance"
+
+
+def plan_install(prefix: Path, user: str, binary: Path) -> list[tuple[str, Callable[[], object]]]:
+    """(description, action) pairs; nothing happens until the actions are called."""
+    actions: list[tuple[str, Callable[[], object]]] = []
+    system = prefix == Path("/")
+    units_src = REPO / "systemd"
+    if not all((units_src / unit).exists() for unit in UNITS):
+        raise click.ClickException(f"unit files not found in {units_src}; run this from the "
+                                   f"appliance checkout (e.g. /opt/appliance)")
+    if system and not _user_exists(user):
+        command = ["useradd", "--system", "--user-group", "--home-dir", "/var/lib/appliance",
+                   "--shell", "/usr/sbin/nologin", user]
+        actions.append((f"create user: {' '.join(command)}",
+                        lambda: subprocess.run(command, check=True)))
+    state = prefix / "var/lib/appliance"
+    for name in DATA_DIRS:
+        folder = state / name
+        # The inbox is group-writable and setgid: add factory IT accounts to the group.
+        mode = 0o2770 if name == "inbox" else 0o750
+        actions.append((f"create {folder} (mode {mode:o})",
+                        lambda folder=folder, mode=mode: _make_dir(folder, mode, user, system)))
+    config = prefix / "etc/appliance/config.toml"
+    actions.append((f"write {config} unless it exists",
+                    lambda: _write_config(config, state if not system else None)))
+    target = prefix / "etc/systemd/system"
+    for unit in UNITS:
+        text = (units_src / unit).read_text().replace(UNIT_BINARY, str(binary))
+        if not system:
+            text = text.replace("/var/lib/appliance", str(state)).replace(
+                "/etc/appliance/config.toml", str(config))
+        actions.append((f"install {target / unit} (ExecStart {binary})",
+                        lambda unit=unit, text=text: _write_file(target / unit, text)))
+    return actions
+
+
+def _user_exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+        return True
+    except KeyError:
+        return False
+
+
+def _make_dir(folder: Path, mode: int, user: str, chown: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, mode)
+    if chown and os.geteuid() == 0 and _user_exists(user):
+        shutil.chown(folder, user, user)
+        shutil.chown(folder.parent, user, user)
+
+
+def _write_config(path: Path, root: Path | None) -> None:
+    if path.exists():
+        return
+    text = CONFIG_TEMPLATE
+    if root is not None:
+        text = text.replace('root = "/var/lib/appliance"', f'root = "{root}"')
+    _write_file(path, text)
+
+
+def _write_file(path: Path, text: str) -> None:
+    from appliance.imaging import write_atomic
+
+    write_atomic(path, text.encode("utf-8"))
+    os.chmod(path, 0o644)
+
+
+SERVICE_COMMANDS = (watch_command, run_command, pause_command, resume_command, status_command,
+                    config_group, install_service_command)
+
+
+def register(cli: click.Group) -> None:
+    """Add the service commands to the main ``appliance`` group."""
+    for command in SERVICE_COMMANDS:
+        cli.add_command(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def service_cli() -> None:
+    """The appliance's service commands (also available as `appliance COMMAND`)."""
+
+
+register(service_cli)
+
+if __name__ == "__main__":  # pragma: no cover
+    service_cli()

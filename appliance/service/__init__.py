@@ -1,0 +1,1 @@
+"""The unattended appliance: inbox watcher, intake and quarantine, time window, sd_notify."""

@@ -1,0 +1,352 @@
+"""The service loop behind ``appliance watch`` and ``appliance run``.
+
+``watch`` runs until stopped: it takes complete files from the inbox into the job store, and,
+while the time window is open and the queue is not paused, runs queued episodes a chunk at a
+time, coming back to the inbox every poll. ``run`` (the nightly timer) takes what is in the
+inbox once and works through the queue until it is empty, the deadline or the window's end.
+
+Both share ``appliance.batch.process_queue`` and the dataset writer with ``appliance batch``:
+there is one queue loop. A full disk never loses work: the episode stays queued, the service
+says so in its log and in ``appliance status``, and tries again after a back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from appliance.batch import BatchSummary, EpisodeRunner, finish_batch, process_queue
+from appliance.config import Config
+from appliance.service.intake import Intake
+from appliance.service.notify import Notifier
+from appliance.service.schedule import Window
+from appliance.service.watcher import InboxScanner
+from appliance.storage import DiskFullError, JobStore
+from appliance.storage.reconcile import reconcile
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0
+EXIT_OK, EXIT_DISK_FULL, EXIT_CONFIG = 0, 75, 78  # 75: EX_TEMPFAIL, 78: EX_CONFIG
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    summary: BatchSummary
+    message: str
+
+
+class Service:
+    def __init__(self, config: Config, role: str = "watcher", notifier: Notifier | None = None,
+                 process: bool = True):
+        self.config = config
+        self.role = role  # "watcher" or "runner": the control key its heartbeat is kept under
+        self.notifier = notifier or Notifier()
+        self.window = Window.parse(config.schedule.window)
+        self.process = process
+        self.stop_signal: str | None = None
+        self.backoff_until = 0.0
+        self.batch_id: str | None = None
+        self.summary = BatchSummary()
+        self.state = "starting"
+        self._last_beat = 0.0
+        self._last_scan = 0.0
+        for folder in ("inbox", "done", "quarantine", "dataset"):
+            config.path(folder).mkdir(parents=True, exist_ok=True)
+        self.store = JobStore.for_dataset(config.dataset)
+        self.runner: EpisodeRunner | None = None
+        from appliance.dataset.writer import DatasetWriter
+
+        self.writer = DatasetWriter(config.dataset, store=self.store)
+        self.scanner = InboxScanner(config.inbox, config.intake.stable_polls,
+                                    config.intake.settle_seconds,
+                                    config.intake.quarantine_after_seconds)
+
+    # Start and stop -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover from any crash, build the engine, and load what intake needs."""
+        with self.store.dataset_lock():
+            for line in reconcile(self.store, self.config.service.max_tries).lines():
+                log.warning("recovered: %s", line)
+        engine_config = self.config.engine_config()
+        if self.process:
+            self.runner = EpisodeRunner(config=engine_config, workers=self.config.engine.workers)
+            knowledge_base = (self.runner.engine.knowledge_base if self.runner.engine
+                              else _load_kb(engine_config))
+            describe = self.runner.describe()
+        else:
+            knowledge_base = _load_kb(engine_config)
+            describe = {"engine": engine_config.name, **engine_config.backend_names()}
+        self.writer.engine = describe
+        self.intake = Intake(self.config, self.writer, knowledge_base)
+        self.engine_line = ", ".join(f"{k}={v}" for k, v in describe.items()
+                                     if k not in ("env", "knowledge_base_digest"))
+        log.info("engine %s", self.engine_line)
+        log.info("inbox %s -> dataset %s; window %s%s", self.config.inbox, self.config.dataset,
+                 self.window, "" if self.process else "; intake only")
+
+    def install_signals(self) -> None:
+        def handler(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+            log.info("%s received: finishing the chunk in progress, then stopping",
+                     self.stop_signal)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def close(self) -> None:
+        if self.batch_id is not None:
+            self._finish_batch()
+        self._beat(force=True, state="stopped")
+        if self.runner is not None:
+            self.runner.close()
+        self.store.close()
+
+    # appliance watch ----------------------------------------------------------------------------
+
+    def watch(self) -> int:
+        self.start()
+        self.notifier.ready(self._status_line())
+        while self.stop_signal is None:
+            self.notifier.ping()
+            self._take_ready_files()
+            if self._may_process():
+                self._process(stop=self._watch_stop)
+            else:
+                self._sleep_until_next_poll()
+            self._beat()
+        self.notifier.stopping(f"stopping ({self.stop_signal})")
+        return EXIT_OK
+
+    def _watch_stop(self) -> str | None:
+        self.notifier.ping()
+        reason = self._common_stop()
+        if reason:
+            return reason
+        if time.monotonic() - self._last_scan >= self.config.intake.poll_seconds:
+            return "intake"  # back to the inbox; the batch goes on afterwards
+        return None
+
+    # appliance run ------------------------------------------------------------------------------
+
+    def run(self, until: datetime | None = None) -> RunResult:
+        """One pass over the inbox, then the queue until empty, ``until`` or the window's end."""
+        now = datetime.now()
+        if until is None and not self.window.always:
+            if not self.window.contains(now):
+                message = f"outside the processing window {self.window}; nothing to do"
+                log.info(message)
+                return RunResult(EXIT_OK, self.summary, message)
+            until = self.window.closes_at(now)
+        self.deadline = until
+        self.start()
+        self.notifier.ready(self._status_line())
+        for _ in range(self.config.intake.stable_polls):  # establish which files are complete
+            self._take_ready_files()
+            if self.stop_signal:
+                break
+            time.sleep(min(self.config.intake.poll_seconds, 5.0))
+        self._take_ready_files()
+        reason = "done"
+        while self.stop_signal is None and not self._past_deadline():
+            if time.time() < self.backoff_until:
+                self._sleep(min(self.backoff_until - time.time(), self._left()))
+                continue
+            if self.store.counts()["queued"] == 0:
+                reason = "done"
+                break
+            reason = self._process(stop=self._run_stop)
+            if reason != "disk full":
+                break
+        if self.batch_id is not None:
+            self._finish_batch()
+        if reason == "disk full":
+            self.summary.stopped = "disk full"
+            return RunResult(EXIT_DISK_FULL, self.summary, self.store.get("last_error") or reason)
+        if self.stop_signal:
+            reason = f"signal {self.stop_signal}"
+        elif self._past_deadline() and self.store.counts()["queued"]:
+            reason = "deadline"
+        self.summary.stopped = reason
+        return RunResult(EXIT_OK, self.summary, reason)
+
+    def _run_stop(self) -> str | None:
+        self.notifier.ping()
+        if self._past_deadline():
+            return "deadline"
+        return self._common_stop()
+
+    def _past_deadline(self) -> bool:
+        deadline = getattr(self, "deadline", None)
+        return deadline is not None and datetime.now() >= deadline
+
+    def _left(self) -> float:
+        deadline = getattr(self, "deadline", None)
+        return 3600.0 if deadline is None else max(0.0, (deadline - datetime.now()).total_seconds())
+
+    # Shared steps -------------------------------------------------------------------------------
+
+    def _common_stop(self) -> str | None:
+        self._beat()
+        if self.stop_signal:
+            return f"signal {self.stop_signal}"
+        if self.store.paused:
+            return "paused"
+        if not self.window.contains(datetime.now()):
+            return "window closed"
+        return None
+
+    def _may_process(self) -> bool:
+        return (self.process and self.config.schedule.watcher_processes
+                and time.time() >= self.backoff_until and not self.store.paused
+                and self.window.contains(datetime.now())
+                and self.store.counts()["queued"] > 0)
+
+    def _process(self, stop) -> str:
+        """Run queued episodes until ``stop`` says otherwise; returns why it stopped."""
+        if self.runner is None:
+            return "intake only"
+        if self.batch_id is None:
+            self.batch_id = self.store.begin_batch(self.role)
+            self.summary = BatchSummary(batch_id=self.batch_id)
+            self._batch_started = time.perf_counter()
+        self._beat(force=True, state="processing")
+        try:
+            reason = process_queue(
+                self.store, self.writer, self.runner, chunk=self.config.engine.chunk,
+                max_tries=self.config.service.max_tries, batch=self.batch_id,
+                summary=self.summary, stop=stop, progress=self._progress,
+                min_free_bytes=int(self.config.service.min_free_mb * 1e6))
+        except DiskFullError as exc:
+            self._disk_full(exc)
+            return "disk full"
+        self.store.set("last_error", None)
+        if reason != "intake":
+            self._finish_batch()
+            log.info("processing stopped: %s", reason)
+        return reason
+
+    def _finish_batch(self) -> None:
+        self.summary.seconds = time.perf_counter() - getattr(self, "_batch_started",
+                                                              time.perf_counter())
+        try:
+            finish_batch(self.store, self.batch_id, self.summary)
+        except DiskFullError as exc:
+            self._disk_full(exc)
+        except OSError as exc:
+            log.error("could not write the contact sheet: %s", exc)
+        else:
+            if self.summary.episodes:
+                log.info("batch %s: %d episode(s), %d sample(s) written, %d rejected, %d failed",
+                         self.batch_id, self.summary.episodes, self.summary.written,
+                         self.summary.rejected, self.summary.failed)
+        self.batch_id = None
+
+    def _disk_full(self, exc: Exception) -> None:
+        wait = self.config.service.disk_backoff_seconds
+        message = f"disk full: {exc}. Free space on that disk; retrying in {wait:g} s"
+        log.error(message)
+        self.store_safe_set("last_error", message)
+        self.backoff_until = time.time() + wait
+        self.notifier.status(message[:200])
+        self._beat(force=True, state="waiting for disk space")
+
+    def store_safe_set(self, key: str, value) -> None:
+        try:
+            self.store.set(key, value)
+        except Exception as exc:  # noqa: BLE001 - the store may be on the full disk
+            log.debug("could not record %s: %s", key, exc)
+
+    def _take_ready_files(self) -> None:
+        self._last_scan = time.monotonic()
+        if time.time() < self.backoff_until:
+            return
+        for path in self.scanner.poll():
+            if self.stop_signal:
+                return
+            self.notifier.ping()
+            try:
+                outcome = self.intake.take(path)
+            except DiskFullError as exc:
+                self._disk_full(exc)  # the file stays in the inbox for later
+                return
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the service
+                log.exception("intake of %s failed unexpectedly: %s", path, exc)
+                self.scanner.defer(path)
+                continue
+            if outcome.status in ("wait", "error"):
+                if outcome.status == "wait":
+                    log.info("%s: not taken yet (%s)", outcome.source, outcome.reason)
+                self.scanner.defer(path)
+            else:
+                self.scanner.forget(path)
+
+    def _progress(self, done: int, total: int, summary: BatchSummary) -> None:
+        self.notifier.ping()
+        self.notifier.status(self._status_line())
+
+    def _sleep_until_next_poll(self) -> None:
+        left = self.config.intake.poll_seconds - (time.monotonic() - self._last_scan)
+        self._sleep(left)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + max(0.0, seconds)
+        while self.stop_signal is None and time.monotonic() < end:
+            self.notifier.ping()
+            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+
+    # Status -------------------------------------------------------------------------------------
+
+    def _status_line(self) -> str:
+        counts = self.store.counts()
+        state = self._state()
+        return (f"{state}; queue {counts['queued'] + counts['running']}, "
+                f"done {counts['accepted']}, rejected {counts['rejected']}, "
+                f"failed {counts['failed']}")
+
+    def _state(self) -> str:
+        if time.time() < self.backoff_until:
+            return "waiting for disk space"
+        if self.store.paused:
+            return "paused"
+        if not self.window.contains(datetime.now()):
+            return f"outside window {self.window}"
+        return "processing" if self.batch_id else "idle"
+
+    def _beat(self, force: bool = False, state: str | None = None) -> None:
+        now = time.time()
+        if not force and now - self._last_beat < HEARTBEAT_SECONDS:
+            return
+        self._last_beat = now
+        self.state = state or self._state()
+        self.notifier.status(self._status_line())
+        self.store_safe_set(self.role, {
+            "pid": os.getpid(), "state": self.state, "engine": getattr(self, "engine_line", ""),
+            "window": str(self.window), "inbox": str(self.config.inbox),
+            "pending_files": self.scanner.pending(), "batch": self.batch_id,
+            "poll_seconds": self.config.intake.poll_seconds})
+
+
+def _load_kb(engine_config):
+    from appliance.knowledge import load_knowledge_base
+
+    return load_knowledge_base(engine_config.knowledge_base)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """journald stamps time and unit itself; a terminal gets the time from us."""
+    fmt = ("%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM")
+           else "%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
+                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
+
+
+def data_paths(config: Config) -> dict[str, Path]:
+    return {name: config.path(name) for name in ("inbox", "done", "quarantine", "dataset")}

@@ -1,0 +1,362 @@
+#!/usr/bin/env python3
+"""Reliability test: ``kill -9`` a running batch at random moments, restart it, check everything.
+
+    .venv/bin/python scripts/crash_test.py                  # 200 images, 20 kills (the bar)
+    .venv/bin/python scripts/crash_test.py --images 30 --kills 5 --workdir /tmp/crash
+
+It builds an inbox of small distinct photos (crops of the magnetic tile photos in
+../shared/datasets, or scikit-image textures when those are absent), runs ``appliance batch``
+as a real subprocess, kills its whole process group with SIGKILL after a random delay, starts
+it again, and repeats; then lets a last run finish. A clean reference run of the same inbox
+into another folder says what the dataset must contain. The checks:
+
+- every planned episode is finished exactly once; every accepted one has exactly one sample,
+  and the set of samples (and their pixels) equals the reference run's;
+- every image and mask decodes completely; masks are 8-bit 0/255; trajectories parse;
+- the files on disk are exactly the store's rows (no extra, none missing, no number twice),
+  and ``manifest.jsonl`` / ``normals.jsonl`` / ``rejected.jsonl`` match the store line for line;
+- nothing is left under a temporary name and nothing had to be moved aside as an orphan.
+
+Exit status 0 when every check passes; the problems are printed otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TILES = REPO.parent / "shared" / "datasets" / "magnetic-tile" / "MT_Free" / "Imgs"
+CATEGORY = "magnetic_tile"
+DEFECT = "crack"
+TEMP_NAMES = re.compile(r"(^\..+\.tmp-\d+$)|(\.part$)|(\.tmp$)")
+
+
+@dataclass
+class CrashReport:
+    kills: int = 0
+    runs: int = 0
+    finished_early: int = 0
+    samples: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# The inbox --------------------------------------------------------------------------------------
+
+def make_inbox(inbox: Path, count: int, size: int = 96, seed: int = 0) -> list[Path]:
+    """``count`` distinct small PNG photos in ``inbox/magnetic_tile/``."""
+    rng = np.random.default_rng(seed)
+    folder = inbox / CATEGORY
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spec.toml").write_text(f'defects = ["{DEFECT}"]\nper_image = 1\n')
+    sources = sorted(TILES.glob("*.jpg")) if TILES.is_dir() else []
+    if not sources:
+        from skimage import data
+
+        sources = [data.brick(), data.gravel(), data.grass(), data.camera()]
+    paths = []
+    for index in range(count):
+        source = sources[index % len(sources)]
+        pixels = np.asarray(Image.open(source).convert("L")) if isinstance(source, Path) else source
+        height, width = pixels.shape[:2]
+        side = min(height, width, 2 * size)
+        top = int(rng.integers(0, height - side + 1))
+        left = int(rng.integers(0, width - side + 1))
+        crop = Image.fromarray(np.ascontiguousarray(pixels[top:top + side, left:left + side]))
+        path = folder / f"part_{index:04d}.png"
+        crop.resize((size, size), Image.BILINEAR).save(path)
+        paths.append(path)
+    return paths
+
+
+def batch_command(inbox: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "appliance.cli.main", "batch", str(inbox), "--out", str(out),
+            "--no-progress", "--max-attempts", "1", "--chunk", "4"]
+
+
+# Killing ----------------------------------------------------------------------------------------
+
+def run_with_kills(command: list[str], kills: int, rng: random.Random, report: CrashReport,
+                   min_delay: float, max_delay: float, timeout: float = 1800.0) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Kill until `kills` runs were really killed; a run that finishes first (all work done)
+    # does not count, and the next ones are killed during start-up, recovery or the sheets.
+    while report.kills < kills and report.runs < 3 * kills:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   env=env, start_new_session=True, cwd=REPO)
+        report.runs += 1
+        delay = rng.uniform(min_delay, max_delay)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the whole group: workers too
+            process.wait()
+            report.kills += 1
+            report.log.append(f"run {report.runs}: killed after {delay:.2f} s; "
+                              f"{_state_after_kill(command)}")
+            continue
+        report.finished_early += 1
+        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        report.log.append(f"run {report.runs}: finished before its kill ({delay:.2f} s), "
+                          f"exit {process.returncode}")
+        if process.returncode != 0:
+            report.problems.append(f"run {report.runs} failed: {stderr[-2000:]}")
+            return
+    final = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout,
+                           cwd=REPO)
+    report.runs += 1
+    report.log.append(f"final run: exit {final.returncode}")
+    report.log += [f"  {line}" for line in final.stdout.splitlines() if line.startswith("recovered")]
+    if final.returncode != 0:
+        report.problems.append(f"final run failed: {final.stderr[-2000:]}")
+
+
+def _state_after_kill(command: list[str]) -> str:
+    """What the kill left behind, before the next run repairs it (evidence, not a check)."""
+    out = Path(command[command.index("--out") + 1])
+    db_path = out / ".appliance" / "jobs.db"
+    if not db_path.exists():
+        return "no store yet"
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = dict(db.execute("select status, count(*) from samples group by status").fetchall())
+        running = db.execute("select count(*) from episodes where status in "
+                             "('running', 'writing')").fetchone()[0]
+    except sqlite3.Error:
+        return "store not initialised yet"
+    finally:
+        db.close()
+    temps = sum(1 for p in out.rglob("*") if TEMP_NAMES.search(p.name))
+    return (f"{rows.get('ok', 0)} samples written, {rows.get('writing', 0)} mid-write, "
+            f"{running} episode(s) in flight, {temps} temporary file(s)")
+
+
+# Checking ---------------------------------------------------------------------------------------
+
+def _decodes(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _jsonl(path: Path, problems: list[str]) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            problems.append(f"{path.name}:{number}: not valid JSON (a torn line)")
+    return records
+
+
+def verify(out: Path, expected_keys: set[str] | None = None,
+           reference: Path | None = None) -> list[str]:
+    """Every problem found in the dataset ``out``; empty when it is consistent."""
+    problems: list[str] = []
+    db = sqlite3.connect(f"file:{out / '.appliance' / 'jobs.db'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    episodes = [dict(r) for r in db.execute("select * from episodes")]
+    samples = [dict(r) for r in db.execute("select * from samples order by id")]
+    normals = [dict(r) for r in db.execute("select * from normals order by id")]
+    db.close()
+
+    # 1. The work: every planned episode finished once; accepted ones have one sample each.
+    unfinished = [e["key"] for e in episodes if e["status"] not in ("accepted", "rejected", "failed")]
+    if unfinished:
+        problems.append(f"{len(unfinished)} episode(s) not finished: {unfinished[:3]}")
+    keys = [e["key"] for e in episodes]
+    if len(keys) != len(set(keys)):
+        problems.append("an episode key appears twice in the store")
+    if expected_keys is not None and set(keys) != expected_keys:
+        problems.append(f"episodes differ from the plan: missing {len(expected_keys - set(keys))}, "
+                        f"extra {len(set(keys) - expected_keys)}")
+    failed = [e for e in episodes if e["status"] == "failed"]
+    if failed:
+        problems.append(f"{len(failed)} episode(s) failed: {failed[0]['error']}")
+    accepted = {e["id"] for e in episodes if e["status"] == "accepted"}
+    ok_samples = [s for s in samples if s["status"] == "ok"]
+    if len(samples) != len(ok_samples):
+        problems.append(f"{len(samples) - len(ok_samples)} sample row(s) not ok")
+    by_episode = [s["episode_id"] for s in ok_samples]
+    if sorted(by_episode) != sorted(accepted):
+        problems.append("accepted episodes and samples do not pair one to one")
+    numbers = [(s["category"], s["defect"], s["number"]) for s in ok_samples]
+    if len(numbers) != len(set(numbers)):
+        problems.append("a sample number was given twice")
+
+    # 2. The files: complete, valid, and exactly the rows.
+    for sample in ok_samples:
+        image, mask = out / sample["image"], out / sample["mask"]
+        if not _decodes(image):
+            problems.append(f"{sample['image']}: missing or incomplete")
+        if not _decodes(mask):
+            problems.append(f"{sample['mask']}: missing or incomplete")
+        else:
+            with Image.open(mask) as m:
+                values = set(np.unique(np.asarray(m)).tolist())
+                if m.mode != "L" or not values <= {0, 255} or 255 not in values:
+                    problems.append(f"{sample['mask']}: not an 8-bit 0/255 mask with a defect")
+        if Path(sample["image"]).stem + "_mask" != Path(sample["mask"]).stem:
+            problems.append(f"{sample['image']} and {sample['mask']} do not pair by name")
+        for name in ("messages.json", "episode.json"):
+            try:
+                json.loads((out / sample["trajectory"] / name).read_text())
+            except Exception:  # noqa: BLE001
+                problems.append(f"{sample['trajectory']}/{name}: missing or not valid JSON")
+    on_disk = {str(p.relative_to(out)) for p in (out / CATEGORY / "test").rglob("*") if p.is_file()}
+    on_disk |= {str(p.relative_to(out)) for p in (out / CATEGORY / "ground_truth").rglob("*")
+                if p.is_file()}
+    in_store = {s["image"] for s in ok_samples} | {s["mask"] for s in ok_samples}
+    if on_disk != in_store:
+        problems.append(f"files and store differ: {len(on_disk - in_store)} file(s) without a "
+                        f"row {sorted(on_disk - in_store)[:3]}, {len(in_store - on_disk)} row(s) "
+                        f"without a file")
+    good = {str(p.relative_to(out)) for p in (out / CATEGORY / "train" / "good").glob("*")}
+    if good != {n["path"] for n in normals if n["status"] == "ok"} or len(normals) != len(good):
+        problems.append("train/good and the store's normals differ")
+    trajectories = {str(p.relative_to(out)) for p in (out / "trajectories").glob("*/*/*")}
+    if trajectories != {s["trajectory"] for s in ok_samples}:
+        problems.append("trajectory folders and samples differ")
+
+    # 3. The manifests: views of the store, line for line.
+    manifest = _jsonl(out / "manifest.jsonl", problems)
+    if [r.get("key") for r in manifest] != [s["key"] for s in ok_samples]:
+        problems.append(f"manifest.jsonl ({len(manifest)} lines) does not match the store "
+                        f"({len(ok_samples)} samples)")
+    for record in manifest:
+        if not (out / record["image"]).exists() or not (out / record["mask"]).exists():
+            problems.append(f"manifest names a missing file: {record['image']}")
+    listed = _jsonl(out / "normals.jsonl", problems)
+    if sorted(r["path"] for r in listed) != sorted(n["path"] for n in normals):
+        problems.append("normals.jsonl does not match the store")
+    rejected = _jsonl(out / "rejected.jsonl", problems)
+    if sorted(r["key"] for r in rejected) != sorted(
+            e["key"] for e in episodes if e["status"] in ("rejected", "failed")):
+        problems.append("rejected.jsonl does not match the store")
+
+    # 4. No temporary names, nothing moved aside.
+    leftovers = [str(p.relative_to(out)) for p in out.rglob("*") if TEMP_NAMES.search(p.name)]
+    if leftovers:
+        problems.append(f"{len(leftovers)} file(s) under temporary names: {leftovers[:3]}")
+    orphans = out / ".appliance" / "orphans"
+    if orphans.exists() and any(p.is_file() for p in orphans.rglob("*")):
+        problems.append("files had to be moved aside as orphans: " + ", ".join(
+            str(p.relative_to(orphans)) for p in list(orphans.rglob("*"))[:3]))
+
+    # 5. The same samples, pixel for pixel, as an uninterrupted run.
+    if reference is not None:
+        ours = {r["key"]: r for r in manifest}
+        theirs = {r["key"]: r for r in _jsonl(reference / "manifest.jsonl", problems)}
+        if set(ours) != set(theirs):
+            problems.append(f"samples differ from the uninterrupted run: missing "
+                            f"{len(set(theirs) - set(ours))}, extra {len(set(ours) - set(theirs))}")
+        for key in set(ours) & set(theirs):
+            for part in ("image", "mask"):
+                a = np.asarray(Image.open(out / ours[key][part]))
+                b = np.asarray(Image.open(reference / theirs[key][part]))
+                if a.shape != b.shape or not np.array_equal(a, b):
+                    problems.append(f"{ours[key][part]} differs from the uninterrupted run")
+    return problems
+
+
+def expected_keys(inbox: Path) -> set[str]:
+    from appliance.batch import plan_episodes
+    from appliance.imaging import sha256_file
+
+    keys = set()
+    for path in sorted((inbox / CATEGORY).glob("*.png")):
+        keys |= {plan.key for plan in plan_episodes(sha256_file(path), CATEGORY, [DEFECT], 1, 0)}
+    return keys
+
+
+def crash_test(workdir: Path, images: int = 200, kills: int = 20, seed: int = 0,
+               min_delay: float = 0.5, max_delay: float = 4.0, reference: bool = True,
+               size: int = 96) -> CrashReport:
+    started = time.perf_counter()
+    report = CrashReport()
+    rng = random.Random(seed)
+    inbox, out, clean = workdir / "inbox", workdir / "dataset", workdir / "reference"
+    for folder in (inbox, out, clean):
+        shutil.rmtree(folder, ignore_errors=True)
+    make_inbox(inbox, images, size=size, seed=seed)
+    run_with_kills(batch_command(inbox, out), kills, rng, report, min_delay, max_delay)
+    if reference:
+        done = subprocess.run(batch_command(inbox, clean), capture_output=True, text=True,
+                              cwd=REPO, timeout=1800)
+        if done.returncode != 0:
+            report.problems.append(f"reference run failed: {done.stderr[-2000:]}")
+    if not report.problems:
+        report.problems += verify(out, expected_keys(inbox), clean if reference else None)
+    manifest = out / "manifest.jsonl"
+    report.samples = len(manifest.read_text().splitlines()) if manifest.exists() else 0
+    rejected = out / "rejected.jsonl"
+    report.rejected = len(rejected.read_text().splitlines()) if rejected.exists() else 0
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-delay", type=float, default=0.5, help="seconds before a kill, at least")
+    parser.add_argument("--max-delay", type=float, default=4.0, help="seconds before a kill, at most")
+    parser.add_argument("--size", type=int, default=96, help="side of the test photos, pixels")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the uninterrupted comparison run")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep everything here (default: a temporary folder, removed)")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="appliance-crash-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        report = crash_test(workdir, args.images, args.kills, args.seed, args.min_delay,
+                            args.max_delay, not args.no_reference, args.size)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for line in report.log:
+        print(line)
+    print(f"{args.images} images, {report.kills} kills in {report.runs} runs "
+          f"({report.finished_early} finished before their kill): {report.samples} samples, "
+          f"{report.rejected} rejected, {report.seconds:.0f} s")
+    if report.ok:
+        print("PASS: every expected sample exists exactly once, complete and valid; manifests, "
+              "files and store agree; no temporary names left")
+        return 0
+    print("FAIL:")
+    for problem in report.problems:
+        print(f"  - {problem}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
