@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 import statistics
 import time
@@ -42,11 +41,8 @@ from appliance.agent.environment import EpisodeResult, EpisodeSpec
 from appliance.engine import Engine, EngineConfig, build_engine
 from appliance.imaging import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, load_rgb
 from appliance.knowledge import KnowledgeBase, normalize_name
-from appliance.storage import DiskFullError, EpisodePlan, JobStore
+from appliance.storage import DiskFullError, EpisodePlan, JobStore, is_disk_full
 
-# Model files are only ever read as tensors: even a library that asks torch.load for a full
-# unpickle gets the weights-only loader (read by torch at call time).
-os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +309,8 @@ def check_free_space(root: Path, min_free_bytes: int) -> None:
                             f"minimum of {min_free_bytes / 1e6:.0f} MB; waiting for space")
 
 
-def _jobs_for(store: JobStore, rows: list[dict], max_tries: int) -> list[EpisodeJob]:
+def _jobs_for(store: JobStore, rows: list[dict]) -> list[EpisodeJob]:
+    """Claimed rows as jobs; an episode whose normal image is gone cannot run: failed."""
     jobs = []
     for row in rows:
         normal = store.normal(row["sha256"], row["category"])
@@ -341,60 +338,66 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
     """
     summary = summary if summary is not None else BatchSummary()
     in_flight: deque[tuple[list[EpisodeJob], Future]] = deque()
+    unwritten: list[int] = []  # claimed ids of the chunk being written, not yet written
+    # Anything still marked running by this process is left from an earlier call that failed
+    # (e.g. a full disk that also refused the release): it goes back to the queue first.
+    store.release_mine()
     total = store.counts()["queued"]
     reason = "done"
-
-    def release_all(extra: list[int]) -> None:
-        ids = extra + [job.episode_id for jobs, _ in in_flight for job in jobs]
+    try:
+        while True:
+            # 1. Ask between chunks whether to go on.
+            if reason == "done" and stop is not None and (why := stop()):
+                reason = why
+            # 2. Keep the workers busy: claim and submit chunks.
+            while reason == "done" and len(in_flight) < runner.slots:
+                check_free_space(store.root, min_free_bytes)
+                rows = store.claim(chunk)
+                if not rows:
+                    break
+                jobs = _jobs_for(store, rows)
+                if jobs:
+                    in_flight.append((jobs, runner.submit(jobs)))
+            if not in_flight:
+                if reason == "done" and store.counts()["queued"]:
+                    continue  # a chunk whose normals were missing: claim the next one
+                break
+            # 3. Write the oldest chunk's results.
+            jobs, future = in_flight.popleft()
+            unwritten = [job.episode_id for job in jobs]
+            try:
+                results = future.result()
+            except Exception as exc:  # noqa: BLE001 - an engine failure must not stop the queue
+                if isinstance(exc, BrokenProcessPool):
+                    runner.reset_pool()
+                failed = store.retry_or_fail(unwritten, f"engine error: {type(exc).__name__}: "
+                                                        f"{exc}", max_tries)
+                unwritten = []
+                summary.failed += len(failed)
+                summary.episodes += len(failed)
+                log.error("a chunk of %d episode(s) failed: %s", len(jobs), exc)
+                continue
+            for job, result in zip(jobs, results):
+                written = writer.write(result, episode_id=job.episode_id, batch=batch)
+                unwritten.remove(job.episode_id)
+                _count(summary, result, written is not None)
+            if progress is not None:
+                progress(summary.episodes, total, summary)
+    except BaseException as exc:
+        # Whatever stopped us (a full disk, a signal that became an exception, a bug), the
+        # claimed but unwritten episodes go back to the queue without counting as a try.
+        ids = unwritten + [job.episode_id for jobs, _ in in_flight for job in jobs]
         for _, future in in_flight:
             future.cancel()
-        in_flight.clear()
-        store.release(ids, error="waiting for disk space")
-
-    while True:
-        # 1. Ask between chunks whether to go on.
-        if reason == "done" and stop is not None and (why := stop()):
-            reason = why
-        # 2. Keep the workers busy: claim and submit chunks.
-        while reason == "done" and len(in_flight) < runner.slots:
-            try:
-                check_free_space(store.root, min_free_bytes)
-            except DiskFullError:
-                release_all([])
-                raise
-            rows = store.claim(chunk)
-            if not rows:
-                break
-            jobs = _jobs_for(store, rows, max_tries)
-            if jobs:
-                in_flight.append((jobs, runner.submit(jobs)))
-        if not in_flight:
-            if reason == "done" and store.counts()["queued"]:
-                continue  # a chunk whose normals were missing: claim the next one
-            break
-        # 3. Write the oldest chunk's results.
-        jobs, future = in_flight.popleft()
-        ids = [job.episode_id for job in jobs]
         try:
-            results = future.result()
-        except Exception as exc:  # noqa: BLE001 - an engine failure must not stop the queue
-            if isinstance(exc, BrokenProcessPool):
-                runner.reset_pool()
-            failed = store.retry_or_fail(ids, f"engine error: {type(exc).__name__}: {exc}",
-                                         max_tries)
-            summary.failed += len(failed)
-            summary.episodes += len(failed)
-            log.error("a chunk of %d episode(s) failed: %s", len(ids), exc)
-            continue
-        for index, (job, result) in enumerate(zip(jobs, results)):
-            try:
-                written = writer.write(result, episode_id=job.episode_id, batch=batch)
-            except DiskFullError:
-                release_all(ids[index:])
-                raise
-            _count(summary, result, written is not None)
-        if progress is not None:
-            progress(summary.episodes, total, summary)
+            store.release(ids, error="interrupted before writing" if not is_disk_full(exc)
+                          else "waiting for disk space")
+        except Exception as cleanup:  # noqa: BLE001 - release_mine() retries next time
+            log.warning("could not re-queue %d episode(s) yet: %s", len(ids), cleanup)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise DiskFullError(f"no space left for the job store or the dataset in "
+                                f"{store.root}: {exc}") from exc
+        raise
     summary.stopped = reason
     return reason
 

@@ -8,6 +8,8 @@ OFFLINE_VARIABLES = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
+    # torch.load refuses pickled code: weights load only as tensors (or through safetensors).
+    "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1",
 }
 
 

@@ -7,8 +7,11 @@
 It builds an inbox of small distinct photos (crops of the magnetic tile photos in
 ../shared/datasets, or scikit-image textures when those are absent), runs ``appliance batch``
 as a real subprocess, kills its whole process group with SIGKILL after a random delay, starts
-it again, and repeats; then lets a last run finish. A clean reference run of the same inbox
-into another folder says what the dataset must contain. The checks:
+it again, and repeats; then lets a last run finish. The kill moments are random: a fifth fall
+during start-up and recovery, the rest at random points of progress (when the dataset has
+reached a random number of samples, plus a random few milliseconds, so that they land in the
+middle of writes on a fast machine and a slow one alike). A clean reference run of the same
+inbox into another folder says what the dataset must contain. The checks:
 
 - every planned episode is finished exactly once; every accepted one has exactly one sample,
   and the set of samples (and their pixels) equals the reference run's;
@@ -98,28 +101,81 @@ def batch_command(inbox: Path, out: Path) -> list[str]:
 
 # Killing ----------------------------------------------------------------------------------------
 
-def run_with_kills(command: list[str], kills: int, rng: random.Random, report: CrashReport,
-                   min_delay: float, max_delay: float, timeout: float = 1800.0) -> None:
+@dataclass
+class Kill:
+    """One planned kill: at a moment of start-up, or once the dataset reached some progress."""
+
+    after_seconds: float | None = None  # start-up kill: this long after the start
+    at_samples: int | None = None  # progress kill: once this many samples are committed...
+    jitter: float = 0.0  # ...plus this long, so that it lands anywhere in the next write
+
+    def describe(self) -> str:
+        if self.at_samples is None:
+            return f"{self.after_seconds:.2f} s after start"
+        return f"at {self.at_samples} samples + {1000 * self.jitter:.0f} ms"
+
+
+def plan_kills(rng: random.Random, kills: int, episodes: int, startup: float) -> list[Kill]:
+    """Random moments over the whole run: a fifth during start-up and recovery, the rest at
+    random points of progress (in samples, so the plan fits a fast machine and a slow one)."""
+    plan = []
+    targets = sorted(rng.randrange(0, max(1, episodes)) for _ in range(kills))
+    for target in targets:
+        if rng.random() < 0.2:
+            plan.append(Kill(after_seconds=rng.uniform(0.2, max(0.3, startup))))
+        else:
+            plan.append(Kill(at_samples=target, jitter=rng.uniform(0.0, 0.08)))
+    return plan
+
+
+def _samples_written(out: Path) -> int:
+    db_path = out / ".appliance" / "jobs.db"
+    if not db_path.exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute("select count(*) from samples where status = 'ok'").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0  # not initialised yet
+
+
+def _wait_for_moment(process: subprocess.Popen, out: Path, kill: Kill) -> bool:
+    """Wait until the planned moment; False if the process finished first."""
+    started = time.monotonic()
+    while process.poll() is None:
+        if kill.at_samples is None:
+            if time.monotonic() - started >= kill.after_seconds:
+                return True
+        elif _samples_written(out) >= kill.at_samples:
+            time.sleep(kill.jitter)
+            return process.poll() is None
+        time.sleep(0.01)
+    return False
+
+
+def run_with_kills(command: list[str], plan: list[Kill], report: CrashReport,
+                   timeout: float = 1800.0) -> None:
+    """Start the batch, kill -9 it at the next planned moment, restart... then one run to the end."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Kill until `kills` runs were really killed; a run that finishes first (all work done)
-    # does not count, and the next ones are killed during start-up, recovery or the sheets.
-    while report.kills < kills and report.runs < 3 * kills:
+    out = Path(command[command.index("--out") + 1])
+    for kill in plan:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    env=env, start_new_session=True, cwd=REPO)
         report.runs += 1
-        delay = rng.uniform(min_delay, max_delay)
-        try:
-            process.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
+        if _wait_for_moment(process, out, kill):
             os.killpg(process.pid, signal.SIGKILL)  # the whole group: workers too
             process.wait()
             report.kills += 1
-            report.log.append(f"run {report.runs}: killed after {delay:.2f} s; "
+            report.log.append(f"run {report.runs}: killed {kill.describe()}; "
                               f"{_state_after_kill(command)}")
             continue
+        process.wait()
         report.finished_early += 1
         stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-        report.log.append(f"run {report.runs}: finished before its kill ({delay:.2f} s), "
+        report.log.append(f"run {report.runs}: finished before its kill ({kill.describe()}), "
                           f"exit {process.returncode}")
         if process.returncode != 0:
             report.problems.append(f"run {report.runs} failed: {stderr[-2000:]}")
@@ -251,13 +307,14 @@ def verify(out: Path, expected_keys: set[str] | None = None,
         problems.append(f"manifest.jsonl ({len(manifest)} lines) does not match the store "
                         f"({len(ok_samples)} samples)")
     for record in manifest:
-        if not (out / record["image"]).exists() or not (out / record["mask"]).exists():
-            problems.append(f"manifest names a missing file: {record['image']}")
+        files = [record.get("image"), record.get("mask")]
+        if not all(files) or not all((out / name).exists() for name in files):
+            problems.append(f"manifest line without its files: {record.get('key')}")
     listed = _jsonl(out / "normals.jsonl", problems)
-    if sorted(r["path"] for r in listed) != sorted(n["path"] for n in normals):
+    if sorted(str(r.get("path")) for r in listed) != sorted(n["path"] for n in normals):
         problems.append("normals.jsonl does not match the store")
     rejected = _jsonl(out / "rejected.jsonl", problems)
-    if sorted(r["key"] for r in rejected) != sorted(
+    if sorted(str(r.get("key")) for r in rejected) != sorted(
             e["key"] for e in episodes if e["status"] in ("rejected", "failed")):
         problems.append("rejected.jsonl does not match the store")
 
@@ -272,8 +329,8 @@ def verify(out: Path, expected_keys: set[str] | None = None,
 
     # 5. The same samples, pixel for pixel, as an uninterrupted run.
     if reference is not None:
-        ours = {r["key"]: r for r in manifest}
-        theirs = {r["key"]: r for r in _jsonl(reference / "manifest.jsonl", problems)}
+        ours = {r.get("key"): r for r in manifest}
+        theirs = {r.get("key"): r for r in _jsonl(reference / "manifest.jsonl", problems)}
         if set(ours) != set(theirs):
             problems.append(f"samples differ from the uninterrupted run: missing "
                             f"{len(set(theirs) - set(ours))}, extra {len(set(ours) - set(theirs))}")
@@ -297,8 +354,8 @@ def expected_keys(inbox: Path) -> set[str]:
 
 
 def crash_test(workdir: Path, images: int = 200, kills: int = 20, seed: int = 0,
-               min_delay: float = 0.5, max_delay: float = 4.0, reference: bool = True,
-               size: int = 96) -> CrashReport:
+               reference: bool = True, size: int = 96) -> CrashReport:
+    """Build the inbox, run the uninterrupted reference, then the killed runs; verify."""
     started = time.perf_counter()
     report = CrashReport()
     rng = random.Random(seed)
@@ -306,12 +363,18 @@ def crash_test(workdir: Path, images: int = 200, kills: int = 20, seed: int = 0,
     for folder in (inbox, out, clean):
         shutil.rmtree(folder, ignore_errors=True)
     make_inbox(inbox, images, size=size, seed=seed)
-    run_with_kills(batch_command(inbox, out), kills, rng, report, min_delay, max_delay)
+    startup = 1.5
     if reference:
         done = subprocess.run(batch_command(inbox, clean), capture_output=True, text=True,
                               cwd=REPO, timeout=1800)
         if done.returncode != 0:
             report.problems.append(f"reference run failed: {done.stderr[-2000:]}")
+            return report
+        # A second run has nothing to do: its length is this machine's start-up.
+        begin = time.perf_counter()
+        subprocess.run(batch_command(inbox, clean), capture_output=True, cwd=REPO, timeout=1800)
+        startup = time.perf_counter() - begin
+    run_with_kills(batch_command(inbox, out), plan_kills(rng, kills, images, startup), report)
     if not report.problems:
         report.problems += verify(out, expected_keys(inbox), clean if reference else None)
     manifest = out / "manifest.jsonl"
@@ -327,8 +390,6 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-delay", type=float, default=0.5, help="seconds before a kill, at least")
-    parser.add_argument("--max-delay", type=float, default=4.0, help="seconds before a kill, at most")
     parser.add_argument("--size", type=int, default=96, help="side of the test photos, pixels")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the uninterrupted comparison run")
@@ -338,8 +399,8 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="appliance-crash-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        report = crash_test(workdir, args.images, args.kills, args.seed, args.min_delay,
-                            args.max_delay, not args.no_reference, args.size)
+        report = crash_test(workdir, args.images, args.kills, args.seed,
+                            not args.no_reference, args.size)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

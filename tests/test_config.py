@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli.service_commands import service_cli
-from appliance.config import (CONFIG_ENV, HOME_ENV, Config, ConfigError, load_config,
-                              parse_config, render)
+from appliance.config import (CONFIG_ENV, HOME_ENV, ConfigError, load_config, parse_config,
+                              render)
 from appliance.service.schedule import Window, parse_until
 
 GOOD = """\
@@ -43,7 +43,9 @@ per_image = 3
 def test_defaults_without_a_file(monkeypatch, tmp_path):
     monkeypatch.delenv(CONFIG_ENV, raising=False)
     monkeypatch.setenv(HOME_ENV, str(tmp_path))
-    config = load_config(None) if not Path("/etc/appliance/config.toml").exists() else Config()
+    monkeypatch.setattr("appliance.config.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    config = load_config(None)
+    assert config.source is None
     assert config.inbox == tmp_path / "inbox"
     assert config.dataset == tmp_path / "dataset"
     engine = config.engine_config()

@@ -160,6 +160,9 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
         assert 1 <= generation["kept"] <= 8
         assert (generation["acceptance_rate"] is None) == (name != "ours")
         assert generation["kernel_distance_to_real"] is not None
+        assert 0.0 < generation["mask_area_percent"] < 100.0
+        assert 0.0 <= generation["mask_change_iou"] <= 1.0
+    assert report["protocol"]["normal_reference_distance"] is not None
     ratios = report["ratio_ours_to_best_baseline"]
     pixel_ap = report["generators"]["ours"]["metrics"]["pixel_ap"]
     best = max(report["generators"][g]["metrics"]["pixel_ap"] for g in ("draem", "cutpaste"))

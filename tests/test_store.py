@@ -7,13 +7,13 @@ Crashes are real: a subprocess writes a sample and dies with ``os._exit`` at a c
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
 import sys
 import textwrap
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -21,12 +21,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appliance.agent.environment import EpisodeSpec
+from appliance.agent.environment import AgentEnvironment, EpisodeSpec
 from appliance.batch import plan_episodes
 from appliance.dataset.writer import DatasetWriter
 from appliance.storage import EpisodePlan, JobStore
 from appliance.storage import migrations as migrations_module
 from appliance.storage.reconcile import reconcile, sync_exports
+
+
+def one_try(engine) -> AgentEnvironment:
+    """The engine's tools with a single image_gen attempt: fast, and no knowledge retrieval."""
+    return AgentEnvironment(engine.tools, replace(engine.config.env, max_image_gen=1))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def results(engine, texture_image):
                          category="magnetic_tile", defect="crack", seed=100 + i,
                          source=f"brick_{i}.png", source_sha256=f"{i + 1:064x}")
              for i in range(4)]
-    found = engine.environment.run(specs, engine.policy)
+    found = one_try(engine).run(specs, engine.policy)
     assert all(r.accepted for r in found), [r.status for r in found]
     return found
 
@@ -318,4 +323,16 @@ def test_sync_exports_only_rewrites_what_disagrees(tmp_path, results):
     (root / "normals.jsonl").write_text('{"nonsense": 1}\n')
     assert sync_exports(store) == ["normals.jsonl"]
     assert (root / "normals.jsonl").read_text() == ""
+    store.close()
+
+
+def test_a_file_without_a_row_is_never_overwritten(tmp_path, results):
+    root = tmp_path / "ds"
+    store = JobStore(root)
+    writer = DatasetWriter(root, store=store)
+    writer.write(results[0])
+    stray = root / "magnetic_tile" / "ground_truth" / "crack" / "001_mask.png"
+    stray.write_bytes(b"someone else's file")
+    assert writer.write(results[1]).image.name == "002.png"
+    assert stray.read_bytes() == b"someone else's file"
     store.close()

@@ -365,9 +365,10 @@ data = open(sys.argv[1], "rb").read()
 with open(sys.argv[2], "wb") as out:
     step = len(data) // 8
     for i in range(8):
+        if i:
+            time.sleep(1.5 if i == 1 else 0.5)  # pauses longer than the polls' stability test
         out.write(data[i * step: (i + 1) * step if i < 7 else len(data)])
         out.flush()
-        time.sleep(1.5 if i == 0 else 0.5)
 """
 
 
@@ -378,7 +379,10 @@ def test_a_file_copied_slowly_is_not_taken_before_it_is_complete(watcher, tmp_pa
     source.write_bytes(png_bytes(noise))  # incompressible: about 26 KB written in 8 steps
     target = watcher.root / "inbox" / "magnetic_tile" / "slow_copy.png"
     writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(source), str(target)])
-    time.sleep(0.3)
+    # On a loaded machine the writer's interpreter can take a while to start: wait for its file.
+    deadline = time.time() + 60
+    while not target.exists() and writer.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     while writer.poll() is None:
         assert target.exists(), "the watcher took the file while it was still being written"
         time.sleep(0.05)
@@ -435,3 +439,19 @@ def test_scanner_waits_for_stable_size_and_age(tmp_path):
     for name in (".hidden.png", "b.png.part", "c.jpg.crdownload", "d.png~", "spec.toml"):
         (folder / name).write_bytes(b"x")
     assert scanner.poll(now + 30) == [path] and scanner.poll(now + 31) == [path]
+
+
+def test_run_outside_the_window_does_nothing(tmp_path, monkeypatch):
+    from datetime import datetime, timedelta
+
+    start = datetime.now() + timedelta(hours=2)
+    window = f"{start:%H:%M}-{start + timedelta(hours=1):%H:%M}"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nroot = "{tmp_path}"\n[schedule]\nwindow = "{window}"\n')
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(config))
+    (tmp_path / "inbox" / "magnetic_tile").mkdir(parents=True)
+    (tmp_path / "inbox" / "magnetic_tile" / "a.png").write_bytes(png_bytes(photo(50)))
+    result = CliRunner().invoke(service_cli, ["run"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "inbox" / "magnetic_tile" / "a.png").exists()  # not even taken
+    assert CliRunner().invoke(service_cli, ["run", "--until", "6am"]).exit_code == 2

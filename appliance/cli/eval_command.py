@@ -64,8 +64,9 @@ def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir
     every generator side by side and the ratio of ours to the best baseline; writes it to
     OUT/report.json and OUT/report.md with PR curves and example predictions as PNG.
 
+    \b
     Example (magnetic tile layout):
-    appliance eval --normal MT/MT_Free --defects MT --out eval-out
+      appliance eval --normal MT/MT_Free --defects MT --out eval-out
     """
     from appliance.evaluation.report import format_table
     from appliance.evaluation.runner import EvalConfig, evaluate_folders, evaluate_mvtec

@@ -147,6 +147,7 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     from tqdm import tqdm
 
     from appliance.batch import InboxError, run_batch
+    from appliance.storage import DiskFullError
 
     config = _engine_config(engine, knowledge_base, max_attempts)
     click.echo(f"engine {config.name}: " + ", ".join(
@@ -165,7 +166,7 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     try:
         summary = run_batch(inbox, out, config, per_image=per_image, seed=seed, workers=workers,
                             defects=[d for d in defects] or None, chunk=chunk, progress=progress)
-    except (InboxError, EngineError) as exc:
+    except (InboxError, EngineError, DiskFullError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         if bar is not None:
@@ -224,15 +225,12 @@ def _register_commands() -> None:
     from appliance.cli.eval_command import eval_command
     from appliance.cli.models_command import models_group
     from appliance.cli.selftest_command import selftest_command
-    from appliance.cli.service_commands import (config_group, pause_command, resume_command,
-                                                run_command, status_command, watch_command)
+    from appliance.cli.service_commands import register as register_service_commands
 
     cli.add_command(eval_command, name="eval")
     cli.add_command(models_group, name="models")
     cli.add_command(selftest_command, name="selftest")
-    for command in (watch_command, run_command, pause_command, resume_command, status_command,
-                    config_group):
-        cli.add_command(command)
+    register_service_commands(cli)
 
 
 _register_commands()

@@ -36,10 +36,31 @@ def _config_option(command):
 
 def _load(config_file: Path | None) -> Config:
     try:
-        return load_config(config_file)
+        config = load_config(config_file)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(78)  # EX_CONFIG: systemd shows it as a configuration error
+    _act_as_owner(config.root)
+    return config
+
+
+def _act_as_owner(root: Path) -> None:
+    """Run as the owner of the data folder when started by root (``sudo appliance pause``).
+
+    Otherwise root would create the store's -wal/-shm files, and the service user could no
+    longer open its own job store.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        info = root.stat()
+    except OSError:
+        return
+    if info.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(info.st_gid)
+    os.setuid(info.st_uid)
 
 
 def _store(config: Config):
@@ -227,8 +248,12 @@ def install_service_command(prefix: Path, user: str, binary: Path | None, no_ena
 
 
 def default_binary() -> Path:
+    """This installation's executable (not whatever `appliance` comes first on PATH)."""
+    own = Path(sys.prefix) / "bin" / "appliance"
+    if own.exists():
+        return own
     found = shutil.which("appliance")
-    return Path(found) if found else Path(sys.prefix) / "bin" / "appliance"
+    return Path(found) if found else own
 
 
 def plan_install(prefix: Path, user: str, binary: Path) -> list[tuple[str, Callable[[], object]]]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -125,10 +124,13 @@ class DatasetWriter:
 
         store = self.store
         folder = self.root / category / "train" / "good"
+        known = store.normal(sha256, category)
+        if known is not None and known["status"] == "ok":
+            return self.root / known["path"]
         with self._disk_guard(folder), store.dataset_lock():
             row, created = store.reserve_normal(
                 sha256, category, source, lambda n: _rel(folder / f"{n:03d}.png", self.root),
-                at_least=self._next_number(folder))
+                is_free=lambda n: not os.path.lexists(folder / f"{n:03d}.png"))
             path = self.root / row["path"]
             if not created:
                 return path
@@ -197,10 +199,10 @@ class DatasetWriter:
             }
 
         with self._disk_guard(image_folder), store.dataset_lock():
-            at_least = max(self._next_number(image_folder),
-                           self._next_number(mask_folder, "_mask"))
-            sample = store.reserve_sample(episode_id, key, spec.category, spec.defect,
-                                          record_for, at_least=at_least)
+            sample = store.reserve_sample(
+                episode_id, key, spec.category, spec.defect, record_for,
+                is_free=lambda n: not (os.path.lexists(image_folder / f"{n:03d}.png")
+                                       or os.path.lexists(mask_folder / f"{n:03d}_mask.png")))
             record = json.loads(sample["record"])
             try:
                 save_trajectory(result, self.root / record["trajectory"])
@@ -252,14 +254,6 @@ class DatasetWriter:
                 f"no space left on the device of {self.root} while writing {where} "
                 f"({free / 1e6:.1f} MB free); nothing half-written was kept and the work stays "
                 f"queued") from exc
-
-    @staticmethod
-    def _next_number(folder: Path, suffix: str = "") -> int:
-        if not folder.is_dir():
-            return 0
-        pattern = re.compile(rf"^(\d{{3,}}){re.escape(suffix)}\.png$")
-        numbers = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
-        return max(numbers) + 1 if numbers else 0
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -11,6 +11,13 @@ IC-LPIPS (no Inception or LPIPS weights install offline):
 - mask/change IoU: IoU between a sample's mask and the pixels that actually changed
   (``imaging.changed_pixels``). 1 = the label says exactly what was edited.
 - acceptance rate: share of episodes the engine's own judge accepted (baselines have none).
+- mask area: mean share of the image a sample's mask covers (how many defect pixels a
+  training sample carries).
+
+Crops of real *defects* are mostly the part's ordinary surface around a small defect, so an
+unchanged surface already sits near them in feature space: ``normal_reference_distance`` gives
+that anchor (clean test normals cropped at the real defects' boxes). A generator is closer to
+real defects than an untouched part only where it scores below it.
 """
 
 from __future__ import annotations
@@ -80,6 +87,12 @@ def defect_crop(image: np.ndarray, mask: np.ndarray, min_fraction: float = 0.25,
     return image[y0:y0 + side, x0:x0 + side]
 
 
+def normal_reference_crops(normals: Sequence[np.ndarray], defect_masks: Sequence[np.ndarray]
+                           ) -> list[np.ndarray]:
+    """Clean normals cropped where the real defects are (normals used in turn)."""
+    return [defect_crop(normals[i % len(normals)], mask) for i, mask in enumerate(defect_masks)]
+
+
 def mean_pairwise_cosine_distance(features: np.ndarray) -> float:
     if len(features) < 2:
         return float("nan")
@@ -126,5 +139,6 @@ def generation_report(samples_images: Sequence[np.ndarray], samples_masks: Seque
         "diversity_all": mean_pairwise_cosine_distance(features),
         "kernel_distance_to_real": kernel_distance(features, real_features),
         "mask_change_iou": float(np.mean(ious)) if ious else float("nan"),
+        "mask_area_percent": 100.0 * float(np.mean([m.mean() for m in samples_masks])),
         "samples": len(crops),
     }

@@ -33,6 +33,7 @@ GENERATION_ROWS = (
     ("diversity_all", "feature diversity, all samples (up)", True),
     ("kernel_distance_to_real", "feature kernel distance to real defects (down)", False),
     ("mask_change_iou", "mask/change IoU (up)", True),
+    ("mask_area_percent", "mask area, % of image", True),
     ("acceptance_rate", "judge acceptance rate", True),
     ("kept", "training samples kept", True),
 )
@@ -89,7 +90,8 @@ def _rows(report: dict) -> list[tuple[str, list[str], str]]:
         values = {g: gens[g]["generation"].get(key) for g in names}
         ratio_cell = ""
         best = _best_baseline(values, higher)
-        if "ours" in values and values["ours"] is not None and best and best[1] and key != "kept":
+        if ("ours" in values and values["ours"] is not None and best and best[1]
+                and key not in ("kept", "mask_area_percent")):
             ratio_cell = f"{values['ours'] / best[1]:.3f} ({best[0]})"
         rows.append((label, [_fmt(values[g]) for g in names], ratio_cell))
     for key, label in TIMING_ROWS:
@@ -112,6 +114,9 @@ def format_table(report: dict) -> str:
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in body]
     protocol = report["protocol"]
+    if protocol.get("normal_reference_distance") is not None:
+        lines.append(f"(feature kernel distance of untouched normal crops to real defects: "
+                     f"{protocol['normal_reference_distance']:.3f})")
     lines.append(f"({report['category']}: {protocol['train_normals']} train normals, "
                  f"{protocol['test_normals']} test normals, {protocol['test_defects']} real defects, "
                  f"{protocol['size']} px, seed {protocol['seed']}, "
@@ -158,7 +163,16 @@ def format_markdown(report: dict) -> str:
               "synthetic and real defect crops, lower is closer to real. Mask/change IoU: how "
               "exactly the label covers what changed (change = any channel moved by more than "
               "8 grey levels). Acceptance: share of episodes the engine's own judge accepted "
-              "(the baselines have no judge).",
+              "(the baselines have no judge). Mask area: how many defect pixels a training "
+              "sample carries.",
+              f"- Kernel distance anchor: clean test normals cropped at the real defects' boxes "
+              f"score {_fmt(protocol.get('normal_reference_distance'))}. Real defect crops are "
+              "mostly ordinary surface, so a generator that changes little scores low too; only "
+              "a distance below this anchor says the samples look more like real defects than "
+              "an untouched part does.",
+              "- When one class holds most defect pixels (on the magnetic tiles, 'uneven' marks "
+              "whole bands), the overall pixel metrics mostly measure that class: read the "
+              "'mean over classes' rows and the per-class tables too.",
               "- Timing rows are measured in this run, on this machine.",
               ""]
     if protocol.get("grayscale_training"):

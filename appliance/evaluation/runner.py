@@ -20,7 +20,8 @@ import torch
 from appliance.evaluation import report as report_mod
 from appliance.evaluation.data import GOOD, EvalData, LabeledImage, load_folders, load_mvtec_category
 from appliance.evaluation.generation_metrics import (FEATURE_MODEL, defect_crop, generation_report,
-                                                     image_features)
+                                                     image_features, kernel_distance,
+                                                     normal_reference_crops)
 from appliance.evaluation.generators import (BASELINES, GeneratedSet, generate_training_set,
                                              make_generator)
 from appliance.evaluation.metrics import detection_scores, image_score, pr_points
@@ -170,10 +171,14 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
         f"(of {data.train_pool_size}), {len(data.test_normals)} test normals, "
         f"{len(data.test_defects)} real defects in {len(data.defect_classes)} classes "
         f"({', '.join(data.defect_classes)}), {config.size}px, seed {config.seed}")
-    real_features = None
+    real_features, normal_reference = None, None
     if config.generation_metrics:
         real_features = image_features([defect_crop(it.image, it.mask) for it in data.test_defects],
                                        config.train.device)
+        anchor = image_features(normal_reference_crops([it.image for it in data.test_normals],
+                                                       [it.mask for it in data.test_defects]),
+                                config.train.device)
+        normal_reference = kernel_distance(anchor, real_features)
     examples = example_indices(data, config.examples_per_class)
     outcomes = [run_generator(name, data, config, engine, real_features, grayscale, examples, log)
                 for name in config.generators]
@@ -190,6 +195,7 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
             "train": config.train.as_dict(), "unet": f"SmallUNet(width={config.train.width}, depth=4)",
             "image_score": "max of the anomaly map averaged over a DRAEM-size window",
             "feature_model": FEATURE_MODEL,
+            "normal_reference_distance": normal_reference,
         },
         "generators": {o.name: {"metrics": o.metrics, "per_class": o.per_class,
                                 "generation": o.generation, "timings": o.timings,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ from appliance.service.intake import Intake
 from appliance.service.notify import Notifier
 from appliance.service.schedule import Window
 from appliance.service.watcher import InboxScanner
-from appliance.storage import DiskFullError, JobStore
+from appliance.storage import JobStore, is_disk_full
 from appliance.storage.reconcile import reconcile
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
+ORPHAN_SWEEP_SECONDS = 60.0
 EXIT_OK, EXIT_DISK_FULL, EXIT_CONFIG = 0, 75, 78  # 75: EX_TEMPFAIL, 78: EX_CONFIG
 
 
@@ -114,9 +116,17 @@ class Service:
     def watch(self) -> int:
         self.start()
         self.notifier.ready(self._status_line())
+        last_sweep = time.monotonic()
         while self.stop_signal is None:
             self.notifier.ping()
             self._take_ready_files()
+            if time.monotonic() - last_sweep >= ORPHAN_SWEEP_SECONDS:
+                # Another process (the nightly run) may have died holding claimed episodes.
+                last_sweep = time.monotonic()
+                requeued, failed = self.store.requeue_orphaned(self.config.service.max_tries)
+                if requeued or failed:
+                    log.warning("re-queued %d episode(s) of a process that died; %d failed",
+                                requeued, failed)
             if self._may_process():
                 self._process(stop=self._watch_stop)
             else:
@@ -153,11 +163,14 @@ class Service:
             if self.stop_signal:
                 break
             time.sleep(min(self.config.intake.poll_seconds, 5.0))
-        self._take_ready_files()
         reason = "done"
         while self.stop_signal is None and not self._past_deadline():
             if time.time() < self.backoff_until:
                 self._sleep(min(self.backoff_until - time.time(), self._left()))
+                continue
+            self._take_ready_files()  # again after a full disk: files left in the inbox
+            if time.time() < self.backoff_until:
+                reason = "disk full"
                 continue
             if self.store.counts()["queued"] == 0:
                 reason = "done"
@@ -213,21 +226,23 @@ class Service:
         """Run queued episodes until ``stop`` says otherwise; returns why it stopped."""
         if self.runner is None:
             return "intake only"
-        if self.batch_id is None:
-            self.batch_id = self.store.begin_batch(self.role)
-            self.summary = BatchSummary(batch_id=self.batch_id)
-            self._batch_started = time.perf_counter()
-        self._beat(force=True, state="processing")
         try:
+            if self.batch_id is None:
+                self.batch_id = self.store.begin_batch(self.role)
+                self.summary = BatchSummary(batch_id=self.batch_id)
+                self._batch_started = time.perf_counter()
+            self._beat(force=True, state="processing")
             reason = process_queue(
                 self.store, self.writer, self.runner, chunk=self.config.engine.chunk,
                 max_tries=self.config.service.max_tries, batch=self.batch_id,
                 summary=self.summary, stop=stop, progress=self._progress,
                 min_free_bytes=int(self.config.service.min_free_mb * 1e6))
-        except DiskFullError as exc:
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
             self._disk_full(exc)
             return "disk full"
-        self.store.set("last_error", None)
+        self.store_safe_set("last_error", None)
         if reason != "intake":
             self._finish_batch()
             log.info("processing stopped: %s", reason)
@@ -238,10 +253,11 @@ class Service:
                                                               time.perf_counter())
         try:
             finish_batch(self.store, self.batch_id, self.summary)
-        except DiskFullError as exc:
-            self._disk_full(exc)
-        except OSError as exc:
-            log.error("could not write the contact sheet: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - sheets are redone by the next batch
+            if is_disk_full(exc):
+                self._disk_full(exc)
+            else:
+                log.error("could not write the contact sheet: %s", exc)
         else:
             if self.summary.episodes:
                 log.info("batch %s: %d episode(s), %d sample(s) written, %d rejected, %d failed",
@@ -251,7 +267,12 @@ class Service:
 
     def _disk_full(self, exc: Exception) -> None:
         wait = self.config.service.disk_backoff_seconds
-        message = f"disk full: {exc}. Free space on that disk; retrying in {wait:g} s"
+        detail = str(exc)
+        if not detail.startswith(("no space left", "only ")):
+            free = shutil.disk_usage(self.config.dataset).free
+            detail = (f"no space left on the device of {self.config.dataset} "
+                      f"({free / 1e6:.1f} MB free; {exc}); the work stays queued")
+        message = f"disk full: {detail}. Free space on that disk; retrying in {wait:g} s"
         log.error(message)
         self.store_safe_set("last_error", message)
         self.backoff_until = time.time() + wait
@@ -274,10 +295,10 @@ class Service:
             self.notifier.ping()
             try:
                 outcome = self.intake.take(path)
-            except DiskFullError as exc:
-                self._disk_full(exc)  # the file stays in the inbox for later
-                return
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the service
+                if is_disk_full(exc):
+                    self._disk_full(exc)  # the file stays in the inbox for later
+                    return
                 log.exception("intake of %s failed unexpectedly: %s", path, exc)
                 self.scanner.defer(path)
                 continue
@@ -287,6 +308,8 @@ class Service:
                 self.scanner.defer(path)
             else:
                 self.scanner.forget(path)
+        # Measured from the end of the pass: a long intake must not starve the queue.
+        self._last_scan = time.monotonic()
 
     def _progress(self, done: int, total: int, summary: BatchSummary) -> None:
         self.notifier.ping()

@@ -129,8 +129,10 @@ class Intake:
             spec = {**spec, **{k: v for k, v in (("defects", configured.defects),
                                                  ("per_image", configured.per_image),
                                                  ("material", configured.material)) if v}}
-        defects = resolve_defects(category, self.knowledge_base, spec,
-                                  self.config.defaults.defects or None)
+        if not spec.get("defects") and self.config.defaults.defects:
+            spec = {**spec, "defects": self.config.defaults.defects}
+        # The category's own settings, then its spec.toml, then [defaults], then the knowledge base.
+        defects = resolve_defects(category, self.knowledge_base, spec)
         if not defects:
             raise Refused(f"unknown category {folder!r}: the knowledge base and the config have "
                           f"no defect types for it; add [categories.{category}] defects = [...] "
@@ -185,7 +187,7 @@ class Intake:
         except Image.DecompressionBombError as exc:
             raise Refused(f"decompression bomb guard: {exc}") from None
         except Image.UnidentifiedImageError:
-            raise Refused("not an image: the content is not a format Pillow can identify") from None
+            raise Refused("not an image: the content is not in any known image format") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise Refused(f"truncated or corrupt image data: {exc}") from None
         height, width = image.shape[:2]

@@ -154,15 +154,20 @@ class JobStore:
         return rows[0] if rows else None
 
     def reserve_normal(self, sha256: str, category: str, source: str,
-                       path_for: Callable[[int], str], at_least: int = 0) -> tuple[dict, bool]:
-        """The normal row for (sha256, category), reserving a number if new; (row, created)."""
+                       path_for: Callable[[int], str],
+                       is_free: Callable[[int], bool] = lambda n: True) -> tuple[dict, bool]:
+        """The normal row for (sha256, category), reserving a number if new; (row, created).
+
+        ``is_free(number)`` lets the caller skip numbers whose file exists without a row (put
+        there by hand): such a file is never overwritten.
+        """
         with self.transaction():
             existing = self.normal(sha256, category)
             if existing is not None:
                 return existing, False
             top = self.db.execute("select max(number) from normals where category = ?",
                                   [category]).fetchone()[0]
-            number = max(-1 if top is None else top, at_least - 1) + 1
+            number = _next_free(-1 if top is None else top, is_free)
             row = {"sha256": sha256, "category": category, "number": number,
                    "path": path_for(number), "source": source, "status": "writing",
                    "created": time.time()}
@@ -236,8 +241,19 @@ class JobStore:
             self.db.execute(
                 f"update episodes set status = 'queued', owner = null, queued_at = ?, "
                 f"attempts = max(attempts - ?, 0), error = coalesce(?, error) "
-                f"where id in ({marks}) and status in ('running', 'writing')",
+                f"where id in ({marks}) and status in ('queued', 'running', 'writing')",
                 [time.time(), undo, error, *ids])
+
+    def release_mine(self) -> int:
+        """Re-queue episodes this process left running (a call that failed before writing)."""
+        if self._owner is None:
+            return 0
+        with self.transaction():
+            cursor = self.db.execute(
+                "update episodes set status = 'queued', owner = null, queued_at = ?, "
+                "attempts = max(attempts - 1, 0) where status = 'running' and owner = ?",
+                [time.time(), self._owner.token])
+        return cursor.rowcount
 
     def retry_or_fail(self, ids: list[int], error: str, max_tries: int) -> list[int]:
         """After an error: back to the queue, or ``failed`` once tried ``max_tries`` times."""
@@ -321,7 +337,8 @@ class JobStore:
     # Samples ------------------------------------------------------------------------------------
 
     def reserve_sample(self, episode_id: int, key: str, category: str, defect: str,
-                       record_for: Callable[[int], dict], at_least: int = 0) -> dict:
+                       record_for: Callable[[int], dict],
+                       is_free: Callable[[int], bool] = lambda n: True) -> dict:
         """Allocate the next number for (category, defect) and record the sample as ``writing``.
 
         ``record_for(number)`` builds the manifest record (it needs the file names).
@@ -329,7 +346,7 @@ class JobStore:
         with self.transaction():
             top = self.db.execute("select max(number) from samples where category = ? and "
                                   "defect = ?", [category, defect]).fetchone()[0]
-            number = max(-1 if top is None else top, at_least - 1) + 1
+            number = _next_free(-1 if top is None else top, is_free)
             record = record_for(number)
             row = {"episode_id": episode_id, "key": key, "category": category, "defect": defect,
                    "number": number, "image": record["image"], "mask": record["mask"],
@@ -416,6 +433,13 @@ class JobStore:
     def recent_finished(self, since: float) -> list[dict]:
         return list(self.db.query("select status, seconds, started_at, finished_at from episodes "
                                   "where finished_at >= ? order by finished_at", [since]))
+
+
+def _next_free(top: int, is_free: Callable[[int], bool]) -> int:
+    number = top + 1
+    while not is_free(number):
+        number += 1
+    return number
 
 
 def _json_default(value: Any) -> Any:

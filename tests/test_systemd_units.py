@@ -1,0 +1,221 @@
+"""The systemd units (verified by systemd-analyze), the install command, and sd_notify."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli.service_commands import UNIT_BINARY, UNITS, install_service_command
+from appliance.config import load_config
+from appliance.service.notify import Notifier, sd_notify
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMD = REPO / "systemd"
+
+
+def unit(name: str) -> dict[str, list[tuple[str, str]]]:
+    """A unit file as {section: [(key, value), ...]}; keys may repeat, as systemd allows."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in (SYSTEMD / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections[current] = []
+            continue
+        key, _, value = line.partition("=")
+        sections[current].append((key.strip(), value.strip()))
+    return sections
+
+
+def values(section: list[tuple[str, str]], key: str) -> list[str]:
+    return [v for k, v in section if k == key]
+
+
+def one(section: list[tuple[str, str]], key: str) -> str:
+    found = values(section, key)
+    assert len(found) == 1, f"{key}: {found}"
+    return found[0]
+
+
+def environment(section) -> dict[str, str]:
+    env = {}
+    for line in values(section, "Environment"):
+        for item in line.split():
+            name, _, value = item.partition("=")
+            env[name] = value
+    return env
+
+
+def test_the_watcher_unit_is_a_hardened_notify_service():
+    service = unit("appliance-watch.service")["Service"]
+    assert one(service, "Type") == "notify" and one(service, "NotifyAccess") == "main"
+    assert one(service, "Restart") == "on-failure"
+    assert one(service, "WatchdogSec") and one(service, "TimeoutStartSec")
+    assert one(service, "ExecStart") == f"{UNIT_BINARY} watch"
+    assert one(service, "User") == one(service, "Group") == "appliance"
+    assert one(service, "ProtectSystem") == "strict"
+    assert "/var/lib/appliance" in one(service, "ReadWritePaths")
+    assert one(service, "NoNewPrivileges") == "yes"
+    assert values(service, "PrivateDevices") in ([], ["no"])  # it would hide the GPU
+    allowed = " ".join(values(service, "DeviceAllow"))
+    for device in ("char-nvidia ", "char-nvidiactl", "char-nvidia-uvm"):
+        assert device in allowed + " "
+    assert one(service, "SyslogIdentifier") == "appliance-watch"
+    env = environment(service)
+    assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    assert env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
+    assert env["APPLIANCE_CONFIG"] == "/etc/appliance/config.toml"
+    assert one(service, "IPAddressDeny") == "any"
+    assert one(service, "RestrictAddressFamilies") == "AF_UNIX"
+    assert unit("appliance-watch.service")["Install"] == [("WantedBy", "multi-user.target")]
+
+
+def test_the_nightly_batch_is_bounded_and_caught_up():
+    service = unit("appliance-batch.service")["Service"]
+    # RuntimeMaxSec= has no effect on Type=oneshot: the bound must be on a running service.
+    assert one(service, "Type") in ("exec", "simple", "notify")
+    assert one(service, "RuntimeMaxSec")
+    assert one(service, "ExecStart") == f"{UNIT_BINARY} run"
+    assert one(service, "ProtectSystem") == "strict" and one(service, "NoNewPrivileges") == "yes"
+    assert environment(service)["HF_HUB_OFFLINE"] == "1"
+    assert one(service, "SyslogIdentifier") == "appliance-batch"
+    timer = unit("appliance-batch.timer")["Timer"]
+    assert one(timer, "Persistent") == "true" and one(timer, "OnCalendar")
+    assert one(timer, "Unit") == "appliance-batch.service"
+
+
+def _appliance_binary() -> Path:
+    found = Path(sys.executable).parent / "appliance"
+    return found if found.exists() else Path(sys.executable)
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is missing in CI: .ci/run must install systemd")
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    # As install-service writes them: ExecStart names this installation's executable.
+    for name in UNITS:
+        text = (SYSTEMD / name).read_text().replace(UNIT_BINARY, str(_appliance_binary()))
+        (tmp_path / name).write_text(text)
+    done = subprocess.run([analyze, "verify", *(str(tmp_path / n) for n in UNITS)],
+                          capture_output=True, text=True, env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"})
+    output = done.stdout + done.stderr
+    # verify exits 0 on unknown keys and unparsable values, but says so: treat any mention of
+    # our files as a failure.
+    complaints = [line for line in output.splitlines() if "appliance-" in line]
+    assert done.returncode == 0 and not complaints, output
+
+
+def test_verify_would_catch_a_broken_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    text = (SYSTEMD / "appliance-watch.service").read_text().replace(
+        UNIT_BINARY, str(_appliance_binary())).replace("Type=notify", "Type=notifyy")
+    (tmp_path / "appliance-watch.service").write_text(text)
+    done = subprocess.run([analyze, "verify", str(tmp_path / "appliance-watch.service")],
+                          capture_output=True, text=True)
+    assert "appliance-watch.service" in done.stdout + done.stderr
+
+
+def test_install_service_lays_out_a_prefix(tmp_path):
+    result = CliRunner().invoke(install_service_command,
+                                ["--prefix", str(tmp_path), "--binary", "/usr/bin/appliance-x"])
+    assert result.exit_code == 0, result.output
+    state = tmp_path / "var/lib/appliance"
+    for name in ("inbox", "done", "quarantine", "dataset", "models", "cache"):
+        assert (state / name).is_dir()
+    assert stat.S_IMODE((state / "inbox").stat().st_mode) == 0o2770
+    assert stat.S_IMODE((state / "dataset").stat().st_mode) == 0o750
+    config = tmp_path / "etc/appliance/config.toml"
+    loaded = load_config(config)  # the template is a valid config
+    assert loaded.inbox == state / "inbox" and loaded.schedule.window == "22:00-06:00"
+    for name in UNITS:
+        text = (tmp_path / "etc/systemd/system" / name).read_text()
+        assert UNIT_BINARY not in text
+        if name.endswith(".service"):
+            assert "ExecStart=/usr/bin/appliance-x " in text
+            assert f"ReadWritePaths={state}" in text
+    assert "systemctl daemon-reload" in result.output
+    # Running it again keeps an edited config.
+    config.write_text("[engine]\nchunk = 2\n")
+    assert CliRunner().invoke(install_service_command, ["--prefix", str(tmp_path)]).exit_code == 0
+    assert config.read_text() == "[engine]\nchunk = 2\n"
+
+
+def test_install_service_dry_run_changes_nothing(tmp_path):
+    result = CliRunner().invoke(install_service_command, ["--dry-run", "--prefix", str(tmp_path)])
+    assert result.exit_code == 0
+    assert "would create" in result.output and "would install" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# sd_notify ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify"
+    sock.bind(str(path))
+    sock.settimeout(1.0)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    yield sock
+    sock.close()
+
+
+def received(sock) -> list[str]:
+    out = []
+    sock.settimeout(0.05)
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except socket.timeout:
+            return out
+
+
+def test_notifier_speaks_the_protocol(notify_socket, monkeypatch):
+    monkeypatch.setenv("WATCHDOG_USEC", "4000000")  # WatchdogSec=4: ping every 2 s at most
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    notifier = Notifier()
+    assert notifier.interval == 2.0
+    notifier.ready("idle; queue 0")
+    notifier.status("idle; queue 0")  # unchanged: not sent again
+    notifier.status("processing; queue 3")
+    notifier.ping()  # too soon after the ready ping
+    notifier.stopping("bye")
+    assert received(notify_socket) == ["READY=1\nSTATUS=idle; queue 0", "WATCHDOG=1",
+                                       "STATUS=processing; queue 3", "STOPPING=1\nSTATUS=bye"]
+
+
+def test_notify_is_a_no_op_outside_systemd(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.setenv("WATCHDOG_PID", "1")  # meant for another process
+    assert sd_notify("READY=1") is False
+    assert Notifier().interval is None
+
+
+def test_abstract_notify_socket(monkeypatch):
+    name = f"appliance-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(1.0)
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    try:
+        assert sd_notify("READY=1")
+        assert sock.recv(100) == b"READY=1"
+    finally:
+        sock.close()
