@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -340,14 +340,11 @@ class EngineChoice:
         return {role: choice.backend for role, choice in self.roles.items()}
 
     def engine_config(self, base=None):
-        """An ``EngineConfig`` with these backends (and ``models_dir`` where the config has it)."""
+        """An ``EngineConfig`` with these backends and this models folder."""
         from appliance.engine import EngineConfig
 
-        base = base or EngineConfig()
-        changes: dict[str, Any] = {"name": self.name, **self.backend_names()}
-        if "models_dir" in {f.name for f in fields(base)}:
-            changes["models_dir"] = self.models_dir
-        return replace(base, **changes)
+        return replace(base or EngineConfig(), name=self.name, models_dir=self.models_dir,
+                       **self.backend_names())
 
 
 def select_engine(models_dir: Path | None = None, registered: dict | None = None) -> EngineChoice:
