@@ -101,7 +101,7 @@ class BatchSummary:
         return self.written / self.episodes if self.episodes else 0.0
 
     def lines(self) -> list[str]:
-        per_sample = self.seconds / self.written if self.written else float("nan")
+        per_sample = f"{self.seconds / self.written:.2f} s" if self.written else "-"
         mean_turns = statistics.fmean(self.turns) if self.turns else 0.0
         lines = [f"recovered          {note}" for note in self.notes]
         lines += [
@@ -111,7 +111,7 @@ class BatchSummary:
             f"(first try {self.first_try_accepts}, after refinement {self.refined_accepts}; "
             f"rejected {self.rejected}, failed {self.failed})",
             f"mean turns         {mean_turns:.2f}  (knowledge retrieved in {self.knowledge_calls} episodes)",
-            f"time               {self.seconds:.1f} s, {per_sample:.2f} s per written sample",
+            f"time               {self.seconds:.1f} s, {per_sample} per written sample",
         ]
         if self.stopped != "done":
             lines.append(f"stopped early      {self.stopped}; the rest stays queued")

@@ -57,7 +57,8 @@ class PathsSection:
 
 @dataclass
 class EngineSection:
-    name: str = _opt("cpu", "engine: a named set of backends (see `appliance models list`)")
+    name: str = _opt("auto", "engine: \"auto\" (backends from the installed models, the CPU "
+                             "engine when none are; see `appliance models list`) or \"cpu\"")
     policy: str | None = _opt(None, "override the engine's policy backend")
     prompt_gen: str | None = _opt(None, "override the prompt generation backend")
     image_gen: str | None = _opt(None, "override the image generation backend")
@@ -164,11 +165,12 @@ class Config:
 
     def engine_config(self):
         """The EngineConfig this file asks for (engine, backend overrides, thresholds)."""
-        from appliance.engine import ENGINES, ROLES
+        from appliance.engine import ROLES, resolve_engine_config
 
-        base = ENGINES[self.engine.name]
         overrides = {role: getattr(self.engine, role) for role in ROLES
                      if getattr(self.engine, role)}
+        base, _ = resolve_engine_config(self.engine.name, models_dir=self.path("models"),
+                                        overrides=overrides)
         env = replace(base.env, max_image_gen=self.engine.max_attempts,
                       min_location=self.thresholds.min_location,
                       min_quality=self.thresholds.min_quality,
@@ -177,7 +179,7 @@ class Config:
         knowledge_base = self.paths.knowledge_base
         if knowledge_base is not None and not knowledge_base.is_absolute():
             knowledge_base = self.root / knowledge_base
-        return replace(base, **overrides, env=env, cache_dir=self.path("cache"),
+        return replace(base, env=env, cache_dir=self.path("cache"),
                        knowledge_base=knowledge_base or base.knowledge_base)
 
     def category_spec(self, category: str) -> CategorySection | None:
@@ -312,9 +314,9 @@ def _check_semantics(config: Config, error) -> None:
     """Rules that involve more than one value, or the installed backends."""
     from appliance.engine import BACKENDS, ENGINES, ROLES
 
-    if config.engine.name not in ENGINES:
+    if config.engine.name != "auto" and config.engine.name not in ENGINES:
         error("engine.name", f"unknown engine {config.engine.name!r} "
-                             f"(available: {', '.join(sorted(ENGINES))})")
+                             f"(available: auto, {', '.join(sorted(ENGINES))})")
     for role in ROLES:
         name = getattr(config.engine, role)
         if name and name not in BACKENDS[role]:

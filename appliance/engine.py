@@ -8,7 +8,7 @@ Factories import their backend lazily so that a CPU box never imports a GPU libr
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,6 +95,22 @@ def _installed_model(ctx: BuildContext, role: str, backend: str):
         raise EngineError(f"{role} backend {backend!r}: {exc}") from exc
 
 
+# A tiny random-weight model cannot follow the protocol; its manifest entry says
+# ``guide = "scripted"`` and the model is then made to write, token by token, what the built-in
+# CPU backend of its role would (forced decoding through the real model code). Real models
+# never carry it; a guided backend names its guide wherever it is recorded.
+GUIDES = ("scripted",)
+
+
+def _settings_and_guide(entry) -> tuple[dict, bool]:
+    settings = dict(entry.settings)
+    guide = settings.pop("guide", None)
+    if guide is not None and guide not in GUIDES:
+        raise EngineError(f"{entry.name}: unknown guide {guide!r} in its settings "
+                          f"(known: {', '.join(GUIDES)})")
+    return settings, guide is not None
+
+
 def _diffusers_image_gen(ctx: BuildContext, backend: str):
     from appliance.tools.image_gen.diffusers_inpaint import DiffusersInpaintGenerator
 
@@ -125,49 +141,60 @@ def _qwen_transformers_policy(ctx: BuildContext) -> Policy:
     from appliance.policies.qwen_transformers import QwenTransformersPolicy, transformers_config
 
     entry, folder = _installed_model(ctx, "policy", "qwen-transformers")
-    config, adapter_dir = transformers_config(folder, entry.settings)
-    return QwenTransformersPolicy(config, adapter_dir=adapter_dir)
+    settings, guided = _settings_and_guide(entry)
+    config, adapter_dir = transformers_config(folder, settings)
+    return QwenTransformersPolicy(config, adapter_dir=adapter_dir,
+                                  guide=_scripted_policy(ctx) if guided else None)
 
 
 def _qwen_llamacpp_policy(ctx: BuildContext) -> Policy:
     from appliance.policies.qwen_llamacpp import QwenLlamaCppPolicy, llamacpp_config
 
     entry, folder = _installed_model(ctx, "policy", "qwen-llamacpp")
-    return QwenLlamaCppPolicy(llamacpp_config(folder, entry.settings))
+    settings, guided = _settings_and_guide(entry)
+    return QwenLlamaCppPolicy(llamacpp_config(folder, settings),
+                              guide=_scripted_policy(ctx) if guided else None)
 
 
-def _vlm_runtime(ctx: BuildContext, role: str):
+@dataclass
+class _ResidentVLM:
+    runtime: Any
+    max_new_tokens: int
+    guided: bool
+
+
+def _vlm_runtime(ctx: BuildContext, role: str) -> _ResidentVLM:
     """The resident VLM serving PG or QE; the same weights as the policy load only once."""
     entry, folder = _installed_model(ctx, role, "vlm")
-    settings = {k: v for k, v in entry.settings.items() if k != "adapter"}  # PG/QE: base weights
+    settings, guided = _settings_and_guide(entry)
+    settings.pop("adapter", None)  # PG and QE run the base weights
     if entry.format == "gguf":
         from appliance.policies.qwen_llamacpp import llamacpp_config, llamacpp_runtime
 
         config = llamacpp_config(folder, settings)
-        return llamacpp_runtime(config), config.max_new_tokens
+        return _ResidentVLM(llamacpp_runtime(config), config.max_new_tokens, guided)
     from appliance.policies.qwen_transformers import transformers_config, transformers_runtime
 
     config, _ = transformers_config(folder, settings)
-    return transformers_runtime(config), config.max_new_tokens
+    return _ResidentVLM(transformers_runtime(config), config.max_new_tokens, guided)
 
 
 def _vlm_prompt_gen(ctx: BuildContext):
-    from appliance.tools.prompt_gen import KnowledgePromptGenerator
     from appliance.tools.vlm_prompt_gen import VLMPromptGenerator
 
-    runtime, max_new_tokens = _vlm_runtime(ctx, "prompt_gen")
-    return VLMPromptGenerator(runtime, ctx.knowledge_base,
-                              fallback=KnowledgePromptGenerator(ctx.knowledge_base),
-                              max_new_tokens=min(512, max_new_tokens))
+    vlm = _vlm_runtime(ctx, "prompt_gen")
+    return VLMPromptGenerator(vlm.runtime, ctx.knowledge_base, fallback=_knowledge_prompt_gen(ctx),
+                              max_new_tokens=min(512, vlm.max_new_tokens),
+                              guide=_knowledge_prompt_gen(ctx) if vlm.guided else None)
 
 
 def _vlm_quality_eval(ctx: BuildContext):
-    from appliance.tools.quality_eval import HeuristicQualityEvaluator
     from appliance.tools.vlm_quality_eval import VLMQualityEvaluator
 
-    runtime, max_new_tokens = _vlm_runtime(ctx, "quality_eval")
-    return VLMQualityEvaluator(runtime, fallback=HeuristicQualityEvaluator(),
-                               max_new_tokens=min(768, max_new_tokens))
+    vlm = _vlm_runtime(ctx, "quality_eval")
+    return VLMQualityEvaluator(vlm.runtime, fallback=_heuristic_quality_eval(ctx),
+                               max_new_tokens=min(768, vlm.max_new_tokens),
+                               guide=_heuristic_quality_eval(ctx) if vlm.guided else None)
 
 
 BACKENDS: dict[str, dict[str, Factory]] = {
@@ -186,6 +213,37 @@ ENGINES: dict[str, EngineConfig] = {"cpu": EngineConfig()}
 
 class EngineError(ValueError):
     """The configuration names a backend that does not exist or cannot load."""
+
+
+def resolve_engine_config(name: str = "auto", *, models_dir: Path | None = None,
+                          overrides: dict[str, str] | None = None
+                          ) -> tuple[EngineConfig, dict[str, str]]:
+    """The engine ``name`` names, with single roles replaced by ``overrides``, and why each
+    backend was chosen.
+
+    ``auto`` takes the backends the models installed in ``models_dir`` make (the CPU defaults
+    for roles no installed model serves); any other name is an entry of ``ENGINES``.
+    """
+    if name == "auto":
+        from appliance.models.manifest import select_engine
+
+        choice = select_engine(models_dir)
+        config = choice.engine_config(ENGINES["cpu"])
+        reasons = {role: pick.reason for role, pick in choice.roles.items()}
+    elif name in ENGINES:
+        config = replace(ENGINES[name], models_dir=models_dir or ENGINES[name].models_dir)
+        reasons = {role: f"engine {name}" for role in ROLES}
+    else:
+        raise EngineError(f"unknown engine {name!r}; available: auto, {', '.join(ENGINES)}")
+    for role, backend in (overrides or {}).items():
+        if role not in ROLES:
+            raise EngineError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+        if backend not in BACKENDS[role]:
+            raise EngineError(f"unknown {role} backend {backend!r}; available: "
+                              f"{', '.join(sorted(BACKENDS[role]))}")
+        config = replace(config, **{role: backend})
+        reasons[role] = "chosen explicitly"
+    return config, reasons
 
 
 def default_cache_dir() -> Path:

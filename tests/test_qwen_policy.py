@@ -171,7 +171,7 @@ def test_transformers_policy_replays_the_scripted_episode_exactly(hf_dir, engine
         assert got.tool_sequence == want.tool_sequence
         assert got.tool_sequence[0] == "prompt_gen" and got.tool_sequence[-1] == "mask_gen"
         assert _texts(got) == _texts(want)
-        assert got.policy == "qwen-transformers"
+        assert got.policy == "qwen-transformers (guided by scripted)"
 
 
 def test_llamacpp_policy_replays_the_scripted_episode_exactly(tmp_path_factory, engine, specs):
@@ -198,7 +198,7 @@ def test_llamacpp_policy_replays_the_scripted_episode_exactly(tmp_path_factory, 
         policy.close()
     assert result.errors == [] and result.status == expected[0].status
     assert _texts(result) == _texts(expected[0])
-    assert result.policy == "qwen-llamacpp"
+    assert result.policy == "qwen-llamacpp (guided by scripted)"
 
 
 # --- 4-bit and LoRA ---------------------------------------------------------------------------

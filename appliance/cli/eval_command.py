@@ -51,7 +51,8 @@ def _generators(value: str) -> tuple[str, ...]:
               help="Square side every image is resized to (a multiple of 16).")
 @click.option("--threads", default=None, type=click.IntRange(1, 256),
               help="CPU threads for torch (default: the CPUs this process may use).")
-@click.option("--engine", default="cpu", show_default=True, help="Engine that plays 'ours'.")
+@click.option("--engine", default="cpu", show_default=True,
+              help="Engine that plays 'ours': cpu, or auto (the installed models' engine).")
 @click.option("--no-generation-metrics", is_flag=True,
               help="Skip the feature-space diversity / realism measurements.")
 def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir: Path | None,
@@ -87,13 +88,14 @@ def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir
     names = _generators(generators)
     built_engine = None
     if "ours" in names:
-        from appliance.engine import ENGINES, EngineError, build_engine
+        from appliance.engine import EngineError, build_engine, resolve_engine_config
 
-        if engine not in ENGINES:
-            raise click.BadParameter(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}",
-                                     param_hint="--engine")
         try:
-            built_engine = build_engine(ENGINES[engine])
+            config, _ = resolve_engine_config(engine)
+        except EngineError as exc:
+            raise click.BadParameter(str(exc), param_hint="--engine") from exc
+        try:
+            built_engine = build_engine(config)
         except EngineError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo("engine " + ", ".join(f"{k}={v}" for k, v in built_engine.describe().items()

@@ -10,25 +10,30 @@ from pathlib import Path
 import click
 
 import appliance  # noqa: F401  (forces offline mode before any HF import)
-from appliance.engine import ENGINES, EngineConfig, EngineError
+from appliance.engine import EngineConfig, EngineError, resolve_engine_config
+
+
+def _parse_backends(values: tuple[str, ...]) -> dict[str, str]:
+    overrides = {}
+    for value in values:
+        role, sep, backend = value.partition("=")
+        if not sep or not role.strip() or not backend.strip():
+            raise click.BadParameter(f"{value!r} is not ROLE=BACKEND (e.g. policy=qwen-llamacpp)",
+                                     param_hint="--backend")
+        overrides[role.strip().replace("-", "_")] = backend.strip()
+    return overrides
 
 
 def _engine_config(engine: str, knowledge_base: Path | None, max_attempts: int | None,
-                   quiet: bool = False) -> EngineConfig:
-    """``auto`` picks backends from what is installed in the models folder and says why."""
-    if engine == "auto":
-        from appliance.models.manifest import select_engine
-
-        choice = select_engine()
-        base = choice.engine_config(ENGINES["cpu"])
-        if not quiet:
-            for role, picked in choice.roles.items():
-                click.echo(f"  {role:13s} {picked.backend:18s} {picked.reason}", err=True)
-    elif engine in ENGINES:
-        base = ENGINES[engine]
-    else:
-        raise click.BadParameter(f"unknown engine {engine!r}; available: auto, "
-                                 f"{', '.join(ENGINES)}", param_hint="--engine")
+                   backends: tuple[str, ...] = (), quiet: bool = False) -> EngineConfig:
+    """The engine to build, with the reason for each backend printed to stderr."""
+    try:
+        base, reasons = resolve_engine_config(engine, overrides=_parse_backends(backends))
+    except EngineError as exc:
+        raise click.BadParameter(str(exc), param_hint="--engine/--backend") from exc
+    if not quiet:
+        for role, backend in base.backend_names().items():
+            click.echo(f"  {role:13s} {backend:18s} {reasons[role]}", err=True)
     env = replace(base.env, max_image_gen=max_attempts or base.env.max_image_gen)
     return replace(base, env=env, knowledge_base=knowledge_base or base.knowledge_base)
 
@@ -37,6 +42,10 @@ def _engine_options(command):
     command = click.option("--engine", default="auto", show_default=True,
                            help="Set of backends: 'auto' (from the installed models in "
                                 "$APPLIANCE_MODELS; the CPU engine when none are) or 'cpu'.")(command)
+    command = click.option("--backend", "backends", multiple=True, metavar="ROLE=BACKEND",
+                           help="Use this backend for one role, e.g. policy=qwen-llamacpp or "
+                                "image_gen=flux-fill (repeatable; see `appliance models list`)."
+                           )(command)
     command = click.option("--knowledge-base", type=click.Path(path_type=Path, file_okay=False),
                            default=None, help="Knowledge base folder (default: the bundled one, "
                                               "or $APPLIANCE_KNOWLEDGE_BASE).")(command)
@@ -87,7 +96,7 @@ def print_trajectory(messages: list[dict], width: int = 100) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @_engine_options
 def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine: str,
-          knowledge_base: Path | None, max_attempts: int | None) -> None:
+          backends: tuple[str, ...], knowledge_base: Path | None, max_attempts: int | None) -> None:
     """Run one episode on IMAGE and print its trajectory."""
     from appliance.agent.environment import EpisodeSpec
     from appliance.dataset.trajectory import save_trajectory
@@ -101,7 +110,7 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
     except ImageReadError as exc:
         raise click.ClickException(f"{image}: {exc}") from exc
     try:
-        built = build_engine(_engine_config(engine, knowledge_base, max_attempts))
+        built = build_engine(_engine_config(engine, knowledge_base, max_attempts, backends))
     except EngineError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_engine(built.describe())
@@ -137,8 +146,8 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and services).")
 @_engine_options
 def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed: int,
-          workers: int, chunk: int, no_progress: bool, engine: str, knowledge_base: Path | None,
-          max_attempts: int | None) -> None:
+          workers: int, chunk: int, no_progress: bool, engine: str, backends: tuple[str, ...],
+          knowledge_base: Path | None, max_attempts: int | None) -> None:
     """Turn INBOX/<category>/* photos of normal parts into a labeled defect dataset.
 
     Each category folder may hold a spec.toml (defects = [...], per_image = N,
@@ -149,7 +158,7 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     from appliance.batch import InboxError, run_batch
     from appliance.storage import DiskFullError
 
-    config = _engine_config(engine, knowledge_base, max_attempts)
+    config = _engine_config(engine, knowledge_base, max_attempts, backends)
     click.echo(f"engine {config.name}: " + ", ".join(
         f"{k}={v}" for k, v in config.backend_names().items()), err=True)
     bar = None
@@ -174,6 +183,28 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     for line in summary.lines():
         click.echo(line)
     click.echo(f"dataset            {out}  (contact sheet: {out / 'index.html'})")
+
+
+@cli.group()
+def dataset() -> None:
+    """Inspect a written dataset."""
+
+
+@dataset.command("check")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def dataset_check(root: Path) -> None:
+    """Check that every sample of ROOT is complete and readable, and say what made it.
+
+    Exits 1 when a sample is broken (missing or unpaired files, empty or non-binary masks,
+    unreadable trajectories, files not in manifest.jsonl) or when there are no samples.
+    """
+    from appliance.dataset.check import check_dataset
+
+    report = check_dataset(root)
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        raise SystemExit(1)
 
 
 @cli.group()

@@ -377,8 +377,11 @@ def select_engine(models_dir: Path | None = None, registered: dict | None = None
                 reasons.append(f"{status.entry.name}: Python package(s) {', '.join(missing)} "
                                "not installed")
             else:
-                chosen = RoleChoice(role, backend, status.entry.name,
-                                    f"{status.entry.name} is installed")
+                reason = f"{status.entry.name} is installed"
+                if status.entry.settings.get("guide"):
+                    reason += (f"; guided by {status.entry.settings['guide']} (random-weight "
+                               "test model: it writes what the built-in backends decide)")
+                chosen = RoleChoice(role, backend, status.entry.name, reason)
                 break
         if chosen is None:
             why = problem or ("; ".join(reasons) if reasons else

@@ -26,6 +26,9 @@ VLM_PROMPT_GEN = "vlm"
 VLM_QUALITY_EVAL = "vlm"
 
 PARTS = ("qwen", "gguf", "sdxl", "flux", "metauas")
+# Random weights cannot follow the protocol: the engine makes them write what the built-in
+# backends would (see ``GUIDES`` in engine.py), so `appliance batch` runs end to end on the kit.
+GUIDE = "scripted"
 
 
 def _entry(name: str, folder: Path, backends: dict[str, str], fmt: str, settings: dict,
@@ -49,8 +52,9 @@ def _build_qwen(folder: Path, seed: int, gguf: bool) -> list[ModelEntry]:
         entries.append(_entry("qwen3-vl-tiny", hf, {
             "policy": QWEN_TRANSFORMERS_POLICY, "prompt_gen": VLM_PROMPT_GEN,
             "quality_eval": VLM_QUALITY_EVAL}, "transformers",
-            {"quantization": "none", "max_new_tokens": 64},
-            "Random-weight Qwen3-VL: runs the real code, cannot follow the protocol unguided."))
+            {"quantization": "none", "max_new_tokens": 64, "guide": GUIDE},
+            "Random-weight Qwen3-VL: runs the real code; it cannot follow the protocol, so it "
+            "is guided (made to write what the CPU backends would)."))
         if kit.gguf is not None and kit.mmproj is not None:
             gguf_dir = folder / "qwen3-vl-tiny-gguf"
             gguf_dir.mkdir()
@@ -58,8 +62,10 @@ def _build_qwen(folder: Path, seed: int, gguf: bool) -> list[ModelEntry]:
             shutil.move(str(kit.mmproj), gguf_dir / kit.mmproj.name)
             entries.append(_entry("qwen3-vl-tiny-gguf", gguf_dir,
                                   {"policy": QWEN_LLAMA_CPP_POLICY}, "gguf",
-                                  {"model": kit.gguf.name, "mmproj": kit.mmproj.name},
-                                  "Random-weight Qwen3-VL as GGUF + mmproj for llama-cpp-python."))
+                                  {"model": kit.gguf.name, "mmproj": kit.mmproj.name,
+                                   "guide": GUIDE},
+                                  "Random-weight Qwen3-VL as GGUF + mmproj for llama-cpp-python, "
+                                  "guided like the transformers copy."))
         return entries
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -107,6 +107,10 @@ def finish_text(text: str) -> str:
     return text
 
 
+def guided_name(backend: str, guide: object | None) -> str:
+    return backend if guide is None else f"{backend} (guided by {getattr(guide, 'name', 'a script')})"
+
+
 def episode_seed(state: "EpisodeState") -> int:
     """A per-turn sampling seed, so an episode replays identically from its spec seed."""
     return int(np.random.SeedSequence([state.spec.seed, state.turns, 0x51A]).generate_state(1)[0])
@@ -120,13 +124,19 @@ class VLMPolicy:
     real processor, model and generation loop.
     """
 
-    def __init__(self, runtime: VLMRuntime, name: str, *, adapter: str | None = None,
+    def __init__(self, runtime: VLMRuntime, backend: str, *, adapter: str | None = None,
                  max_new_tokens: int = 1024, guide: "Policy | None" = None) -> None:
         self.runtime = runtime
-        self.name = name
+        self.backend = backend
         self.adapter = adapter
         self.max_new_tokens = max_new_tokens
         self.guide = guide
+
+    @property
+    def name(self) -> str:
+        """The backend, and the guide when there is one: a guided run must never pass for a
+        model's own decisions in a manifest or a log."""
+        return guided_name(self.backend, self.guide)
 
     def requests(self, states: Sequence["EpisodeState"]) -> list[ChatRequest]:
         return [to_chat_request(s.messages, s.images, seed=episode_seed(s)) for s in states]

@@ -9,10 +9,12 @@ pair, its description goes in as context. An unusable reply falls back to ``fall
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Sequence
 
 from appliance.knowledge import KnowledgeBase
-from appliance.policies.vlm_chat import ChatRequest, VLMRuntime, pil_image, release_runtime
+from appliance.policies.vlm_chat import (ChatRequest, VLMRuntime, guided_name, pil_image,
+                                         release_runtime)
 from appliance.tools.interfaces import KnowledgeEntry, PromptGenerator, PromptRequest
 
 SYSTEM_PROMPT = """\
@@ -95,15 +97,21 @@ def clean_instruction(text: str) -> str | None:
 class VLMPromptGenerator:
     """PromptGenerator on a resident VLM runtime, batched across episodes."""
 
-    name = "vlm"
-
     def __init__(self, runtime: VLMRuntime, knowledge_base: KnowledgeBase | None = None,
-                 fallback: PromptGenerator | None = None, max_new_tokens: int = 512) -> None:
+                 fallback: PromptGenerator | None = None, max_new_tokens: int = 512,
+                 guide: PromptGenerator | None = None) -> None:
         self.runtime = runtime
         self.knowledge_base = knowledge_base
         self.fallback = fallback
         self.max_new_tokens = max_new_tokens
+        # A random-weight test model is made to write ``guide``'s instruction token by token
+        # (forced decoding): the real processor, model and parsing still run.
+        self.guide = guide
         self.fallbacks_used = 0  # how often the model's reply was unusable, for the logs
+
+    @property
+    def name(self) -> str:
+        return guided_name("vlm", self.guide)
 
     def request(self, request: PromptRequest) -> ChatRequest:
         entry = self.knowledge_base.entry(request.category, request.defect) \
@@ -117,8 +125,11 @@ class VLMPromptGenerator:
         return ChatRequest(messages, [pil_image(request.image)])
 
     def generate_prompts(self, requests: Sequence[PromptRequest]) -> list[str]:
-        replies = self.runtime.chat([self.request(r) for r in requests],
-                                    max_new_tokens=self.max_new_tokens)
+        chats = [self.request(r) for r in requests]
+        if self.guide is not None:
+            chats = [replace(chat, forced=text)
+                     for chat, text in zip(chats, self.guide.generate_prompts(requests))]
+        replies = self.runtime.chat(chats, max_new_tokens=self.max_new_tokens)
         prompts: list[str | None] = [clean_instruction(reply) for reply in replies]
         missing = [i for i, p in enumerate(prompts) if p is None]
         if missing:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
-from appliance.policies.vlm_chat import ChatRequest, VLMRuntime, pil_image, release_runtime
+from appliance.policies.vlm_chat import (ChatRequest, VLMRuntime, guided_name, pil_image,
+                                         release_runtime)
 from appliance.tools.interfaces import Issue, QualityEvaluator, QualityReport, QualityRequest
 from appliance.tools.vlm_prompt_gen import strip_thinking
 
@@ -117,6 +118,13 @@ def parse_judgement(text: str) -> Judgement | None:
     return Judgement(location, quality, review, issues)
 
 
+def judgement_json(report: QualityReport) -> str:
+    """A report written as the reply the judge is asked for."""
+    return json.dumps({"location_score": report.location_score,
+                       "quality_score": report.quality_score, "review": report.review,
+                       "issues": list(report.issues)})
+
+
 def issues_from_review(review: str) -> list[str]:
     """Issue codes named by the review's wording, skipping negated mentions ("no seams")."""
     lower = review.lower()
@@ -135,14 +143,20 @@ def issues_from_review(review: str) -> list[str]:
 class VLMQualityEvaluator:
     """QualityEvaluator on a resident VLM runtime, batched across episodes."""
 
-    name = "vlm"
-
     def __init__(self, runtime: VLMRuntime, fallback: QualityEvaluator | None = None,
-                 max_new_tokens: int = 768, retries: int = 1) -> None:
+                 max_new_tokens: int = 768, retries: int = 1,
+                 guide: QualityEvaluator | None = None) -> None:
         self.runtime = runtime
         self.fallback = fallback
         self.max_new_tokens = max_new_tokens
         self.retries = retries
+        # A random-weight test model is made to write ``guide``'s grade as the JSON reply
+        # (forced decoding): the real processor, model and JSON parsing still run.
+        self.guide = guide
+
+    @property
+    def name(self) -> str:
+        return guided_name("vlm", self.guide)
 
     def request(self, request: QualityRequest) -> ChatRequest:
         messages = [
@@ -155,6 +169,9 @@ class VLMQualityEvaluator:
 
     def evaluate(self, requests: Sequence[QualityRequest]) -> list[QualityReport]:
         chats = [self.request(r) for r in requests]
+        if self.guide is not None:
+            chats = [replace(chat, forced=judgement_json(report))
+                     for chat, report in zip(chats, self.guide.evaluate(requests))]
         replies: list[list[str]] = [[] for _ in requests]
         judgements: list[Judgement | None] = [None] * len(requests)
         pending = list(range(len(requests)))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Sequence
 import cv2
 import numpy as np
 
+from appliance.tools.image_gen.text_prompt import fit_caption, fit_prompts, pipeline_encoders
 from appliance.tools.interfaces import Box, EditRequest, EditResult
 
 if TYPE_CHECKING:
@@ -193,21 +194,28 @@ class DiffusersInpaintGenerator:
                 cv2.resize(mask.astype(np.uint8) * 255, (res, res), interpolation=cv2.INTER_NEAREST)))
         # CPU generators: the same seed gives the same noise on every device.
         generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
-        call = dict(prompt=[r.prompt for r in requests], image=images, mask_image=masks,
+        # The instruction is far longer than CLIP's window: each encoder gets its own fitted
+        # caption, so the library truncates nothing (see text_prompt.py).
+        t5_length = self.settings.max_sequence_length if self.name == "flux-fill" else None
+        encoders = pipeline_encoders(self.pipeline, t5_length)
+        texts = [fit_prompts(r.prompt, r.category, r.defect, *encoders) for r in requests]
+        call = dict(prompt=[t.prompt for t in texts], prompt_2=[t.prompt_2 for t in texts],
+                    image=images, mask_image=masks,
                     height=res, width=res, num_inference_steps=self.settings.steps,
                     guidance_scale=self.settings.guidance, strength=self.settings.strength,
                     generator=generators, output_type="np")
         if self.name == "flux-fill":
             call["max_sequence_length"] = self.settings.max_sequence_length
         else:
-            call["negative_prompt"] = [self.settings.negative_prompt] * len(requests)
+            negative = fit_caption(self.settings.negative_prompt, *encoders)
+            call["negative_prompt"] = [negative] * len(requests)
         started = time.perf_counter()
         with torch.inference_mode():
             painted = self.pipeline(**call).images  # float (N, res, res, 3) in [0, 1]
         seconds = time.perf_counter() - started
         painted = np.nan_to_num(np.asarray(painted, dtype=np.float32), nan=0.0)
         results = []
-        for request, plan, out in zip(requests, plans, painted):
+        for request, plan, text, out in zip(requests, plans, texts, painted):
             edited = blend(request.image, (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8), plan)
             params = {"backend": self.name, "model": self.model_id, "seed": int(request.seed),
                       "steps": self.settings.steps, "guidance": self.settings.guidance,
@@ -215,7 +223,8 @@ class DiffusersInpaintGenerator:
                       "crop": plan.crop.as_list(), "region_source": plan.region_source,
                       "footprint_pixels": int(plan.footprint.sum()), "device": self.device,
                       "dtype": self.dtype, "batch_size": len(requests),
-                      "batch_seconds": round(seconds, 3), **plan.notes}
+                      "batch_seconds": round(seconds, 3), "text_prompt": text.prompt,
+                      "text_prompt_2": text.prompt_2, **plan.notes}
             results.append(EditResult(image=edited, region=plan.region, mask=None, params=params))
         return results
 

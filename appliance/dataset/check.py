@@ -1,0 +1,134 @@
+"""Checking a written dataset against what its readers (anomalib, the contact sheet, SFT export)
+rely on: every manifest line's image and mask exist and pair up, masks are 8-bit 0/255 and not
+empty, images and masks have the same size, trajectories are readable, and no sample file sits
+in the tree without a manifest line.
+
+``appliance dataset check DATASET`` runs it; the tests run it on every dataset they write.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from appliance.dataset.writer import MANIFEST, NORMALS
+
+MANIFEST_KEYS = ("key", "image", "mask", "category", "defect", "source_sha256", "seed", "engine",
+                 "policy", "backends", "location_score", "quality_score", "prompt", "trajectory")
+
+
+@dataclass
+class DatasetCheck:
+    root: Path
+    samples: int = 0
+    normals: int = 0
+    by_category: Counter = field(default_factory=Counter)  # (category, defect) -> samples
+    engines: Counter = field(default_factory=Counter)  # policy + backends -> samples
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.samples > 0
+
+    def lines(self) -> list[str]:
+        lines = [f"{self.samples} samples, {self.normals} normal photos in {self.root}"]
+        lines += [f"  {category}/{defect}: {n}" for (category, defect), n in sorted(self.by_category.items())]
+        lines += [f"  made by {engine}: {n}" for engine, n in self.engines.most_common()]
+        if self.samples == 0 and not self.problems:
+            lines.append("no samples yet")
+        lines += [f"PROBLEM {p}" for p in self.problems]
+        return lines
+
+
+def _read_jsonl(path: Path, problems: list[str]) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path.name}:{number}: not JSON ({exc.msg})")
+    return records
+
+
+def _check_pair(root: Path, record: dict, problems: list[str]) -> None:
+    image_path, mask_path = root / record["image"], root / record["mask"]
+    where = record["image"]
+    if not image_path.is_file() or not mask_path.is_file():
+        problems.append(f"{where}: image or mask file is missing")
+        return
+    if Path(record["image"]).stem not in Path(record["mask"]).stem:
+        problems.append(f"{where}: mask name {record['mask']} does not pair with it")
+    try:
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            if image.format != "PNG" or mask.format != "PNG":
+                problems.append(f"{where}: image and mask must be PNG")
+            if image.size != mask.size:
+                problems.append(f"{where}: image {image.size} and mask {mask.size} differ in size")
+            if mask.mode != "L":
+                problems.append(f"{where}: mask mode {mask.mode}, expected 8-bit L")
+            values = np.unique(np.asarray(mask))
+    except OSError as exc:
+        problems.append(f"{where}: unreadable ({exc})")
+        return
+    if not set(values.tolist()) <= {0, 255}:
+        problems.append(f"{where}: mask values {values.tolist()[:6]} are not only 0 and 255")
+    elif 255 not in values:
+        problems.append(f"{where}: mask is empty")
+
+
+def _check_trajectory(root: Path, record: dict, problems: list[str]) -> None:
+    folder = root / record["trajectory"]
+    try:
+        messages = json.loads((folder / "messages.json").read_text(encoding="utf-8"))
+        episode = json.loads((folder / "episode.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        problems.append(f"{record['trajectory']}: unreadable trajectory ({exc})")
+        return
+    for message in messages:
+        for part in message.get("content", []):
+            if part.get("type") == "image" and not (folder / part.get("image", "")).is_file():
+                problems.append(f"{record['trajectory']}: image {part.get('image')} is missing")
+                return
+    if episode.get("policy") != record.get("policy"):
+        problems.append(f"{record['trajectory']}: its policy {episode.get('policy')!r} is not "
+                        f"the manifest's {record.get('policy')!r}")
+
+
+def check_dataset(root: Path) -> DatasetCheck:
+    root = Path(root)
+    report = DatasetCheck(root)
+    if not root.is_dir():
+        report.problems.append(f"{root} is not a folder")
+        return report
+    records = _read_jsonl(root / MANIFEST, report.problems)
+    report.normals = len(_read_jsonl(root / NORMALS, report.problems))
+    listed: set[Path] = set()
+    for number, record in enumerate(records, start=1):
+        missing = [key for key in MANIFEST_KEYS if key not in record]
+        if missing:
+            report.problems.append(f"{MANIFEST}:{number}: missing {', '.join(missing)}")
+            continue
+        report.samples += 1
+        report.by_category[(record["category"], record["defect"])] += 1
+        backends = ", ".join(f"{k}={v}" for k, v in sorted(record["backends"].items()))
+        report.engines[f"policy={record['policy']}, {backends}"] += 1
+        listed.update({(root / record["image"]).resolve(), (root / record["mask"]).resolve()})
+        _check_pair(root, record, report.problems)
+        _check_trajectory(root, record, report.problems)
+    duplicates = [key for key, n in Counter(r.get("image") for r in records).items() if n > 1]
+    report.problems += [f"{image}: listed more than once in {MANIFEST}" for image in duplicates]
+    for category in sorted(p for p in root.iterdir() if (p / "test").is_dir()):
+        for kind in ("test", "ground_truth"):
+            for path in sorted((category / kind).glob("*/*.png")):
+                if path.resolve() not in listed:
+                    report.problems.append(f"{path.relative_to(root)}: not in {MANIFEST}")
+    return report
