@@ -1,5 +1,11 @@
-"""The appliance never downloads anything at run time; this makes the HF libraries agree."""
+"""The appliance never downloads anything at run time; this makes the HF libraries agree.
 
+It also keeps them quiet: an overnight service log should hold our lines (what ran, what failed
+and why), not per-call library chatter and progress bars of models that load from disk in
+seconds. ``APPLIANCE_DEBUG=1`` lets them speak again.
+"""
+
+import logging
 import os
 
 OFFLINE_VARIABLES = {
@@ -13,7 +19,22 @@ OFFLINE_VARIABLES = {
 }
 
 
+# Defaults only: a variable the operator set wins.
+QUIET_VARIABLES = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also turns off transformers' "Loading weights" bar
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
 def enforce() -> None:
     """Force offline mode for every Hugging Face library imported after this call."""
     for key, value in OFFLINE_VARIABLES.items():
         os.environ[key] = value
+    if not os.environ.get("APPLIANCE_DEBUG"):
+        for key, value in QUIET_VARIABLES.items():
+            os.environ.setdefault(key, value)
+        # bitsandbytes warns through the root handler that it could not fetch an optional
+        # kernel from the Hub (which it must not do here anyway).
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

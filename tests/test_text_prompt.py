@@ -16,15 +16,15 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from appliance.tools.image_gen.text_prompt import (  # noqa: E402
+from appliance.tools.image_gen.text_prompt import (
     TextEncoder,
     fit_prompts,
     lead_variants,
     pipeline_encoders,
     ranked_phrases,
 )
-from appliance.tools.interfaces import EditRequest, Issue, PromptRequest  # noqa: E402
-from appliance.tools.prompt_gen import KnowledgePromptGenerator, refine_prompt  # noqa: E402
+from appliance.tools.interfaces import EditRequest, Issue, PromptRequest
+from appliance.tools.prompt_gen import KnowledgePromptGenerator, refine_prompt
 
 BACKENDS = ("sdxl-inpaint", "flux-fill")
 PAIRS = (("magnetic_tile", "crack"), ("bottle", "broken_large"), ("screw", "manipulated_front"),
@@ -119,7 +119,7 @@ def test_tiny_windows_are_what_the_pipelines_read(kit):
     flux, t5 = _encoders(kit, "flux-fill")
     assert (sdxl.limit, sdxl_2.limit, flux.limit, t5.limit) == (32, 32, 32, 32)
     assert not sdxl_2.sentences and t5.sentences
-    category, defect, instruction = kit["instructions"][0]
+    instruction = kit["instructions"][0][2]
     assert _tokens(sdxl, instruction) > 4 * sdxl.limit  # the raw instruction is far too long
 
 

@@ -31,7 +31,11 @@ from typing import TYPE_CHECKING, Sequence
 import cv2
 import numpy as np
 
-from appliance.tools.image_gen.text_prompt import fit_caption, fit_prompts, pipeline_encoders
+from appliance.tools.image_gen.text_prompt import (
+    fit_caption,
+    fit_prompts,
+    pipeline_encoders,
+)
 from appliance.tools.interfaces import Box, EditRequest, EditResult
 
 if TYPE_CHECKING:

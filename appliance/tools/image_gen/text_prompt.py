@@ -33,28 +33,29 @@ from typing import Any
 from appliance.tools.prompt_gen import SIZE_LADDER, STRENGTH_PHRASES, PromptParts
 
 # Function words: a cut phrase must not end on one, and they say nothing on their own.
-STOPWORDS = frozenset(
-    "a an the and or of to with from in on at by for its it is are as into than but that which "
-    "this these those their be about like over under between through across toward towards so "
-    "where while".split())
+STOPWORDS = frozenset((
+    "a", "an", "the", "and", "or", "of", "to", "with", "from", "in", "on", "at", "by", "for", "its",
+    "it", "is", "are", "as", "into", "than", "but", "that", "which", "this", "these", "those",
+    "their", "be", "about", "like", "over", "under", "between", "through", "across", "toward",
+    "towards", "so", "where", "while"))
 # Words that add nothing beside the lead ("close-up photo of a tile with a crack defect").
-GENERIC = frozenset("defect flaw add photo image picture close up one region area part single "
-                    "only".split())
+GENERIC = frozenset(("defect", "flaw", "add", "photo", "image", "picture", "close", "up", "one",
+                     "region", "area", "part", "single", "only"))
 
 # Framing that an inpainting model cannot use.
-_LEAD_IN = re.compile(r"^(?:in|on) (?:this|the) (?:photo|image|picture)\b[^,:;]*[,:;]?\s*", re.I)
-_ONLY = re.compile(r"^(?:please\s+)?(?:change|edit|modify|alter)\s+only\s+", re.I)
+_LEAD_IN = re.compile(r"^(?:in|on) (?:this|the) (?:photo|image|picture)\b[^,:;]*[,:;]?\s*", re.IGNORECASE)
+_ONLY = re.compile(r"^(?:please\s+)?(?:change|edit|modify|alter)\s+only\s+", re.IGNORECASE)
 _VERB = re.compile(r"^(?:please\s+)?(?:add|create|draw|paint|introduce|insert|render|generate)\s+",
-                   re.I)
+                   re.IGNORECASE)
 # "Keep the rest as it is" statements; the clause is cut where the statement starts.
 _KEEP = re.compile(r"\b(?:everything|anything|all|nothing) else\b|\bas (?:it is|they are|it was|"
-                   r"they were|before)\b|\bunchanged\b|\buntouched\b|\bunaltered\b", re.I)
+                   r"they were|before)\b|\bunchanged\b|\buntouched\b|\bunaltered\b", re.IGNORECASE)
 # Where such a statement starts: "..., and leave ...", "... while keeping ...", "The rest ...".
 _KEEP_OPENER = re.compile(
     r"(?:^|[,;]\s*|\s+(?:and|while|but|so that|that|which)\s+)(?:leav|keep|preserv|do not|don't|"
     r"without|with (?:everything|all|nothing|the rest)|everything|anything|all else|nothing|"
-    r"the rest)|\s(?:leav|keep|preserv|without)", re.I)
-_SEPARATOR = re.compile(r"[,;]\s*|\s+(?:and|while|but)\s+", re.I)
+    r"the rest)|\s(?:leav|keep|preserv|without)", re.IGNORECASE)
+_SEPARATOR = re.compile(r"[,;]\s*|\s+(?:and|while|but)\s+", re.IGNORECASE)
 # Clause boundaries: sentence ends, semicolons and colons followed by a space ("1.5" stays whole).
 _CLAUSE_END = re.compile(r"(?<=[.!?;:])\s+")
 
@@ -65,11 +66,11 @@ _LOOK = re.compile(
     r"visible|pronounced|contrast\w*|textur\w*|grain\w*|lines?|streaks?|cracks?|scratch\w*|"
     r"grooves?|pits?|pores?|holes?|dents?|bumps?|blisters?|stains?|spots?|specks?|patch\w*|chips?|"
     r"flakes?|discolou?r\w*|colou?r\w*|shadows?|highlights?|deep|shallow|raised|sunken|"
-    r"branch\w*|round|oval|elongated|circular|cavity|notch\w*|fracture\w*)\b", re.I)
+    r"branch\w*|round|oval|elongated|circular|cavity|notch\w*|fracture\w*)\b", re.IGNORECASE)
 _LOCATION = re.compile(
     r"\b(?:near|along|around|close to|next to|towards?|upper|lower|top|bottom|left|right|"
     r"cent(?:er|re)|middle|corners?|sides?|borders?|rim|located|positioned|placed|region|area|"
-    r"anywhere|where)\b", re.I)
+    r"anywhere|where)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
