@@ -149,6 +149,52 @@ def resume_command(config_file: Path | None) -> None:
     click.echo("resumed")
 
 
+@click.command("retry")
+@_config_option
+@click.option("--dataset", "dataset_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="A dataset written by `appliance batch` (default: the "
+                                 "configured service dataset).")
+@click.option("--rejected", "include_rejected", is_flag=True,
+              help="Also retry episodes the judge rejected (worth it after changing the engine "
+                   "or the thresholds; the same engine and seed reject them again).")
+@click.option("--category", default=None, help="Only this category.")
+@click.option("--defect", default=None, help="Only this defect type.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be retried.")
+def retry_command(config_file: Path | None, dataset_dir: Path | None, include_rejected: bool,
+                  category: str | None, defect: str | None, dry_run: bool) -> None:
+    """Put failed episodes back in the queue, with a fresh try count.
+
+    An episode fails after it crashed or errored service.max_tries times (a model that would
+    not load, a full disk, a bad input). Once the cause is fixed, this re-queues them; the
+    watcher, the next `appliance run` or re-running the same `appliance batch` picks them up.
+    Accepted episodes are never re-run, so no sample is duplicated.
+    """
+    from appliance.storage import JobStore
+    from appliance.storage.reconcile import sync_exports
+
+    if dataset_dir is not None:
+        if not (dataset_dir / ".appliance").is_dir():
+            raise click.ClickException(f"{dataset_dir} has no job store (.appliance/): "
+                                       "not a dataset written by the appliance")
+        store = JobStore.for_dataset(dataset_dir)
+    else:
+        store = _store(_load(config_file))
+    statuses = ("failed", "rejected") if include_rejected else ("failed",)
+    if dry_run:
+        rows = store.episodes_with_status(statuses, category, defect)
+    else:
+        rows = store.requeue_finished(statuses, category=category, defect=defect)
+        with store.dataset_lock(timeout=120):
+            sync_exports(store)
+    for row in rows:
+        click.echo(f"{row['status']:8s} {row['category']}/{row['defect']}  "
+                   f"{(row['error'] or '').splitlines()[0][:100] if row['error'] else ''}")
+    verb = "would re-queue" if dry_run else "re-queued"
+    click.echo(f"{verb} {len(rows)} episode(s)" + ("" if rows else
+               f" (no {' or '.join(statuses)} episodes" +
+               (f" for {category or '*'}/{defect or '*'}" if category or defect else "") + ")"))
+
+
 @click.command("status")
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -322,8 +368,8 @@ def _write_file(path: Path, text: str) -> None:
     os.chmod(path, 0o644)
 
 
-SERVICE_COMMANDS = (watch_command, run_command, pause_command, resume_command, status_command,
-                    config_group, install_service_command)
+SERVICE_COMMANDS = (watch_command, run_command, pause_command, resume_command, retry_command,
+                    status_command, config_group, install_service_command)
 
 
 def register(cli: click.Group) -> None:

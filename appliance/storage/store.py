@@ -301,6 +301,39 @@ class JobStore:
                         requeued += 1
         return requeued, failed
 
+    def episodes_with_status(self, statuses: tuple[str, ...], category: str | None = None,
+                             defect: str | None = None) -> list[dict]:
+        where = [f"status in ({','.join('?' * len(statuses))})"]
+        args: list[Any] = list(statuses)
+        for column, value in (("category", category), ("defect", defect)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        return list(self.db.query(f"select * from episodes where {' and '.join(where)} order by id",
+                                  args))
+
+    def requeue_finished(self, statuses: tuple[str, ...] = ("failed",),
+                         category: str | None = None, defect: str | None = None) -> list[dict]:
+        """Put finished episodes that wrote nothing back in the queue with a fresh try count
+        (after the cause was fixed: a model installed, a disk freed, thresholds changed).
+
+        Returns the rows as they were. Accepted episodes never go back: that would duplicate
+        samples. The jsonl views are marked for a rewrite, so the episodes leave rejected.jsonl.
+        """
+        allowed = {"failed", "rejected"}
+        if not statuses or not set(statuses) <= allowed:
+            raise ValueError(f"only {sorted(allowed)} episodes can be retried, not {statuses}")
+        with self.transaction():
+            rows = self.episodes_with_status(statuses, category, defect)
+            now = time.time()
+            for row in rows:
+                self.db.execute("update episodes set status = 'queued', attempts = 0, owner = null, "
+                                "queued_at = ?, finished_at = null, error = null, result = null "
+                                "where id = ?", [now, row["id"]])
+            if rows:
+                self.set("exports_dirty", True)
+        return rows
+
     def finish(self, episode_id: int, status: str, result: dict | None = None,
                seconds: float | None = None, batch: str | None = None,
                error: str | None = None) -> None:

@@ -43,7 +43,8 @@ GENERIC = frozenset(("defect", "flaw", "add", "photo", "image", "picture", "clos
                      "region", "area", "part", "single", "only"))
 
 # Framing that an inpainting model cannot use.
-_LEAD_IN = re.compile(r"^(?:in|on) (?:this|the) (?:photo|image|picture)\b[^,:;]*[,:;]?\s*", re.IGNORECASE)
+_LEAD_IN = re.compile(r"^(?:in|on) (?:this|the) (?:photo|image|picture)\b[^,:;]*[,:;]?\s*",
+                      re.IGNORECASE)
 _ONLY = re.compile(r"^(?:please\s+)?(?:change|edit|modify|alter)\s+only\s+", re.IGNORECASE)
 _VERB = re.compile(r"^(?:please\s+)?(?:add|create|draw|paint|introduce|insert|render|generate)\s+",
                    re.IGNORECASE)
@@ -102,7 +103,9 @@ def pipeline_encoders(pipeline, t5_length: int | None = None) -> tuple[TextEncod
     pipeline's ``max_sequence_length``); otherwise it is a CLIP with its tokenizer's window.
     """
     second_tokenizer = pipeline.tokenizer_2
-    first_tokenizer = pipeline.tokenizer or second_tokenizer  # an SDXL refiner has only the second
+    first_tokenizer = pipeline.tokenizer
+    if first_tokenizer is None:  # an SDXL refiner-style pipeline has only the second
+        first_tokenizer = second_tokenizer
     first = TextEncoder(first_tokenizer, int(first_tokenizer.model_max_length))
     if t5_length is not None:
         return first, TextEncoder(second_tokenizer, int(t5_length), sentences=True)

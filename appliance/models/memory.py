@@ -1,0 +1,310 @@
+"""A GPU memory budget for the engine: estimate what the chosen models need, change settings to fit.
+
+Everything here is an estimate from the manifest (weight file sizes and ``settings``) and a few
+constants, not a measurement on the GPU. "GB" means GiB (2**30 bytes), as in
+``bench/gpu_pipeline.py`` and nvidia-smi. The peak is modelled as
+
+    CUDA context + everything resident + 1.1 x the largest torch working set
+
+because the agent loop calls one model at a time and torch's caching allocator reuses one
+model's freed activations for the next (the 10 % is for fragmentation). onnxruntime and llama.cpp
+keep their own arenas, so their working memory counts as resident.
+
+Constants (bf16/fp16 unless said; ``bench/gpu_pipeline.py`` has the published configs):
+
+* KV cache of Qwen3-VL 4B and 8B: 36 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes = 144 KiB
+  per token (published config.json; both sizes share these numbers).
+* Prefill activations of one Qwen3-VL decoder layer: 96 KiB per token; measured on CPU as peak
+  RSS of a one-layer full-width model (~190 KiB/token in fp32, halved for bf16).
+* Prompt tokens per call (the benchmark's TokenPlan: a 3-attempt episode, 640x640 images at
+  ~402 tokens each): policy 6,150, prompt generation 850, quality evaluation 1,300; plus
+  ``max_new_tokens`` for the cache at the end of decoding.
+* NF4 (bitsandbytes, double quantization): 0.516 bytes per weight for the linear layers, which
+  hold 91 % of Qwen3-VL-4B's parameters (counted on the published config with transformers' skip
+  list); the embeddings/norms (9 %) stay in the compute dtype: ~0.32 x the bf16 size.
+* Diffusion, per painted pixel and request: the SDXL VAE decodes in fp32 (its config asks for
+  upcasting) at ~3,900 B/px and the UNet needs ~512 B/px for its two CFG samples; the Flux VAE
+  decodes in bf16 at ~1,950 B/px and its transformer needs ~384 B/px (96 KiB per 16x16 px token).
+  VAE and UNet figures: CPU peak-RSS measurements of the published architectures (fp32) at
+  256-512 px, scaled by area; in line with stable-diffusion.cpp's 2.5 GB fp16 VAE buffer at 1024 px.
+* MetaUAS at 256 px: 80 MiB per image pair (CPU measurement, fp32), 16 pairs per call.
+* llama.cpp: the f16 KV cache for all of ``n_ctx`` is allocated at load, plus ~0.5 GiB of
+  compute buffers; 36 layers (Qwen3-VL 4B/8B) share the model weights and cache evenly.
+* CUDA context, cuBLAS/cuDNN handles and onnxruntime's CUDA provider: 1 GiB.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath
+
+from appliance.models.manifest import FileEntry, ModelEntry
+
+GIB = 1024 ** 3
+KIB = 1024
+CUDA_CONTEXT = 1.0 * GIB
+FRAGMENTATION = 1.10
+QWEN_KV_PER_TOKEN = 144 * KIB
+QWEN_ACT_PER_TOKEN = 96 * KIB
+PROMPT_TOKENS = {"policy": 6150, "prompt_gen": 850, "quality_eval": 1300}
+NF4_BYTES, NF4_LINEAR_SHARE = 0.516, 0.91
+DENOISER_B_PER_PX = {"sdxl-inpaint": 512, "flux-fill": 384}
+VAE_B_PER_PX = {"sdxl-inpaint": 3900, "flux-fill": 1950}
+DENOISERS = ("unet", "transformer")
+METAUAS_PAIR, METAUAS_BATCH = 80 * 1024 ** 2, 16
+LLAMA_LAYERS, LLAMA_COMPUTE = 36, 0.5 * GIB
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1,
+               "F8_E5M2": 1, "float32": 4, "float16": 2, "bfloat16": 2}
+WEIGHTS = {"transformers": (".safetensors", ".bin"), "diffusers": (".safetensors", ".bin"),
+           "gguf": (".gguf",), "onnx": (".onnx", ".onnx.data", ".onnx_data")}
+
+
+def setting(config_class, settings: Mapping, name: str):
+    """``settings[name]`` or the backend's own default for it."""
+    if name in settings:
+        return settings[name]
+    default = next(f for f in fields(config_class) if f.name == name)
+    return default.default if default.default is not MISSING else default.default_factory()
+
+
+def weight_files(entry: ModelEntry, settings: Mapping) -> list[FileEntry]:
+    """The files the backend loads: weights of the chosen variant, safetensors before .bin."""
+    suffixes = WEIGHTS.get(entry.format, ())
+    files = [f for f in entry.files if f.path.endswith(suffixes)]
+    if entry.format == "diffusers":  # components live in sub-folders; a root file is a copy
+        files = [f for f in files if "/" in f.path]
+    if entry.format == "gguf" and (named := {settings.get("model"), settings.get("mmproj")} - {None}):
+        files = [f for f in files if f.path in named]
+    variant = settings.get("variant")
+    chosen = []
+    for folder in sorted({str(PurePosixPath(f.path).parent) for f in files}):
+        group = [f for f in files if str(PurePosixPath(f.path).parent) == folder]
+        tagged = [f for f in group if _variant(f.path) == variant]
+        group = tagged or group
+        for suffix in suffixes:  # the first format present wins (safetensors over .bin)
+            if same := [f for f in group if f.path.endswith(suffix)]:
+                chosen += same if suffix != ".onnx" else group
+                break
+    return chosen
+
+
+def _variant(path: str) -> str | None:
+    parts = PurePosixPath(path).name.split(".")
+    return next((p for p in parts[1:-1] if p in ("fp16", "bf16", "fp32")), None)
+
+
+def stored_bytes_per_weight(entry: FileEntry, folder: Path | None) -> float:
+    """From the safetensors header when the file is at hand, else its variant tag, else 2."""
+    path = folder / entry.path if folder else None
+    if path is not None and path.suffix == ".safetensors" and path.is_file():
+        with path.open("rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        sizes = [(t["data_offsets"][1] - t["data_offsets"][0], DTYPE_BYTES.get(t["dtype"], 2))
+                 for k, t in header.items() if k != "__metadata__"]
+        count = sum(n / b for n, b in sizes)
+        return sum(n for n, _ in sizes) / count if count else 2.0
+    return {"fp32": 4.0}.get(_variant(entry.path) or "", 2.0)
+
+
+@dataclass
+class ModelEstimate:
+    name: str
+    roles: tuple[str, ...]
+    backend: str
+    resident: float  # bytes on the GPU between calls
+    working: float  # bytes added while it runs (torch models; 0 for the others)
+    known: bool  # every weight file's size is in the manifest
+    overrides: dict = field(default_factory=dict)
+
+
+def estimate(entry: ModelEntry, roles: tuple[str, ...], overrides: Mapping | None = None,
+             folder: Path | None = None) -> ModelEstimate:
+    """GPU bytes of one model with its manifest settings plus ``overrides``."""
+    from appliance.policies.qwen_llamacpp import LlamaCppVLMConfig
+    from appliance.policies.qwen_transformers import TransformersVLMConfig
+    from appliance.tools.image_gen.diffusers_inpaint import KINDS, InpaintSettings
+
+    overrides = dict(overrides or {})
+    settings = {**entry.settings, **overrides}
+    files = weight_files(entry, settings)
+    known = bool(files) and all(f.size is not None for f in files)
+    stored = {f.path: (f.size or 0, stored_bytes_per_weight(f, folder)) for f in files}
+    backend = entry.backends[roles[0]]
+    resident = working = 0.0
+    if entry.format == "transformers":
+        params = sum(size / per for size, per in stored.values())
+        run = DTYPE_BYTES.get(setting(TransformersVLMConfig, settings, "dtype"), 2)
+        nf4 = setting(TransformersVLMConfig, settings, "quantization") == "nf4"
+        resident = params * (NF4_LINEAR_SHARE * NF4_BYTES + (1 - NF4_LINEAR_SHARE) * run
+                             if nf4 else run)
+        batch = setting(TransformersVLMConfig, settings, "max_batch")
+        new = setting(TransformersVLMConfig, settings, "max_new_tokens")
+        prompt = max(PROMPT_TOKENS.get(role, 0) for role in roles)
+        working = batch * max(prompt * (QWEN_KV_PER_TOKEN + QWEN_ACT_PER_TOKEN),
+                              (prompt + new) * QWEN_KV_PER_TOKEN)
+    elif entry.format == "diffusers":
+        kind = KINDS.get(backend)
+        config = InpaintSettings(**{**(asdict(kind.defaults) if kind else {}), **settings})
+        run = DTYPE_BYTES.get(config.dtype or (kind.gpu_dtype if kind else "float16"), 2)
+        parts: dict[str, float] = {}
+        for path, (size, per) in stored.items():
+            part = path.split("/")[0]
+            parts[part] = parts.get(part, 0.0) + size / per * run
+        pixels = config.max_batch * config.resolution ** 2
+        act = {p: pixels * (DENOISER_B_PER_PX.get(backend, 512) if p in DENOISERS else
+                            VAE_B_PER_PX.get(backend, 3900) if p == "vae" else 0) for p in parts}
+        if config.offload:  # model CPU offload: only the running component is on the GPU
+            working = max((parts[p] + act[p] for p in parts), default=0.0)
+        else:
+            resident, working = sum(parts.values()), max(act.values(), default=0.0)
+    elif entry.format == "gguf":
+        layers = setting(LlamaCppVLMConfig, settings, "n_gpu_layers")
+        share = 1.0 if layers < 0 else min(layers, LLAMA_LAYERS) / LLAMA_LAYERS
+        vision = setting(LlamaCppVLMConfig, settings, "use_gpu_for_vision")
+        mmproj = sum(s for p, (s, _) in stored.items() if "mmproj" in p.lower())
+        model = sum(s for s, _ in stored.values()) - mmproj
+        cache = setting(LlamaCppVLMConfig, settings, "n_ctx") * QWEN_KV_PER_TOKEN
+        resident = share * (model + cache) + (mmproj if vision else 0) + LLAMA_COMPUTE
+    elif entry.format == "onnx":
+        side = settings.get("input_size", 256)
+        resident = sum(s for s, _ in stored.values()) + METAUAS_BATCH * METAUAS_PAIR * (side / 256) ** 2
+    return ModelEstimate(entry.name, roles, backend, resident, working, known, overrides)
+
+
+def peak(models: list[ModelEstimate]) -> float:
+    if not models:
+        return 0.0
+    return (CUDA_CONTEXT + sum(m.resident for m in models)
+            + FRAGMENTATION * max((m.working for m in models), default=0.0))
+
+
+def gb(value: float) -> str:
+    return f"{value / GIB:.1f} GB"
+
+
+@dataclass
+class MemoryPlan:
+    budget_gb: float
+    before: list[ModelEstimate]  # with the manifest's settings
+    after: list[ModelEstimate]  # with the plan's overrides
+    fits: bool
+    message: str
+
+    @property
+    def before_gb(self) -> float:
+        return peak(self.before) / GIB
+
+    @property
+    def after_gb(self) -> float:
+        return peak(self.after) / GIB
+
+    @property
+    def overrides(self) -> dict[str, dict]:
+        """{entry name: {setting: value}} to lay over each entry's manifest ``settings``."""
+        return {m.name: dict(m.overrides) for m in self.after if m.overrides}
+
+    def settings(self, entry: ModelEntry) -> dict:
+        return {**entry.settings, **self.overrides.get(entry.name, {})}
+
+    def lines(self) -> list[str]:
+        rows = [f"GPU memory: {self.after_gb:.1f} of {self.budget_gb:.1f} GB (before changes "
+                + f"{self.before_gb:.1f} GB) - {self.message}"]
+        for old, new in zip(self.before, self.after):
+            now = f"{gb(old.resident)} + {gb(old.working)} while running"
+            if new.overrides:
+                changes = ", ".join(f"{k}={v}" for k, v in new.overrides.items())
+                now += f" -> {gb(new.resident)} + {gb(new.working)}: {changes}"
+            size = "" if new.known else " (weight sizes unknown: not counted)"
+            rows.append(f"  {new.name:<24} {'+'.join(new.roles):<28} {now}{size}")
+        return rows
+
+    def as_dict(self) -> dict:
+        models = [{"name": n.name, "roles": list(n.roles), "backend": n.backend,
+                   "before_gb": round((o.resident + o.working) / GIB, 2),
+                   "resident_gb": round(n.resident / GIB, 2),
+                   "working_gb": round(n.working / GIB, 2), "known": n.known,
+                   "overrides": n.overrides} for o, n in zip(self.before, self.after)]
+        return {"budget_gb": self.budget_gb, "before_gb": round(self.before_gb, 2),
+                "after_gb": round(self.after_gb, 2), "fits": self.fits, "message": self.message,
+                "models": models}
+
+
+def plan_memory(models: Mapping[str, ModelEntry], budget_gb: float, device: str = "cuda",
+                models_dir: Path | None = None) -> MemoryPlan:
+    """What to change so the models serving ``models`` (role -> entry) fit in ``budget_gb``.
+
+    Changes, in this order, each only while the total is over budget: (1) diffusion pipelines
+    to model CPU offload; (2) transformers VLMs to NF4, largest first; (3) halve ``max_batch``
+    of the model with the largest working set (diffusion or VLM), down to 1; (4) llama.cpp
+    models keep fewer layers on the GPU (``n_gpu_layers``: by far the slowest, so last).
+    ``models_dir`` (optional) lets the estimate read dtypes from the safetensors headers.
+    """
+    from appliance.policies.qwen_llamacpp import LlamaCppVLMConfig
+    from appliance.policies.qwen_transformers import TransformersVLMConfig
+    from appliance.tools.image_gen.diffusers_inpaint import InpaintSettings
+
+    if device == "cpu" or not models:
+        return MemoryPlan(budget_gb, [], [], True, "no model runs on a GPU")
+    roles: dict[str, list[str]] = {}
+    entries: dict[str, ModelEntry] = {}
+    for role, entry in models.items():  # one estimate per entry: shared weights load once
+        roles.setdefault(entry.name, []).append(role)
+        entries[entry.name] = entry
+    configs = {"diffusers": InpaintSettings, "transformers": TransformersVLMConfig,
+               "gguf": LlamaCppVLMConfig}
+
+    def change(name: str, **overrides) -> None:
+        folder = Path(models_dir) / name if models_dir else None
+        old = plan[name].overrides if name in plan else {}
+        plan[name] = estimate(entries[name], tuple(roles[name]), {**old, **overrides}, folder)
+
+    def value(name: str, key: str):
+        return setting(configs[entries[name].format],
+                       {**entries[name].settings, **plan[name].overrides}, key)
+
+    def over() -> bool:
+        return peak(list(plan.values())) > budget_gb * GIB
+
+    def of_format(fmt: str) -> list[str]:
+        return sorted((n for n in entries if entries[n].format == fmt),
+                      key=lambda n: -(plan[n].resident + plan[n].working))
+
+    plan: dict[str, ModelEstimate] = {}
+    for name in entries:
+        change(name)
+    before = list(plan.values())
+    for name in of_format("diffusers"):
+        if over() and not value(name, "offload"):
+            change(name, offload=True)
+    for name in of_format("transformers"):
+        if over() and value(name, "quantization") == "none":
+            change(name, quantization="nf4")
+    while over() and (batched := [n for n in entries if entries[n].format in
+                                  ("diffusers", "transformers") and value(n, "max_batch") > 1]):
+        name = max(batched, key=lambda n: plan[n].working)
+        change(name, max_batch=value(name, "max_batch") // 2)
+    for name in of_format("gguf"):
+        layers = value(name, "n_gpu_layers")
+        layers = LLAMA_LAYERS if layers < 0 else min(layers, LLAMA_LAYERS)
+        while over() and layers > 0:
+            layers -= 1
+            change(name, n_gpu_layers=layers)
+    after = list(plan.values())
+    if not over():
+        message = "fits" + (" after the changes below" if any(m.overrides for m in after) else "")
+    else:
+        top = sorted(after, key=lambda m: -(m.resident + m.working))[:3]
+        message = (f"does not fit in {budget_gb:.1f} GB even after every change (needs about "
+                   f"{peak(after) / GIB:.1f} GB); biggest: " + ", ".join(
+                       f"{m.name} ({gb(m.resident)} resident + {gb(m.working)} while running)"
+                       for m in top))
+    return MemoryPlan(budget_gb, before, after, not over(), message)
+
+
+def chosen_models(choice) -> dict[str, ModelEntry]:
+    """role -> installed entry from an ``EngineChoice`` (roles on built-in backends left out)."""
+    entries = {status.entry.name: status.entry for status in choice.statuses}
+    return {role: entries[c.model] for role, c in choice.roles.items() if c.model in entries}
