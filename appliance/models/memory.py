@@ -22,11 +22,12 @@ Constants (bf16/fp16 unless said; ``bench/gpu_pipeline.py`` has the published co
 * NF4 (bitsandbytes, double quantization): 0.516 bytes per weight for the linear layers, which
   hold 91 % of Qwen3-VL-4B's parameters (counted on the published config with transformers' skip
   list); the embeddings/norms (9 %) stay in the compute dtype: ~0.32 x the bf16 size.
-* Diffusion, per painted pixel and request: the SDXL VAE decodes in fp32 (its config asks for
-  upcasting) at ~3,900 B/px and the UNet needs ~512 B/px for its two CFG samples; the Flux VAE
-  decodes in bf16 at ~1,950 B/px and its transformer needs ~384 B/px (96 KiB per 16x16 px token).
-  VAE and UNet figures: CPU peak-RSS measurements of the published architectures (fp32) at
-  256-512 px, scaled by area; in line with stable-diffusion.cpp's 2.5 GB fp16 VAE buffer at 1024 px.
+* Diffusion, per painted pixel and request (the pipeline paints the whole batch at once):
+  SDXL's VAE config sets force_upcast, so it decodes in fp32 at ~3,900 B/px; its UNet needs
+  ~512 B/px for the two CFG samples (the fp32 figure, kept as margin); the Flux VAE decodes in
+  bf16 at ~1,950 B/px and its transformer needs ~384 B/px (96 KiB per 16x16 px token). All are
+  CPU peak-RSS measurements of the published architectures in fp32 at 256-512 px, scaled by
+  area; stable-diffusion.cpp reports a similar 2.5 GB fp16 VAE buffer at 1024 px.
 * MetaUAS at 256 px: 80 MiB per image pair (CPU measurement, fp32), 16 pairs per call.
 * llama.cpp: the f16 KV cache for all of ``n_ctx`` is allocated at load, plus ~0.5 GiB of
   compute buffers; 36 layers (Qwen3-VL 4B/8B) share the model weights and cache evenly.
@@ -192,14 +193,11 @@ class MemoryPlan:
     after: list[ModelEstimate]  # with the plan's overrides
     fits: bool
     message: str
+    before_gb: float = field(init=False)  # estimated peaks
+    after_gb: float = field(init=False)
 
-    @property
-    def before_gb(self) -> float:
-        return peak(self.before) / GIB
-
-    @property
-    def after_gb(self) -> float:
-        return peak(self.after) / GIB
+    def __post_init__(self) -> None:
+        self.before_gb, self.after_gb = peak(self.before) / GIB, peak(self.after) / GIB
 
     @property
     def overrides(self) -> dict[str, dict]:
@@ -222,14 +220,14 @@ class MemoryPlan:
         return rows
 
     def as_dict(self) -> dict:
-        models = [{"name": n.name, "roles": list(n.roles), "backend": n.backend,
-                   "before_gb": round((o.resident + o.working) / GIB, 2),
-                   "resident_gb": round(n.resident / GIB, 2),
-                   "working_gb": round(n.working / GIB, 2), "known": n.known,
-                   "overrides": n.overrides} for o, n in zip(self.before, self.after)]
+        """For JSON logs: byte counts in GB, rounded."""
+        def row(m: ModelEstimate) -> dict:
+            return {**asdict(m), "resident": round(m.resident / GIB, 2),
+                    "working": round(m.working / GIB, 2)}
+
         return {"budget_gb": self.budget_gb, "before_gb": round(self.before_gb, 2),
                 "after_gb": round(self.after_gb, 2), "fits": self.fits, "message": self.message,
-                "models": models}
+                "before": [row(m) for m in self.before], "after": [row(m) for m in self.after]}
 
 
 def plan_memory(models: Mapping[str, ModelEntry], budget_gb: float, device: str = "cuda",
