@@ -230,7 +230,7 @@ def test_generator_uses_the_knowledge_base_family(generator):
                 ])]
     results = generator.generate(requests)
     assert [r.params["family"] for r in results] == ["hole", "missing", "crack", "dent"]
-    for request, result in zip(requests, results):
+    for _request, result in zip(requests, results):
         assert result.mask is not None and result.mask.any()
         assert np.array_equal(result.image[~result.mask], image[~result.mask])
         assert mask_iou(result.mask, changed_pixels(image, result.image)) >= 0.85

@@ -175,7 +175,7 @@ class VLMQualityEvaluator:
         replies: list[list[str]] = [[] for _ in requests]
         judgements: list[Judgement | None] = [None] * len(requests)
         pending = list(range(len(requests)))
-        for attempt in range(1 + self.retries):
+        for _attempt in range(1 + self.retries):
             if not pending:
                 break
             texts = self.runtime.chat([chats[i] for i in pending], max_new_tokens=self.max_new_tokens)
