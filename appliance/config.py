@@ -66,6 +66,9 @@ class EngineSection:
     knowledge: str | None = _opt(None, "override the knowledge retrieval backend")
     mask_gen: str | None = _opt(None, "override the mask generation backend")
     max_attempts: int = _opt(3, "image generation attempts per episode", min=1, max=10)
+    gpu_memory_gb: float | None = _opt(None, "GPU memory the models must fit in, GiB (default: "
+                                             "all of the GPU); settings change to fit", min=1,
+                                       max=1024)
     workers: int = _opt(1, "worker processes, each with the engine resident", min=1, max=64)
     chunk: int = _opt(4, "episodes that step together (one batched call per tool)", min=1, max=256)
     seed: int = _opt(0, "base seed; episode seeds derive from it and the photo's content", min=0)
@@ -180,6 +183,7 @@ class Config:
         if knowledge_base is not None and not knowledge_base.is_absolute():
             knowledge_base = self.root / knowledge_base
         return replace(base, env=env, cache_dir=self.path("cache"),
+                       gpu_memory_gb=self.engine.gpu_memory_gb,
                        knowledge_base=knowledge_base or base.knowledge_base)
 
     def category_spec(self, category: str) -> CategorySection | None:

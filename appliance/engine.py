@@ -7,6 +7,7 @@ Factories import their backend lazily so that a CPU box never imports a GPU libr
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any, Callable
 from appliance.agent.environment import AgentEnvironment, EnvConfig, Toolbox
 from appliance.knowledge import KnowledgeBase, load_knowledge_base
 from appliance.policies.base import Policy
+
+log = logging.getLogger(__name__)
 
 ROLES = ("policy", "prompt_gen", "image_gen", "quality_eval", "knowledge", "mask_gen")
 
@@ -34,6 +37,11 @@ class EngineConfig:
     cache_dir: Path | None = None  # None: $APPLIANCE_CACHE or ~/.cache/appliance
     models_dir: Path | None = None  # None: $APPLIANCE_MODELS or the default (models/manifest.py)
     env: EnvConfig = field(default_factory=EnvConfig)
+    # The GPU memory the models must fit in (GiB); None: all of the GPU. See plan_gpu_memory.
+    gpu_memory_gb: float | None = None
+    # Per installed model (manifest name), settings that replace the manifest's: what the
+    # memory plan changed (offload, NF4, smaller batches).
+    model_settings: dict[str, dict] = field(default_factory=dict)
 
     def backend_names(self) -> dict[str, str]:
         return {role: getattr(self, role) for role in ROLES}
@@ -90,9 +98,13 @@ def _installed_model(ctx: BuildContext, role: str, backend: str):
     from appliance.models.manifest import ManifestError, model_for
 
     try:
-        return model_for(getattr(ctx.config, "models_dir", None), role, backend)
+        entry, folder = model_for(ctx.config.models_dir, role, backend)
     except (FileNotFoundError, ManifestError) as exc:
         raise EngineError(f"{role} backend {backend!r}: {exc}") from exc
+    changed = ctx.config.model_settings.get(entry.name)
+    if changed:
+        entry = replace(entry, settings={**entry.settings, **changed})
+    return entry, folder
 
 
 # A tiny random-weight model cannot follow the protocol; its manifest entry says
@@ -246,6 +258,42 @@ def resolve_engine_config(name: str = "auto", *, models_dir: Path | None = None,
     return config, reasons
 
 
+def model_roles(config: EngineConfig) -> dict[str, str]:
+    """role -> backend for the roles played by installed models (not by built-in backends)."""
+    defaults = EngineConfig()
+    return {role: backend for role, backend in config.backend_names().items()
+            if backend != getattr(defaults, role)}
+
+
+def plan_gpu_memory(config: EngineConfig, device: str | None = None):
+    """What the installed models of ``config`` need on the GPU, and what to change to fit.
+
+    ``device`` None: CUDA when torch sees it (the plan is empty on a CPU-only box). The budget
+    is ``config.gpu_memory_gb``, else the GPU's total memory.
+    """
+    from appliance.models.manifest import ManifestError, model_for
+    from appliance.models.memory import GIB, plan_memory
+
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = config.gpu_memory_gb
+    if budget is None and device.startswith("cuda"):
+        import torch
+
+        budget = torch.cuda.mem_get_info()[1] / GIB
+    models = {}
+    for role, backend in model_roles(config).items():
+        try:
+            entry, _ = model_for(config.models_dir, role, backend)
+        except (FileNotFoundError, ManifestError):
+            continue  # build_engine says what is missing
+        models[role] = replace(entry, settings={**entry.settings,
+                                                **config.model_settings.get(entry.name, {})})
+    return plan_memory(models, budget or 0.0, device=device, models_dir=config.models_dir)
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("APPLIANCE_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "appliance"
@@ -258,6 +306,7 @@ class Engine:
     tools: Toolbox
     environment: AgentEnvironment
     knowledge_base: KnowledgeBase
+    memory: Any = None  # the GPU memory plan it was built with (appliance.models.memory)
 
     def describe(self) -> dict:
         """What runs, for the console and for every manifest line."""
@@ -278,6 +327,16 @@ def build_engine(config: EngineConfig | None = None) -> Engine:
         if name not in BACKENDS[role]:
             raise EngineError(f"unknown {role} backend {name!r}; available: "
                               f"{', '.join(sorted(BACKENDS[role]))}")
+    memory = None
+    if model_roles(config):
+        memory = plan_gpu_memory(config)
+        if not memory.fits:
+            raise EngineError(memory.message)
+        log.info("GPU memory plan: %s", "; ".join(memory.lines()))
+        names = set(config.model_settings) | set(memory.overrides)
+        config = replace(config, model_settings={
+            name: {**config.model_settings.get(name, {}), **memory.overrides.get(name, {})}
+            for name in names})
     knowledge_base = load_knowledge_base(config.knowledge_base)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     ctx = BuildContext(config, knowledge_base, cache_dir)
@@ -286,4 +345,5 @@ def build_engine(config: EngineConfig | None = None) -> Engine:
                     quality_eval=built["quality_eval"], knowledge=built["knowledge"],
                     mask_gen=built["mask_gen"])
     return Engine(config=config, policy=built["policy"], tools=tools,
-                  environment=AgentEnvironment(tools, config.env), knowledge_base=knowledge_base)
+                  environment=AgentEnvironment(tools, config.env), knowledge_base=knowledge_base,
+                  memory=memory)

@@ -135,3 +135,27 @@ def test_unknown_backend_override_is_refused(site):
                      "--backend", "policy", env=env)
     assert done.returncode == 2 and "is not ROLE=BACKEND" in done.stderr
     assert not (root / "never").exists()
+
+
+def test_gpu_memory_plan_is_shown_and_applied(site):
+    from dataclasses import replace
+
+    from appliance.engine import build_engine, plan_gpu_memory, resolve_engine_config
+
+    root, env = site
+    listed = appliance("models", "list", "--gpu-memory", "24", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "GPU memory:" in listed.stdout and "of 24.0 GB" in listed.stdout and "- fits" in listed.stdout
+    assert "qwen3-vl-tiny            policy+prompt_gen+quality_eval" in listed.stdout
+    config, _ = resolve_engine_config("auto", models_dir=root / "models")
+    too_small = plan_gpu_memory(replace(config, gpu_memory_gb=1.0), device="cuda")
+    assert not too_small.fits and "does not fit in 1.0 GB" in too_small.message
+    # Whatever the plan changes reaches the backend through the engine's model settings.
+    config = replace(config, model_settings={"sdxl-inpaint-tiny": {"steps": 1, "max_batch": 1}})
+    engine = build_engine(config)
+    try:
+        assert engine.tools.image_gen.settings.steps == 1
+        assert engine.tools.image_gen.settings.max_batch == 1
+        assert engine.memory is not None and engine.memory.before == []  # no GPU here
+    finally:
+        engine.close()

@@ -25,17 +25,27 @@ def _parse_backends(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _engine_config(engine: str, knowledge_base: Path | None, max_attempts: int | None,
-                   backends: tuple[str, ...] = (), quiet: bool = False) -> EngineConfig:
-    """The engine to build, with the reason for each backend printed to stderr."""
+                   backends: tuple[str, ...] = (), gpu_memory: float | None = None,
+                   quiet: bool = False) -> EngineConfig:
+    """The engine to build, with the reason for each backend and the GPU memory plan printed
+    to stderr."""
+    from appliance.engine import model_roles, plan_gpu_memory
+
     try:
         base, reasons = resolve_engine_config(engine, overrides=_parse_backends(backends))
     except EngineError as exc:
         raise click.BadParameter(str(exc), param_hint="--engine/--backend") from exc
-    if not quiet:
-        for role, backend in base.backend_names().items():
-            click.echo(f"  {role:13s} {backend:18s} {reasons[role]}", err=True)
     env = replace(base.env, max_image_gen=max_attempts or base.env.max_image_gen)
-    return replace(base, env=env, knowledge_base=knowledge_base or base.knowledge_base)
+    config = replace(base, env=env, knowledge_base=knowledge_base or base.knowledge_base,
+                     gpu_memory_gb=gpu_memory)
+    if not quiet:
+        for role, backend in config.backend_names().items():
+            click.echo(f"  {role:13s} {backend:18s} {reasons[role]}", err=True)
+        plan = plan_gpu_memory(config) if model_roles(config) else None
+        if plan is not None and plan.before:
+            for line in plan.lines():
+                click.echo(line, err=True)
+    return config
 
 
 def _engine_options(command):
@@ -51,6 +61,10 @@ def _engine_options(command):
                                               "or $APPLIANCE_KNOWLEDGE_BASE).")(command)
     command = click.option("--max-attempts", type=click.IntRange(1, 10), default=None,
                            help="Image generation attempts per episode (default 3).")(command)
+    command = click.option("--gpu-memory", type=click.FloatRange(1, 1024), default=None,
+                           metavar="GB", help="GPU memory the models must fit in (default: all "
+                           "of the GPU); settings change to fit (offload, 4-bit, smaller batches)."
+                           )(command)
     return command
 
 
@@ -96,7 +110,8 @@ def print_trajectory(messages: list[dict], width: int = 100) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @_engine_options
 def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine: str,
-          backends: tuple[str, ...], knowledge_base: Path | None, max_attempts: int | None) -> None:
+          backends: tuple[str, ...], knowledge_base: Path | None, max_attempts: int | None,
+          gpu_memory: float | None) -> None:
     """Run one episode on IMAGE and print its trajectory."""
     from appliance.agent.environment import EpisodeSpec
     from appliance.dataset.trajectory import save_trajectory
@@ -110,7 +125,8 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
     except ImageReadError as exc:
         raise click.ClickException(f"{image}: {exc}") from exc
     try:
-        built = build_engine(_engine_config(engine, knowledge_base, max_attempts, backends))
+        built = build_engine(_engine_config(engine, knowledge_base, max_attempts, backends,
+                                            gpu_memory))
     except EngineError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_engine(built.describe())
@@ -147,7 +163,7 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
 @_engine_options
 def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed: int,
           workers: int, chunk: int, no_progress: bool, engine: str, backends: tuple[str, ...],
-          knowledge_base: Path | None, max_attempts: int | None) -> None:
+          knowledge_base: Path | None, max_attempts: int | None, gpu_memory: float | None) -> None:
     """Turn INBOX/<category>/* photos of normal parts into a labeled defect dataset.
 
     Each category folder may hold a spec.toml (defects = [...], per_image = N,
@@ -158,7 +174,13 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     from appliance.batch import InboxError, run_batch
     from appliance.storage import DiskFullError
 
-    config = _engine_config(engine, knowledge_base, max_attempts, backends)
+    config = _engine_config(engine, knowledge_base, max_attempts, backends, gpu_memory)
+    from appliance.engine import model_roles
+
+    if workers > 1 and model_roles(config):
+        click.echo(f"note: each of the {workers} workers loads its own copy of the models "
+                   "(the memory plan counts one); on one GPU, use --workers 1 and batch with "
+                   "--chunk", err=True)
     click.echo(f"engine {config.name}: " + ", ".join(
         f"{k}={v}" for k, v in config.backend_names().items()), err=True)
     bar = None

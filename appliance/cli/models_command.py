@@ -99,8 +99,14 @@ def verify_command(models_dir: Path | None) -> None:
 
 @models_group.command("list")
 @_models_dir_option
-def list_command(models_dir: Path | None) -> None:
+@click.option("--gpu-memory", type=click.FloatRange(1, 1024), default=None, metavar="GB",
+              help="Also plan GPU memory for a GPU of this size (works on any machine): what "
+                   "each model needs and which settings change to fit.")
+def list_command(models_dir: Path | None, gpu_memory: float | None) -> None:
     """Installed models, the roles they satisfy, and which engine will run and why."""
+    from dataclasses import replace
+
+    from appliance.engine import model_roles, plan_gpu_memory
     from appliance.models.manifest import ManifestError, load_installed, select_engine
 
     target = _models_dir(models_dir)
@@ -124,3 +130,11 @@ def list_command(models_dir: Path | None) -> None:
     click.echo(f"engine that will run: {choice.name}")
     for role, pick in choice.roles.items():
         click.echo(f"  {role:13s} {pick.backend:20s} {pick.reason}")
+    config = choice.engine_config()
+    if model_roles(config):
+        plan = plan_gpu_memory(replace(config, gpu_memory_gb=gpu_memory),
+                               device="cuda" if gpu_memory else None)
+        if plan.before:
+            click.echo("\n".join(plan.lines()))
+        elif gpu_memory is None:
+            click.echo("GPU memory: no GPU here; plan for one with --gpu-memory GB")

@@ -22,7 +22,8 @@ Constants (bf16/fp16 unless said; ``bench/gpu_pipeline.py`` has the published co
 * NF4 (bitsandbytes, double quantization): 0.516 bytes per weight for the linear layers, which
   hold 91 % of Qwen3-VL-4B's parameters (counted on the published config with transformers' skip
   list); the embeddings/norms (9 %) stay in the compute dtype: ~0.32 x the bf16 size.
-* Diffusion, per painted pixel and request (the pipeline paints the whole batch at once):
+* Diffusion, per painted pixel (the denoiser runs the whole batch at once; the VAE decodes one
+  image at a time because the backend enables VAE slicing):
   SDXL's VAE config sets force_upcast, so it decodes in fp32 at ~3,900 B/px; its UNet needs
   ~512 B/px for the two CFG samples (the fp32 figure, kept as margin); the Flux VAE decodes in
   bf16 at ~1,950 B/px and its transformer needs ~384 B/px (96 KiB per 16x16 px token). All are
@@ -110,6 +111,23 @@ def stored_bytes_per_weight(entry: FileEntry, folder: Path | None) -> float:
     return {"fp32": 4.0}.get(_variant(entry.path) or "", 2.0)
 
 
+def qwen_per_token(folder: Path | None) -> tuple[float, float]:
+    """(KV cache, prefill activation) bytes per token: from the model's own config.json when it
+    is at hand (layers x KV heads x head size), else Qwen3-VL-4B's published figures."""
+    path = folder / "config.json" if folder else None
+    if path is None or not path.is_file():
+        return QWEN_KV_PER_TOKEN, QWEN_ACT_PER_TOKEN
+    text = json.loads(path.read_text()).get("text_config", {})
+    try:
+        layers, heads = text["num_hidden_layers"], text["num_key_value_heads"]
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        hidden = text["hidden_size"]
+    except KeyError:
+        return QWEN_KV_PER_TOKEN, QWEN_ACT_PER_TOKEN
+    # The activation figure was measured on one 2,560-wide layer; it scales with the width.
+    return layers * heads * head_dim * 2 * 2, QWEN_ACT_PER_TOKEN * hidden / 2560
+
+
 @dataclass
 class ModelEstimate:
     name: str
@@ -144,8 +162,8 @@ def estimate(entry: ModelEntry, roles: tuple[str, ...], overrides: Mapping | Non
         batch = setting(TransformersVLMConfig, settings, "max_batch")
         new = setting(TransformersVLMConfig, settings, "max_new_tokens")
         prompt = max(PROMPT_TOKENS.get(role, 0) for role in roles)
-        working = batch * max(prompt * (QWEN_KV_PER_TOKEN + QWEN_ACT_PER_TOKEN),
-                              (prompt + new) * QWEN_KV_PER_TOKEN)
+        kv, act = qwen_per_token(folder)
+        working = batch * max(prompt * (kv + act), (prompt + new) * kv)
     elif entry.format == "diffusers":
         kind = KINDS.get(backend)
         config = InpaintSettings(**{**(asdict(kind.defaults) if kind else {}), **settings})
@@ -155,8 +173,10 @@ def estimate(entry: ModelEntry, roles: tuple[str, ...], overrides: Mapping | Non
             part = path.split("/")[0]
             parts[part] = parts.get(part, 0.0) + size / per * run
         pixels = config.max_batch * config.resolution ** 2
-        act = {p: pixels * (DENOISER_B_PER_PX.get(backend, 512) if p in DENOISERS else
-                            VAE_B_PER_PX.get(backend, 3900) if p == "vae" else 0) for p in parts}
+        # The VAE decodes one image at a time (the backend enables VAE slicing).
+        act = {p: (pixels * DENOISER_B_PER_PX.get(backend, 512) if p in DENOISERS else
+                   config.resolution ** 2 * VAE_B_PER_PX.get(backend, 3900) if p == "vae" else 0)
+               for p in parts}
         if config.offload:  # model CPU offload: only the running component is on the GPU
             working = max((parts[p] + act[p] for p in parts), default=0.0)
         else:

@@ -1,22 +1,29 @@
 """MetaUAS in our own torch code, its checkpoint loader and its ONNX export.
 
-MetaUAS (gaobb/MetaUAS, MIT) segments what changed between a normal "prompt" image and a
-"query" image. Upstream ships torch checkpoints only and builds the network from a fork of
-segmentation_models_pytorch, so the appliance owns the network definition and the export: on a
-connected machine ``export_checkpoint`` loads ``metauas-256.ckpt`` into this module, writes an
-ONNX graph with a dynamic batch axis and checks it against torch; the bundle ships the ``.onnx``.
+MetaUAS (gaobb/MetaUAS, code MIT) segments what changed between a normal "prompt" image and a
+"query" image. Upstream ships torch checkpoints only and builds the network from libraries
+(segmentation_models_pytorch from a fork, efficientnet_pytorch) that the appliance does not
+carry, so the appliance owns the network definition and the export: on a connected machine
+``export_checkpoint`` loads ``metauas-256.ckpt`` into this module, writes an ONNX graph with a
+dynamic batch axis and checks it against torch; the bundle ships the ``.onnx``.
 
-The shape follows upstream's configuration (encoder ``efficientnet-b4``, UNet decoder of depth
-5 with scSE attention, soft alignment with concatenation on the three deepest feature maps):
+The module tree mirrors what upstream's ``metauas.py`` builds with the released settings
+(``efficientnet-b4`` encoder of depth 5, ``unet`` decoder of depth 5, three soft-alignment
+layers fused by concatenation), because the checkpoint's state-dict keys are the contract:
 
-* encoder: EfficientNet (MBConv blocks with squeeze-excitation, TF "same" padding fixed at
-  construction time from a reference image size, 380 px for b4), parameter names as in
-  ``efficientnet_pytorch`` so the published state dict loads by name;
-* alignment: for each of the three deepest query features, attention over all prompt positions
-  (1x1 conv projections, softmax over prompt positions) gathers the matching prompt features,
-  which are concatenated to the query features;
-* decoder: five upsampling blocks (nearest x2, concat skip, scSE, conv-bn-relu x2, scSE) and a
-  1x1 mask head; output is the sigmoid anomaly probability at input resolution.
+* encoder: efficientnet_pytorch 0.6.3's EfficientNet-B4 (the version segmentation_models_pytorch
+  0.2.x pins) with the classifier ``_fc`` deleted and the unused ``_conv_head``/``_bn1`` kept.
+  0.6.3 computes every conv's TensorFlow "same" padding once, from the model's nominal image
+  size (380 px for b4), whatever the block's real input size; later efficientnet_pytorch
+  releases track the size per block, which shifts one downsampling by a pixel. We follow 0.6.3.
+* alignment: for each of the three deepest query maps, a shared 1x1 projection of query and
+  prompt, softmax over all prompt positions (no temperature), the prompt features gathered with
+  those weights and concatenated after the query features.
+* decoder: the UNet decoder of the change-detection fork of segmentation_models_pytorch
+  (ragavsachdeva/segmentation_models.pytorch, as in "The Change You Want to See"): the three
+  aligned maps enter with doubled width, each block is nearest x2 upsampling, concat skip,
+  scSE, conv-bn-relu x2, scSE, and the last block (no skip) has no attention at all.
+* head: a 1x1 conv to one channel, sigmoid: the anomaly probability at input resolution.
 
 The exported graph takes two float32 tensors ``prompt`` and ``query`` (N, 3, S, S) with values
 in [0, 1] (ImageNet normalisation happens inside) and returns ``anomaly`` (N, 1, S, S) in [0, 1].
@@ -41,26 +48,36 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 B0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
              (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
 SE_RATIO = 0.25
+STEM_FILTERS = 32
+HEAD_FILTERS = 1280
 # Feature maps handed to the decoder: after the stem and after stages 2, 3, 5 and 7 (as smp).
 FEATURE_STAGES = (1, 2, 4, 6)
+
+# The two published checkpoints: the authors' Hugging Face Space csgaobb/MetaUAS, commit 4dbc3fd
+# ("add model weights with Git LFS"), files weights/metauas-{256,512}.ckpt; the sha256 is the
+# Git LFS oid shown there.
+PUBLISHED_CHECKPOINTS = {
+    "73c0a43a6c7282b25b6a70bc97ecb32ad74d588d0099278618494f4afc99cdd1": ("metauas-256.ckpt", 256),
+    "4fd676e623c0362e6c358432ac0c4850388540a086c4921526752da0b769199c": ("metauas-512.ckpt", 512),
+}
+PUBLISHED_CHECKPOINT_BYTES = 89318681
 
 
 @dataclass(frozen=True)
 class MetaUASConfig:
     width: float = 1.4  # EfficientNet-b4 width multiplier
     depth: float = 1.8  # EfficientNet-b4 depth multiplier
-    padding_reference: int = 380  # the image size b4's static "same" padding was computed for
+    padding_reference: int = 380  # b4's nominal image size: every conv's static padding uses it
     input_size: int = 256  # the exported graph's spatial size (256 or 512 for the checkpoints)
     alignment_layers: int = 3
     decoder_channels: tuple[int, ...] = (256, 128, 64, 64, 48)
     scse_reduction: int = 16
-    head_channels: int = 1280  # EfficientNet's unused conv head, kept so the state dict matches
 
     @classmethod
     def tiny(cls, input_size: int = 128) -> "MetaUASConfig":
         """Same topology, a few thousand parameters: for tests and ``selftest``."""
         return cls(width=0.25, depth=0.5, padding_reference=input_size, input_size=input_size,
-                   decoder_channels=(32, 16, 16, 16, 16), head_channels=64)
+                   decoder_channels=(32, 16, 16, 16, 16))
 
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -117,8 +134,7 @@ class MBConv(nn.Module):
         squeezed = max(1, int(in_ch * SE_RATIO))
         self._se_reduce = nn.Conv2d(mid, squeezed, 1)
         self._se_expand = nn.Conv2d(squeezed, mid, 1)
-        after = math.ceil(reference / stride)
-        self._project_conv = SameConv2d(mid, out_ch, 1, reference=after)
+        self._project_conv = SameConv2d(mid, out_ch, 1, reference=reference)
         self._bn2 = _bn(out_ch)
         self.skip = stride == 1 and in_ch == out_ch
 
@@ -136,10 +152,9 @@ class EfficientNetEncoder(nn.Module):
     def __init__(self, config: MetaUASConfig):
         super().__init__()
         reference = config.padding_reference
-        stem = round_filters(32, config.width)
+        stem = round_filters(STEM_FILTERS, config.width)
         self._conv_stem = SameConv2d(3, stem, 3, 2, reference=reference)
         self._bn0 = _bn(stem)
-        reference = math.ceil(reference / 2)
         blocks: list[nn.Module] = []
         stage_ends: list[int] = []
         for repeats, kernel, stride, expand, c_in, c_out in B0_STAGES:
@@ -147,14 +162,13 @@ class EfficientNetEncoder(nn.Module):
             for i in range(round_repeats(repeats, config.depth)):
                 blocks.append(MBConv(c_in if i == 0 else c_out, c_out, kernel,
                                      stride if i == 0 else 1, expand, reference))
-                if i == 0:
-                    reference = math.ceil(reference / stride)
             stage_ends.append(len(blocks))
         self._blocks = nn.ModuleList(blocks)
         last = round_filters(B0_STAGES[-1][5], config.width)
-        # Unused by the segmenter; present in the published state dict.
-        self._conv_head = SameConv2d(last, config.head_channels, 1, reference=reference)
-        self._bn1 = _bn(config.head_channels)
+        head = round_filters(HEAD_FILTERS, config.width)
+        # The classifier's conv: unused by the segmenter, but in the published state dict.
+        self._conv_head = SameConv2d(last, head, 1, reference=reference)
+        self._bn1 = _bn(head)
         self.stage_ends = [stage_ends[i] for i in FEATURE_STAGES]
         channels = [round_filters(B0_STAGES[i][5], config.width) for i in FEATURE_STAGES]
         self.out_channels = [3, stem, *channels]
@@ -181,7 +195,7 @@ class AlignmentLayer(nn.Module):
 
     def forward(self, query: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         b, c, h, w = prompt.shape
-        q = self.dimensionality_reduction(query).flatten(2)  # (B, hidden, HW)
+        q = self.dimensionality_reduction(query).flatten(2)  # (B, hidden, HWq)
         k = self.dimensionality_reduction(prompt).flatten(2)
         attention = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)  # (B, HWq, HWp)
         aligned = torch.bmm(prompt.flatten(2), attention.transpose(1, 2))  # (B, C, HWq)
@@ -211,9 +225,11 @@ class SCSE(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, channels: int, reduction: int):
+    """smp's attention wrapper: scSE, or nothing (no parameters) where the fork turns it off."""
+
+    def __init__(self, channels: int, reduction: int, enabled: bool = True):
         super().__init__()
-        self.attention = SCSE(channels, reduction)
+        self.attention = SCSE(channels, reduction) if enabled else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attention(x)
@@ -227,11 +243,13 @@ def _conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
 class DecoderBlock(nn.Module):
     def __init__(self, in_ch: int, skip_ch: int, out_ch: int, reduction: int):
         super().__init__()
+        # The fork builds attention only for blocks that receive a skip: the last block has none
+        # (stock smp 0.2.1 would build both scSE modules there too).
+        attend = skip_ch > 0
         self.conv1 = _conv_bn_relu(in_ch + skip_ch, out_ch)
-        # Built even without a skip (then unused), as smp does: the checkpoint has its weights.
-        self.attention1 = Attention(in_ch + skip_ch, reduction)
+        self.attention1 = Attention(in_ch + skip_ch, reduction, attend)
         self.conv2 = _conv_bn_relu(out_ch, out_ch)
-        self.attention2 = Attention(out_ch, reduction)
+        self.attention2 = Attention(out_ch, reduction, attend)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -296,14 +314,16 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched)
 
 
 def load_checkpoint(model: MetaUAS, checkpoint: Path | dict) -> LoadReport:
-    """Load upstream's state dict (a plain dict or a Lightning ``{"state_dict": ...}``).
+    """Load upstream's state dict (a plain dict, as published, or a Lightning ``{"state_dict"}``).
 
-    Fails loudly (ValueError) when a parameter of ours is missing or has another shape: a silent
-    partial load would export a network that differs from the published one.
+    Strict, as upstream's own loader (``load_state_dict(..., strict=True)``): a key of ours that
+    the checkpoint lacks, a key of the checkpoint that we lack, or another shape raises
+    ValueError, since a partial load would export a network that differs from the published one.
+    Only ``num_batches_tracked`` (unused at inference) may be absent.
     """
     if isinstance(checkpoint, (str, Path)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -320,15 +340,26 @@ def load_checkpoint(model: MetaUAS, checkpoint: Path | dict) -> LoadReport:
                                      f"checkpoint {tuple(value.shape)}")
         else:
             accepted[key] = value
-    report.missing = sorted(set(ours) - set(accepted) - {k for k in ours if k.endswith(
-        "num_batches_tracked")})
+    report.missing = sorted(k for k in set(ours) - set(accepted)
+                            if not k.endswith("num_batches_tracked"))
     if not report.ok:
         raise ValueError("the checkpoint does not match the MetaUAS network: "
                          f"{len(report.missing)} missing (e.g. {report.missing[:3]}), "
+                         f"{len(report.unexpected)} unexpected (e.g. {report.unexpected[:3]}), "
                          f"{len(report.mismatched)} mismatched (e.g. {report.mismatched[:3]})")
     model.load_state_dict(accepted, strict=False)
     report.loaded = len(accepted)
     return report
+
+
+def published_checkpoint(path: Path) -> tuple[str, int] | None:
+    """(file name, input size) when ``path`` is one of the authors' published checkpoints."""
+    from appliance.imaging import sha256_file
+
+    path = Path(path)
+    if path.stat().st_size != PUBLISHED_CHECKPOINT_BYTES:
+        return None
+    return PUBLISHED_CHECKPOINTS.get(sha256_file(path))
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -342,6 +373,7 @@ class ExportReport:
     batch_sizes: tuple[int, ...]
     exporter: str
     config: dict
+    published: str | None = None  # the authors' file name when the checkpoint is one of theirs
 
 
 def export_onnx(model: MetaUAS, path: Path, opset: int = 18, exporter: str = "torchscript") -> str:
@@ -421,8 +453,20 @@ def verify_onnx(model: MetaUAS, path: Path, batch_sizes: tuple[int, ...] = (1, 3
 
 def export_checkpoint(path: Path, checkpoint: Path | dict | None = None,
                       config: MetaUASConfig | None = None, seed: int = 0) -> ExportReport:
-    """Build the network, load ``checkpoint`` when given (else random weights), export, verify."""
+    """Build the network, load ``checkpoint`` when given (else random weights), export, verify.
+
+    One of the authors' two checkpoints exported at the other one's resolution is refused: the
+    256 and 512 px models share the architecture, so nothing else would notice.
+    """
     config = config or MetaUASConfig()
+    published = None
+    if isinstance(checkpoint, (str, Path)):
+        known = published_checkpoint(Path(checkpoint))
+        if known is not None:
+            published, trained_size = known
+            if trained_size != config.input_size:
+                raise ValueError(f"{published} was trained at {trained_size} px; exporting it at "
+                                 f"{config.input_size} px would mismatch its training")
     torch.manual_seed(seed)
     model = MetaUAS(config).eval()
     if checkpoint is not None:
@@ -432,7 +476,8 @@ def export_checkpoint(path: Path, checkpoint: Path | dict | None = None,
     exporter = export_onnx(model, path)
     batch_sizes = (1, 3)
     worst = verify_onnx(model, path, batch_sizes)
-    return ExportReport(Path(path), config.input_size, worst, batch_sizes, exporter, asdict(config))
+    return ExportReport(Path(path), config.input_size, worst, batch_sizes, exporter, asdict(config),
+                        published)
 
 
 def _randomize_batchnorm(model: nn.Module, seed: int) -> None:

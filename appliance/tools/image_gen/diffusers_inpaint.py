@@ -158,6 +158,9 @@ class DiffusersInpaintGenerator:
             # diffusers >= 0.40 renames torch_dtype to dtype; older releases know only torch_dtype.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipeline = cls.from_pretrained(str(self.model_dir), **kwargs)
+        # Decode the batch one image at a time: SDXL's VAE runs in fp32 and would otherwise
+        # need ~4 GB per 1024 px image at once (see appliance/models/memory.py).
+        pipeline.vae.enable_slicing()
         if device.startswith("cuda") and self.settings.offload:
             pipeline.enable_model_cpu_offload()
         elif device != "cpu":  # from_pretrained already placed it on the CPU
