@@ -189,6 +189,38 @@ def test_pull_pins_the_revision_and_hashes_what_it_got(tmp_path, monkeypatch):
     assert verify(tmp_path / "models") == []
 
 
+def test_pull_refuses_a_checkpoint_that_is_not_the_published_one(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from appliance.models.bundle import BundleError
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def repo_info(self, repo, repo_type="model", revision=None):
+            return type("Info", (), {"sha": "beef" * 10})()
+
+    def fake_snapshot(repo, repo_type="model", revision=None, allow_patterns=None, local_dir=None,
+                      token=None):
+        Path(local_dir, "weights").mkdir(parents=True, exist_ok=True)
+        Path(local_dir, "weights", "metauas-256.ckpt").write_bytes(_payload(3))
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    catalogue = tmp_path / "catalogue.toml"
+    catalogue.write_text(
+        'schema = 1\n[[models]]\nname = "metauas-256"\nrepo = "org/metauas"\nrepo_type = "space"\n'
+        'revision = "main"\nlicence = "MIT"\nformat = "onnx"\nbackends = { mask_gen = "metauas-onnx" }\n'
+        'include = ["weights/metauas-256.ckpt"]\nexport = "metauas-onnx"\n'
+        f'source = {{ checkpoint_lfs_sha256 = "{"ab" * 32}" }}\n[[models.files]]\n'
+        f'path = "metauas.onnx"\nsha256 = "{UNKNOWN}"\nsize = "{UNKNOWN}"\n')
+    with pytest.raises(BundleError, match="the catalogue expects abababab"):
+        pull(catalogue, tmp_path / "bundle")
+    assert not (tmp_path / "bundle" / "manifest.toml").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     pytest.importorskip("diffusers")

@@ -301,12 +301,17 @@ def _export(entry: ModelEntry, download: Path, target: Path, say: Progress) -> d
     if len(checkpoints) != 1:
         raise BundleError(f"{entry.name}: expected one checkpoint in the download, found "
                           f"{[p.name for p in checkpoints]}")
+    expected = entry.source.get("checkpoint_lfs_sha256")
+    got = sha256_file(checkpoints[0])
+    if expected and got != expected:
+        raise BundleError(f"{entry.name}: {checkpoints[0].name} has sha256 {got[:16]}..., the "
+                          f"catalogue expects {expected[:16]}... (a different or damaged file)")
     size = int(entry.settings.get("input_size", 256))
     say(f"exporting {checkpoints[0].name} to ONNX at {size} px")
     report = export_checkpoint(target / "metauas.onnx", checkpoints[0], MetaUASConfig(input_size=size))
     say(f"torch vs onnxruntime max |diff| {report.max_abs_diff:.2e}")
     return {"checkpoint": checkpoints[0].relative_to(download).as_posix(),
-            "checkpoint_sha256": sha256_file(checkpoints[0]), "exporter": report.exporter,
+            "checkpoint_sha256": got, "exporter": report.exporter,
             "max_abs_diff": float(report.max_abs_diff)}
 
 

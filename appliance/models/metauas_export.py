@@ -285,11 +285,13 @@ class MetaUAS(nn.Module):
         self.encoder = EfficientNetEncoder(self.config)
         channels = list(self.encoder.out_channels)
         aligned = [channels[-(i + 1)] for i in range(self.config.alignment_layers)]
-        self.alignment = nn.ModuleList(AlignmentModule(c, c // 2) for c in aligned)
         for i in range(self.config.alignment_layers):  # concatenation doubles those maps
             channels[-(i + 1)] *= 2
+        # Registered in upstream's order (encoder, decoder, alignment, head), so our state dict
+        # lists its keys in the order of the published one.
         self.decoder = UnetDecoder(channels, self.config.decoder_channels,
                                    self.config.scse_reduction)
+        self.alignment = nn.ModuleList(AlignmentModule(c, c // 2) for c in aligned)
         self.mask_head = nn.Conv2d(self.config.decoder_channels[-1], 1, 1)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

@@ -1,8 +1,9 @@
 """Defect masks from MetaUAS (one-prompt change segmentation) through onnxruntime.
 
 The normal photo is the prompt and the edited photo the query. Both are resized to the model's
-input size (256 for the published checkpoint, read from the graph), a whole batch of pairs runs
-as one ``session.run``, and the anomaly probability is brought back to the photo's size and
+input size (256 for the published checkpoint, read from the graph) the way upstream resizes
+(bilinear, corners aligned, no anti-aliasing), a whole batch of pairs runs as one
+``session.run``, and the anomaly probability is brought back to the photo's size and
 thresholded (0.5, as AnomalyAgent does).
 
 The model proposes and the pixels dispose: the edit tools change nothing outside the defect, so
@@ -104,11 +105,8 @@ class MetaUASMaskGenerator:
     # -- per request --------------------------------------------------------------------------
 
     def _tensor(self, image: np.ndarray) -> np.ndarray:
-        height, width = image.shape[:2]
-        shrink = height > self.size or width > self.size
-        resized = cv2.resize(image, (self.size, self.size),
-                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        return np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.float32) / 255.0
+        resized = resize_like_upstream(image.astype(np.float32) / 255.0, self.size)
+        return np.ascontiguousarray(resized.transpose(2, 0, 1))
 
     def _decide(self, request: MaskRequest, prob: np.ndarray) -> MaskResult:
         height, width = request.normal.shape[:2]
@@ -140,6 +138,24 @@ class MetaUASMaskGenerator:
     def _fall_back(reference: MaskResult, reason: str) -> MaskResult:
         return MaskResult(reference.mask, reference.confidence, reference.threshold,
                           f"{reference.method} (metauas fallback: {reason})")
+
+
+def resize_like_upstream(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize to size x size with the corner pixels aligned and no anti-aliasing.
+
+    That is what upstream feeds its network (``kornia.augmentation.Resize((S, S))`` in
+    gaobb/MetaUAS app.py and utils/geometry.py; kornia 0.6.3 defaults to bilinear with
+    ``align_corners=True``), so the model sees photos resampled the way it was evaluated.
+    """
+    height, width = image.shape[:2]
+    ys, xs = np.linspace(0, height - 1, size), np.linspace(0, width - 1, size)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, height - 1), np.minimum(x0 + 1, width - 1)
+    wy = (ys - y0).astype(np.float32).reshape(-1, 1, *([1] * (image.ndim - 2)))
+    wx = (xs - x0).astype(np.float32).reshape(1, -1, *([1] * (image.ndim - 2)))
+    top = image[y0][:, x0] * (1 - wx) + image[y0][:, x1] * wx
+    bottom = image[y1][:, x0] * (1 - wx) + image[y1][:, x1] * wx
+    return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
 def clean_mask(raw: np.ndarray) -> np.ndarray:
