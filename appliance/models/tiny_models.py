@@ -77,7 +77,7 @@ def build_tiny_models(folder: Path, seed: int = 0, parts: Iterable[str] | None =
 
     ``parts`` limits what is built (names in ``PARTS``); by default everything whose libraries
     are installed: diffusers for SDXL/Flux, onnxruntime for MetaUAS, transformers for Qwen and
-    the ``gguf`` converter plus llama-cpp-python for the GGUF pair.
+    llama-cpp-python for the GGUF pair (the converter is vendored: it needs no ``gguf`` package).
     """
     from appliance.models.tiny_diffusion import (TINY_SETTINGS, build_tiny_flux_fill,
                                                  build_tiny_sdxl_inpaint)
@@ -88,7 +88,7 @@ def build_tiny_models(folder: Path, seed: int = 0, parts: Iterable[str] | None =
     folder.mkdir(parents=True, exist_ok=True)
     have = importlib.util.find_spec
     wanted = set(parts) if parts is not None else {
-        p for p, ok in (("qwen", have("transformers")), ("gguf", have("gguf") and have("llama_cpp")),
+        p for p, ok in (("qwen", have("transformers")), ("gguf", have("llama_cpp")),
                         ("sdxl", have("diffusers")), ("flux", have("diffusers")),
                         ("metauas", have("onnxruntime"))) if ok}
     unknown = wanted - set(PARTS)
