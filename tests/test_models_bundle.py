@@ -146,18 +146,24 @@ def test_catalogue_names_registered_backends_and_unknown_hashes():
         parse_manifest(data)
 
 
-def test_pull_pins_the_revision_and_hashes_what_it_got(tmp_path, monkeypatch):
-    """``pull`` against a stand-in Hub (no network here): revision, hashes, expected files."""
-    import huggingface_hub
-
-    calls = []
+def fake_hub(commit: str):
+    """A stand-in for ``huggingface_hub.HfApi`` whose every repo is at ``commit``."""
 
     class FakeApi:
         def __init__(self, token=None):
             pass
 
         def repo_info(self, repo, repo_type="model", revision=None):
-            return type("Info", (), {"sha": "c0ffee" * 6 + "abcd"})()
+            return type("Info", (), {"sha": commit})()
+
+    return FakeApi
+
+
+def test_pull_pins_the_revision_and_hashes_what_it_got(tmp_path, monkeypatch):
+    """``pull`` against a stand-in Hub (no network here): revision, hashes, expected files."""
+    import huggingface_hub
+
+    calls = []
 
     def fake_snapshot(repo, repo_type="model", revision=None, allow_patterns=None, local_dir=None,
                       token=None):
@@ -170,7 +176,7 @@ def test_pull_pins_the_revision_and_hashes_what_it_got(tmp_path, monkeypatch):
         Path(local_dir, ".cache", "huggingface", "meta").write_text("x")
         return local_dir
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake_hub("c0ffee" * 6 + "abcd"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     catalogue = tmp_path / "catalogue.toml"
     catalogue.write_text(
@@ -194,20 +200,13 @@ def test_pull_refuses_a_checkpoint_that_is_not_the_published_one(tmp_path, monke
 
     from appliance.models.bundle import BundleError
 
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def repo_info(self, repo, repo_type="model", revision=None):
-            return type("Info", (), {"sha": "beef" * 10})()
-
     def fake_snapshot(repo, repo_type="model", revision=None, allow_patterns=None, local_dir=None,
                       token=None):
         Path(local_dir, "weights").mkdir(parents=True, exist_ok=True)
         Path(local_dir, "weights", "metauas-256.ckpt").write_bytes(_payload(3))
         return local_dir
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake_hub("beef" * 10))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     catalogue = tmp_path / "catalogue.toml"
     catalogue.write_text(
