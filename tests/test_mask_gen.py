@@ -150,3 +150,18 @@ def test_batch_keeps_order(brick, generator):
                                         MaskRequest(brick, edited)])
     assert [r.mask.any() for r in results] == [False, True]
     assert generator.name == "difference"
+
+
+def test_a_thin_line_broken_at_its_steps_is_one_mask_piece():
+    # A one-pixel staircase line with a pixel missing now and then, some at its steps (where a
+    # 3x3 closing cannot join it): the mask joins the pieces without swallowing the corners.
+    normal = np.repeat(data.brick()[..., None], 3, axis=2)
+    edited = normal.copy()
+    for i in range(60):
+        if i % 7:
+            edited[300 + i // 3, 100 + i] = 255
+    changed = changed_pixels(normal, edited)
+    assert cv2.connectedComponents(changed.astype(np.uint8), connectivity=8)[0] - 1 > 1
+    mask = DifferenceMaskGenerator().generate_one(MaskRequest(normal, edited, None)).mask
+    assert cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1 == 1
+    assert mask.sum() <= 1.35 * changed.sum()  # only the gaps were added

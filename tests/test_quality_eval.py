@@ -291,3 +291,28 @@ def test_real_tile_defects_are_mostly_accepted(kind):
         report = judge(normal, edited)
         accepted += report.location_score >= ACCEPT and report.quality_score >= ACCEPT
     assert accepted >= 0.9 * len(paths)
+
+
+def test_two_defects_far_apart_are_scattered(part):
+    # One defect was asked; two clear blotches on opposite sides of the part are two defects.
+    edited = blotch(blotch(part, 180, 150, 22), 330, 360, 20)
+    report = judge(part, edited)
+    assert Issue.SCATTERED in report.issues, report.review
+    assert report.measurements["far_share"] > 0.2
+    assert "far apart" in report.review
+
+
+def test_pores_close_together_are_one_defect(part):
+    # "sometimes two or three pores close together": local, not scattered.
+    edited = blotch(blotch(blotch(part, 250, 240, 9, soft=False), 262, 266, 8, soft=False),
+                    236, 262, 7, soft=False)
+    report = judge(part, edited)
+    assert Issue.SCATTERED not in report.issues, report.review
+    assert report.measurements["far_share"] == 0.0
+
+
+def test_a_crack_with_a_detached_far_piece_is_scattered(brick):
+    crack = line(brick, (150, 150), (260, 230), delta=-60)
+    assert Issue.SCATTERED not in judge(brick, crack).issues
+    stray = line(crack, (420, 420), (470, 470), delta=-60)
+    assert Issue.SCATTERED in judge(brick, stray).issues

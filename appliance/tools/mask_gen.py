@@ -107,6 +107,7 @@ def _clean(raw: np.ndarray) -> np.ndarray:
     # A 3x3 closing joins the broken pieces of a thin line without fattening it; an opening would
     # erase one-pixel scratches, so specks are removed by size instead.
     closed = cv2.morphologyEx(crop, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    closed = _bridge_gaps(closed)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(closed, connectivity=8)
     mask = np.zeros(raw.shape, dtype=bool)
     if count <= 1:
@@ -118,3 +119,19 @@ def _clean(raw: np.ndarray) -> np.ndarray:
         return mask
     mask[y0:y1, x0:x1] = fill_holes(np.isin(labels, keep))
     return mask
+
+
+def _bridge_gaps(closed: np.ndarray) -> np.ndarray:
+    """Join pieces one pixel apart in any direction (a thin line that broke where it stepped
+    diagonally): the unset pixels touching two different pieces are added, and only those. A
+    3x3 closing alone joins gaps along a row or column only; a wider closing would also fill the
+    acute corners of one jagged piece, which did not change."""
+    count, labels = cv2.connectedComponents(closed, connectivity=8)
+    if count <= 2:
+        return closed
+    square = np.ones((3, 3), np.uint8)
+    labels = labels.astype(np.float32)
+    highest = cv2.dilate(labels, square)
+    lowest = -cv2.dilate(np.where(labels > 0, -labels, -np.float32(count)), square)
+    between = (labels == 0) & (highest > 0) & (highest != lowest)
+    return (closed.astype(bool) | between).astype(np.uint8)

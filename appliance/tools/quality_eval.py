@@ -14,7 +14,10 @@ NO_CHANGE   no pixel moved by more than ``imaging.CHANGE_THRESHOLD`` grey levels
 OFF_OBJECT  under 70 % of the changed pixels lie on the part (the normal image's foreground).
 SCATTERED   the three largest regions hold under half of the changed pixels and the changed
             pixels spread over more than 10 % of the part (their convex hull); a tight cluster
-            of specks (contamination) is local, noise over the image is not.
+            of specks (contamination) is local, noise over the image is not. Also when over
+            20 % of the change lies in pieces far from the main group of pieces (gap between
+            boxes over 1.5 times the larger piece and over 12 % of the part's size): a second
+            defect elsewhere, not one defect.
 TOO_SMALL   fewer changed pixels than max(24, 0.03 % of the frame): a speck nobody sees.
 TOO_LARGE   changed area above 25 % of the part's area: not a local defect.
 TOO_FAINT   the change's peak (90th percentile over the changed region) below 14 grey levels,
@@ -45,11 +48,13 @@ NO_CHANGE gives 0 and 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import cv2
 import numpy as np
+from scipy.sparse.csgraph import connected_components
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map
 from appliance.tools.interfaces import Issue, QualityReport, QualityRequest
@@ -81,6 +86,15 @@ class Limits:
     scattered_top3: float = 0.5
     split_top3: float = 0.85
     scattered_spread: float = 0.10
+    # Pieces far apart: significant pieces (at least this share of the change) are grouped when
+    # the gap between their boxes is under ``far_gap`` times the larger piece's size or
+    # ``far_gap_extent`` of the part's size; more than ``far_share`` of the change outside the
+    # main group is a second defect somewhere else, not one defect (several pores or specks
+    # close together stay one group).
+    piece_share: float = 0.03
+    far_gap: float = 1.5
+    far_gap_extent: float = 0.12
+    far_share: float = 0.2
     # Seams: change at the outline relative to the region's mean change (1 = hard cut), share of
     # the outline on long straight runs, and how much stronger the outline's gradient is than
     # in the normal image.
@@ -154,6 +168,8 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
                               np.stack([x, y + h], 1), np.stack([x + w, y + h], 1)])
     hull = cv2.convexHull(corners.astype(np.int32))
     m["spread_share"] = float(cv2.contourArea(hull)) / object_area
+    m["far_share"] = _far_share(stats[1:], changed_per_label, count,
+                                math.sqrt(object_area), limits)
     order = np.argsort(changed_per_label)[::-1][:3]
     m["regions"] = float(n_labels - 1)
     m["top3_share"] = float(changed_per_label[order].sum() / count)
@@ -188,6 +204,32 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
 
     m.update(_seam_measurements(grey_n, grey_e, diff_w, region, (ry0, rx0), changed.shape))
     return m
+
+
+def _far_share(stats: np.ndarray, changed_per_label: np.ndarray, count: int, extent: float,
+               limits: Limits) -> float:
+    """Share of the changed pixels in significant pieces far from the main group of pieces.
+
+    Pieces are grouped by single linkage on the gap between their bounding boxes; the main group
+    is the one holding most of the change.
+    """
+    significant = np.flatnonzero(changed_per_label >= max(limits.piece_share * count,
+                                                          float(limits.min_pixels) / 4))
+    if significant.size < 2:
+        return 0.0
+    x, y = stats[significant, 0], stats[significant, 1]
+    w, h = stats[significant, 2], stats[significant, 3]
+    size = np.maximum(w, h).astype(np.float64)
+    gap_x = np.maximum(0, np.maximum(x[:, None], x[None, :])
+                       - np.minimum(x[:, None] + w[:, None], x[None, :] + w[None, :]))
+    gap_y = np.maximum(0, np.maximum(y[:, None], y[None, :])
+                       - np.minimum(y[:, None] + h[:, None], y[None, :] + h[None, :]))
+    reach = np.maximum(limits.far_gap * np.maximum(size[:, None], size[None, :]),
+                       limits.far_gap_extent * extent)
+    linked = np.hypot(gap_x, gap_y) <= reach
+    groups, labels = connected_components(linked, directed=False)
+    held = np.bincount(labels, weights=changed_per_label[significant], minlength=groups)
+    return float((held.sum() - held.max()) / max(count, 1))
 
 
 def _expand(box: tuple[int, int, int, int], margin: int,
@@ -277,7 +319,10 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
         issues.append(Issue.TOO_LARGE)
     elif m["size_share"] > limits.large_share:
         penalties.append("large")
-    if m["top3_share"] < limits.scattered_top3 and m["spread_share"] > limits.scattered_spread:
+    apart = m.get("far_share", 0.0) > limits.far_share
+    measurements["pieces_apart"] = m["pieces_apart"] = float(apart)
+    if apart or (m["top3_share"] < limits.scattered_top3
+                 and m["spread_share"] > limits.scattered_spread):
         issues.append(Issue.SCATTERED)
     elif m["top3_share"] < limits.split_top3:
         penalties.append("split")
@@ -331,7 +376,10 @@ def _review(m: dict[str, float], issues: list[str], penalties: list[str],
     share = 100 * m["on_object"]
     pieces = int(m["regions"])
     piece_text = "one region" if pieces == 1 else f"{pieces} regions"
-    if Issue.SCATTERED in issues:
+    if Issue.SCATTERED in issues and m.get("pieces_apart"):
+        where = (f"The change is split into pieces far apart: {piece_text}, "
+                 f"{100 * m['far_share']:.0f} % of the changed pixels away from the main one")
+    elif Issue.SCATTERED in issues:
         where = (f"The change is scattered: {piece_text}, the three largest holding only "
                  f"{100 * m['top3_share']:.0f} % of the changed pixels")
     elif Issue.OFF_OBJECT in issues:

@@ -13,6 +13,11 @@ Prompts written by the knowledge-base prompt generator have labelled parts ("Whe
 it: places from Where, sizes from Size/Extent, appearance from the rest. That keeps "the bright
 outer ring" of a location or the "large" in a defect's name from being read as the defect's own
 look or size. Free-form prompts are read as a whole.
+
+A percentage is a share of what its words name: of a length ("4 percent of the tile width",
+"along 10 percent of an edge") it is the defect's linear size; of an area ("30 percent of the
+face", "of the part") it is an area share, kept in ``area_share`` and turned into a linear size
+through the defect's elongation (placement redoes that with the object's real area).
 """
 
 from __future__ import annotations
@@ -143,11 +148,57 @@ _CONTEXT_BEFORE = re.compile(
     r"\b(on|against|across|over|of|in|into|onto|from|than|through|beside|around|under|"
     r"surrounding|the surrounding)\s+(the|a|an|its|their)?\s*([\w-]+,?\s+){0,1}$")
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*(?:(?:-|to)\s*(\d+(?:\.\d+)?)\s*)?(?:%|percent|per cent)")
+# What a percentage is a share of. "4 percent of the tile width" is a length; "30 percent of the
+# face" is an area, whose linear extent is only about its square root (a patch over a third of
+# the face is about 60 % of the face across). The words of the "of" phrase decide; a bare object
+# ("of the part", "of one kernel") means its area, as does an area word before the number
+# ("covering 30 percent", "most of the pill area, 60 to 100 percent").
+_LENGTH_WORDS = (r"width|wide|widths|length|lengths|long|height|high|tall|diameter|across|edges?|"
+                 r"sides?|circumference|perimeter|outline|border|rim|radius|thickness|thick|"
+                 r"diagonal|span|spanning|along")
+_AREA_WORDS = (r"area|areas|face|faces|surface|surfaces|image|frame|region|cross-section|"
+               r"covering|covers?|covered|whole|entire")
+_OF_PHRASE = re.compile(r"^\s*of\s+((?:(?!with\b|and\b|in\b|on\b|at\b|near\b|where\b)"
+                        r"[\w'-]+\s*){1,4})")
+_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+_NUMBER = r"\d+(?:\.\d+)?|one|two|three|four|five|six"
+# The width of a line-like defect in pixels: "one to three pixels wide", "a few pixels wide".
+_WIDTH_PX = re.compile(rf"\b(?:({_NUMBER})(?:\s*(?:-|to|or)\s*({_NUMBER}))?|(a few|several))"
+                       r"\s*(?:pixels?|px)\s+(?:wide|across|thick)\b")
+FEW_PIXELS = (2.5, 4.5)
+_CLAUSE_END = re.compile(r"[;.,:]|\bwith\b")
 _LABELS = ("Where", "Look", "Size", "Strength", "Extent", "Shape", "Edges", "Placement", "Type")
 _LABEL_RE = re.compile(r"\b(" + "|".join(_LABELS) + r"):")
 # Sentences of the prompt generator's frame, which carry no attribute of the defect.
 _FRAME_RE = re.compile(r"edit only one region of the [^.]*\.|add an? [^.]*? defect\.|"
                        r"leave everything else[^.]*\.", re.I)
+
+
+def percent_is_area(text: str, percent: re.Match) -> bool:
+    """Whether the percentage ``percent`` found in ``text`` is a share of an area."""
+    after = text[percent.end():]
+    clause = after[:_CLAUSE_END.search(after).start()] if _CLAUSE_END.search(after) else after
+    of_phrase = _OF_PHRASE.match(clause)
+    if of_phrase:
+        words = of_phrase.group(1)
+        if re.search(rf"\b(?:{_LENGTH_WORDS})\b", words):
+            return False
+        return True  # "of the face", "of the part", "of one kernel"
+    if re.search(rf"\b(?:{_LENGTH_WORDS})\b", clause):
+        return False
+    before = re.split(r"[;.:]", text[:percent.start()])[-1]
+    if re.search(rf"\b(?:{_LENGTH_WORDS})\b", before.split(",")[-1]):
+        return False
+    return bool(re.search(rf"\b(?:{_AREA_WORDS})\b", before))
+
+
+def linear_size_of_area(share: float, elongation: float) -> float:
+    """Major extent, relative to the object's extent, of an ellipse covering ``share`` of it.
+
+    The object is taken as a square of side ``extent`` (a full-frame surface; placement corrects
+    this with the object's real area): pi/4 * major * major / elongation = share.
+    """
+    return math.sqrt(4.0 * max(elongation, 1.0) * max(share, 0.0) / math.pi)
 
 
 @dataclass
@@ -168,6 +219,12 @@ class EditParams:
     edge_mode: str | None = None  # at an edge: "along" it or running "inward" from it
     specified: list[str] = field(default_factory=list)
     matched: dict[str, str] = field(default_factory=dict)  # attribute -> the words that set it
+    # The width in pixels of a line-like defect when the prompt gives it ("one to three pixels
+    # wide"); None lets the renderer choose from the length.
+    width_px: float | None = None
+    # When the prompt gave the size as a share of the object's area (0-1), that share; ``size``
+    # is then its linear equivalent (``linear_size_of_area``).
+    area_share: float | None = None
 
 
 @dataclass
@@ -252,6 +309,10 @@ def _find_count(text: str):
     return None, None, False
 
 
+def _number(text: str) -> float:
+    return float(_NUMBER_WORDS.get(text, text) if text in _NUMBER_WORDS else text)
+
+
 def _in_band(band: tuple[float, float], u: float) -> float:
     return band[0] + (band[1] - band[0]) * u
 
@@ -266,7 +327,7 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
     everything = " ".join((texts.where, texts.look, texts.size, texts.strength, texts.extent))
     # One uniform draw per attribute, always in this order (see the module note).
     u = dict(zip(("size", "severity", "orientation", "elongation", "count", "roughness",
-                  "diagonal", "jitter", "form", "sometimes"), rng.random(10)))
+                  "diagonal", "jitter", "form", "sometimes", "width"), rng.random(11)))
     specified: list[str] = []
     matched: dict[str, str] = {}
 
@@ -280,10 +341,13 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
     extent_band, extent_words = _find(_SIZE_WORDS, texts.extent)
     percent = _PERCENT.search(size_text)
     band, words = _find(_SIZE_WORDS, size_text)
+    area_share = None
     if percent:
         low = float(percent.group(1)) / 100.0
         high = float(percent.group(2)) / 100.0 if percent.group(2) else low
         size = _in_band((min(low, high), max(low, high)), u["size"])
+        if percent_is_area(size_text, percent):
+            area_share = float(np.clip(size, 0.0, 1.0))  # made linear once elongation is known
         note("size", percent.group(0))
     elif extent_band:
         size = _in_band(extent_band, u["size"])
@@ -293,7 +357,18 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         note("size", words)
     else:
         size = _log_uniform(*SIZE_RANGE, u["size"])
-    size = float(np.clip(size, 0.01, 0.95))
+
+    width_px = None
+    width = _WIDTH_PX.search(" ".join((texts.size, texts.extent, texts.look)))
+    if width:
+        if width.group(3):
+            band = FEW_PIXELS
+        else:
+            low = _number(width.group(1))
+            high = _number(width.group(2)) if width.group(2) else low
+            band = (min(low, high), max(low, high))
+        width_px = round(float(_in_band(band, u["width"])), 2)
+        note("width_px", width.group(0))
 
     band, words = _find(_SEVERITY_WORDS, texts.strength)
     if not band:
@@ -368,6 +443,9 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         note("elongation", words)
     else:
         elongation = _log_uniform(*ELONGATION_RANGE, u["elongation"])
+    if area_share is not None:
+        size = linear_size_of_area(area_share, elongation)
+    size = float(np.clip(size, 0.01, 0.95))
 
     band, words = _find_first(_ROUGHNESS_WORDS, texts.look)
     if band:
@@ -387,4 +465,5 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         orientation_deg=round(float(orientation), 2), location=location,
         elongation=round(float(elongation), 3), polarity=polarity, color=color, count=count,
         roughness=round(float(roughness), 3), side=side, form=form, edge_mode=edge_mode,
-        specified=specified, matched=matched)
+        width_px=width_px, specified=specified, matched=matched,
+        area_share=None if area_share is None else round(area_share, 4))

@@ -7,9 +7,13 @@ import math
 import numpy as np
 
 from appliance.tools.image_gen.prompt_params import EditParams
-from appliance.tools.image_gen.renderers.base import (Canvas, Rendered, along_profile, darken,
-                                                      midpoint_path, mottle, stroke_coverage,
-                                                      taper)
+from appliance.tools.image_gen.renderers.base import (Canvas, Rendered, along_profile,
+                                                      connect_line, darken, midpoint_path,
+                                                      mottle, stroke_coverage, taper)
+
+
+# Per-level decay of the path's displacement (see ``midpoint_path``).
+PATH_DECAY = 0.7
 
 
 def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rendered:
@@ -20,9 +24,15 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     start = np.array([cx, cy]) - direction * length / 2.0
     end = np.array([cx, cy]) + direction * length / 2.0
     roughness = 0.3 + 0.7 * params.roughness
-    main = midpoint_path(start, end, roughness * 0.6, segment_px=3.0, rng=rng)
+    # Jagged in the small but roughly straight as a whole: the displacement decays with scale.
+    main = midpoint_path(start, end, roughness * 0.6, segment_px=3.0, rng=rng, decay=PATH_DECAY)
 
-    width = float(np.clip(0.9 + length / 70.0, 0.9, 3.2)) * (0.6 + 0.5 * params.severity)
+    if params.width_px is not None:
+        # The asked width is what one sees (and masks): the stroke's anti-aliased fringe adds
+        # about a pixel.
+        width = max(params.width_px - 0.5, 0.8)
+    else:
+        width = float(np.clip(0.9 + length / 70.0, 0.9, 3.2)) * (0.6 + 0.5 * params.severity)
     n = len(main)
     widths = width * taper(n, power=0.6, floor=0.2) * (0.6 + 0.4 * along_profile(n, rng, 8))
     strokes = [(main, widths)]
@@ -35,7 +45,8 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
         heading = math.atan2(local[1], local[0]) + rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.0)
         span = length * rng.uniform(0.12, 0.35)
         tip = main[at] + span * np.array([math.cos(heading), math.sin(heading)])
-        branch = midpoint_path(main[at], tip, roughness * 0.7, segment_px=3.0, rng=rng)
+        branch = midpoint_path(main[at], tip, roughness * 0.7, segment_px=3.0, rng=rng,
+                               decay=PATH_DECAY)
         bw = widths[at] * 0.7 * np.linspace(1.0, 0.15, len(branch))
         strokes.append((branch, bw))
 
@@ -43,5 +54,7 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     depth = (0.35 + 0.55 * params.severity) * (0.85 + 0.15 * mottle(canvas, rng, 12.0))
     out = darken(canvas.base, np.clip(coverage * depth, 0.0, 1.0),
                  floor_levels=12.0 + 18.0 * params.severity)
+    # One crack is one piece: branches meet the trunk, and specks off the tips go.
+    out = connect_line(canvas, out)
     return Rendered(out, details={"width_px": round(width, 2), "length_px": round(length, 1),
                                   "branches": branch_count})

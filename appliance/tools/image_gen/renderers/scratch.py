@@ -8,8 +8,8 @@ import numpy as np
 
 from appliance.tools.image_gen.prompt_params import EditParams
 from appliance.tools.image_gen.renderers.base import (Canvas, Rendered, along_profile, bezier,
-                                                      brighten, choose_polarity, darken,
-                                                      stroke_coverage, taper)
+                                                      brighten, choose_polarity, connect_line,
+                                                      darken, stroke_coverage, taper)
 
 
 def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rendered:
@@ -28,6 +28,8 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     path = bezier(controls, n)
 
     width = float(np.clip(0.7 + length / 150.0, 0.7, 2.2) * (0.8 + 0.4 * rng.random()))
+    if params.width_px is not None:
+        width = max(params.width_px - 0.5, 0.7)  # the anti-aliased fringe adds about a pixel
     widths = width * taper(n, power=0.35, floor=0.3)
     # Scratches skip: the depth, and so the contrast, wanders along the stroke.
     strength = 0.45 + 0.55 * along_profile(n, rng, knots=max(4, n // 12))
@@ -44,6 +46,7 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
         out = darken(out, 0.25 * params.severity * shadow)
     else:
         out = darken(canvas.base, amount, floor_levels=10.0)
+    out = connect_line(canvas, out)  # one scratch, one piece (see ``connect_line``)
     return Rendered(out,
                     details={"polarity": polarity, "width_px": round(width, 2),
                              "length_px": round(float(length), 1)})
