@@ -78,7 +78,7 @@ def _procedural_image_gen(ctx: BuildContext):
 def _heuristic_quality_eval(ctx: BuildContext):
     from appliance.tools.quality_eval import HeuristicQualityEvaluator
 
-    return HeuristicQualityEvaluator()
+    return HeuristicQualityEvaluator(knowledge_base=ctx.knowledge_base)
 
 
 def _faiss_knowledge(ctx: BuildContext):

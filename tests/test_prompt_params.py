@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from appliance.tools.image_gen.placement import defect_axes
-from appliance.tools.image_gen.prompt_params import (FEW_PIXELS, EditParams, linear_size_of_area,
-                                                     parse_prompt)
+from appliance.tools.image_gen.prompt_params import (FEW_PIXELS, EditParams, expected_area_share,
+                                                     linear_size_of_area, parse_prompt)
 from appliance.tools.interfaces import Issue
 from appliance.knowledge import load_knowledge_base
 from appliance.tools.prompt_gen import compose_prompt, refine_prompt
@@ -253,3 +253,13 @@ def test_width_in_pixels(prompt, low, high):
         assert params.width_px is not None and low <= params.width_px <= high
         assert "width_px" in params.specified
     assert _parse("a long thin crack").width_px is None
+
+
+@pytest.mark.parametrize("text, share", [
+    ("Large and diffuse: 15 to 40 percent of the face, with no clear boundary.", 0.40),
+    ("A stain covering 30 percent", 0.30),
+    ("Medium: a bite of about 5 to 15 percent of the tile width along the edge.", None),
+    ("Small: a few millimetres across.", None),
+])
+def test_expected_area_share(text, share):
+    assert expected_area_share(text) == share

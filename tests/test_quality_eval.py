@@ -316,3 +316,18 @@ def test_a_crack_with_a_detached_far_piece_is_scattered(brick):
     assert Issue.SCATTERED not in judge(brick, crack).issues
     stray = line(crack, (420, 420), (470, 470), delta=-60)
     assert Issue.SCATTERED in judge(brick, stray).issues
+
+
+def test_a_defect_type_the_knowledge_base_calls_large_is_not_too_large(part, engine):
+    # A soft unevenness over about a third of the part: too large for a local defect in
+    # general, exactly what the knowledge base asks of magnetic_tile/uneven (15 to 40 % of the
+    # face). A blowhole of that size stays too large.
+    edited = blotch(part, 256, 256, 120, strength=0.3)
+    informed = HeuristicQualityEvaluator(knowledge_base=engine.knowledge_base)
+    uneven, blowhole = informed.evaluate([QualityRequest(part, edited, "magnetic_tile", "uneven"),
+                                          QualityRequest(part, edited, "magnetic_tile", "blowhole")])
+    plain = HeuristicQualityEvaluator().evaluate(
+        [QualityRequest(part, edited, "magnetic_tile", "uneven")])[0]
+    assert 0.25 < uneven.measurements["size_share"] < 0.5
+    assert Issue.TOO_LARGE in plain.issues and Issue.TOO_LARGE in blowhole.issues
+    assert Issue.TOO_LARGE not in uneven.issues and uneven.location_score >= ACCEPT

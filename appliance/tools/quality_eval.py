@@ -19,7 +19,8 @@ SCATTERED   the three largest regions hold under half of the changed pixels and 
             boxes over 1.5 times the larger piece and over 12 % of the part's size): a second
             defect elsewhere, not one defect.
 TOO_SMALL   fewer changed pixels than max(24, 0.03 % of the frame): a speck nobody sees.
-TOO_LARGE   changed area above 25 % of the part's area: not a local defect.
+TOO_LARGE   changed area above 25 % of the part's area: not a local defect (unless the knowledge
+            base says the defect type covers that much: then 1.25 times its largest share).
 TOO_FAINT   the change's peak (90th percentile over the changed region) below 14 grey levels,
             or below 0.8 local texture spreads (std of the normal image's fine detail around the
             region). The peak, not the mean: shading defects (dents, folds) are visible by their
@@ -49,8 +50,8 @@ NO_CHANGE gives 0 and 0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
@@ -58,7 +59,11 @@ from scipy.sparse.csgraph import connected_components
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map
 from appliance.tools.interfaces import Issue, QualityReport, QualityRequest
+from appliance.tools.image_gen.prompt_params import expected_area_share
 from appliance.tools.object_map import ObjectMap, fill_holes, find_object
+
+if TYPE_CHECKING:
+    from appliance.knowledge import KnowledgeBase
 
 
 @dataclass(frozen=True)
@@ -114,19 +119,32 @@ class HeuristicQualityEvaluator:
 
     name = "heuristic"
 
-    def __init__(self, limits: Limits = LIMITS) -> None:
+    def __init__(self, limits: Limits = LIMITS, knowledge_base: "KnowledgeBase | None" = None) -> None:
         self.limits = limits
+        self.knowledge_base = knowledge_base
 
     def evaluate(self, requests: Sequence[QualityRequest]) -> list[QualityReport]:
         return [self.evaluate_one(request) for request in requests]
+
+    def limits_for(self, category: str, defect: str) -> Limits:
+        """The size limits widened for a defect type the knowledge base says covers a large
+        share of the part ("15 to 40 percent of the face"): it must not be called too large for
+        being what was asked for."""
+        entry = self.knowledge_base.entry(category, defect) if self.knowledge_base else None
+        share = expected_area_share(entry.size) if entry is not None else None
+        if share is None:
+            return self.limits
+        return replace(self.limits, large_share=max(self.limits.large_share, share),
+                       max_share=max(self.limits.max_share, min(0.9, 1.25 * share)))
 
     def evaluate_one(self, request: QualityRequest,
                      object_map: ObjectMap | None = None) -> QualityReport:
         """Judge one edit; pass ``object_map`` when the caller already has it for this image."""
         if object_map is None:
             object_map = find_object(request.normal)
-        m = measure(request.normal, request.edited, object_map, self.limits)
-        return score(m, object_map.is_texture, self.limits)
+        limits = self.limits_for(request.category, request.defect)
+        m = measure(request.normal, request.edited, object_map, limits)
+        return score(m, object_map.is_texture, limits)
 
 
 def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,

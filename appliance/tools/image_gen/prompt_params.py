@@ -192,6 +192,15 @@ def percent_is_area(text: str, percent: re.Match) -> bool:
     return bool(re.search(rf"\b(?:{_AREA_WORDS})\b", before))
 
 
+def expected_area_share(size_text: str) -> float | None:
+    """The largest share of the part's area a size description allows ("15 to 40 percent of
+    the face" -> 0.4); None when it gives no area percentage."""
+    percent = _PERCENT.search(size_text)
+    if percent is None or not percent_is_area(size_text, percent):
+        return None
+    return max(float(g) for g in percent.groups() if g) / 100.0
+
+
 def linear_size_of_area(share: float, elongation: float) -> float:
     """Major extent, relative to the object's extent, of an ellipse covering ``share`` of it.
 
