@@ -131,6 +131,15 @@ def test_sample_inbox_runs_with_two_workers(tmp_path):
     assert result.returncode == 0, result.stderr
     for category in ("brick", "coin", "gravel", "washer"):
         check_mvtec_layout(out, category)
+    # Real refinement over a batch: some episodes fail the judge first and pass after a
+    # changed prompt (on the magnetic tiles the renderers' first attempts now all pass).
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    refined = [r for r in records if r["image_gen_attempts"] > 1]
+    assert refined and len(refined) < len(records)
+    for record in refined:
+        episode = json.loads((out / record["trajectory"] / "episode.json").read_text())
+        first, final = episode["attempts"][0], episode["attempts"][-1]
+        assert not first["passed"] and final["passed"] and first["prompt"] != final["prompt"]
 
 
 @pytest.mark.slow
@@ -158,4 +167,4 @@ def test_magnetic_tile_batch_acceptance(tmp_path, tile_paths):
     assert np.mean(ious) >= 0.8, f"mean IoU {np.mean(ious):.3f}"
     assert min(on_object) >= 0.95
     attempts = [r["image_gen_attempts"] for r in records]
-    assert 1 in attempts and max(attempts) > 1, "expected both first-try and refined samples"
+    assert attempts.count(1) >= 0.8 * len(attempts), "most first attempts should pass"
