@@ -8,9 +8,8 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from appliance.tools.image_gen.placement import defect_axes
 from appliance.tools.image_gen.prompt_params import (FEW_PIXELS, EditParams, expected_area_share,
-                                                     linear_size_of_area, parse_prompt)
+                                                     parse_prompt)
 from appliance.tools.interfaces import Issue
 from appliance.knowledge import load_knowledge_base
 from appliance.tools.prompt_gen import compose_prompt, refine_prompt
@@ -178,66 +177,29 @@ def test_params_are_json_serialisable():
     assert set(back["matched"]) == set(back["specified"])
 
 
-# --- what a percentage is a share of -------------------------------------------------------------
+# --- percentages -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("prompt,low,high", [
     ("Size: Small: about 1 to 4 percent of the tile width across.", 0.01, 0.04),
     ("Size: Narrow: a band a few pixels wide along 10 to 30 percent of an edge.", 0.10, 0.30),
-    ("Size: Small: 5 to 15 percent of the brick length along the edge.", 0.05, 0.15),
-    ("Size: Large: a notch spanning 15 to 35 percent of the rim circumference.", 0.15, 0.35),
     ("Size: Small: 3 to 10 percent of the coin diameter.", 0.03, 0.10),
-])
-def test_percent_of_a_length_is_a_linear_size(prompt, low, high):
-    for seed in range(5):
-        params = _parse(prompt, seed)
-        assert params.area_share is None
-        assert low - 1e-9 <= params.size <= high + 1e-9
-
-
-@pytest.mark.parametrize("prompt,low,high", [
+    # Area-worded percentages are read as linear sizes too (see the module note: reading them
+    # as areas was measured to teach the detector worse).
     ("Size: Large and diffuse: 15 to 40 percent of the face, with no clear boundary.", 0.15, 0.40),
-    ("Size: Medium: 10 to 30 percent of the brick face.", 0.10, 0.30),
-    ("Size: Medium: 5 to 25 percent of the item area.", 0.05, 0.25),
     ("a stain covering 30 percent of the part", 0.30, 0.30),
-    ("Size: Large: most or all of the pill area, 60 to 100 percent.", 0.60, 1.00),
 ])
-def test_percent_of_an_area_is_an_area_share(prompt, low, high):
+def test_a_percentage_is_the_linear_size(prompt, low, high):
     for seed in range(5):
-        params = _parse(prompt, seed)
-        assert params.area_share is not None and low - 1e-9 <= params.area_share <= high + 1e-9
-        # The linear size is the major axis of an ellipse of that area on a square object, so a
-        # patch over a fifth of the face is nearly half the face across, not a fifth.
-        expected = min(linear_size_of_area(params.area_share, params.elongation), 0.95)
-        assert params.size == pytest.approx(expected, abs=2e-3)
-        if expected < 0.95:
-            assert params.size > params.area_share
-            ellipse = np.pi / 4 * params.size ** 2 / params.elongation
-            assert ellipse == pytest.approx(params.area_share, rel=0.02)
+        assert low - 1e-9 <= _parse(prompt, seed).size <= high + 1e-9
 
 
-def test_refinement_rescales_an_area_share_as_an_area():
+def test_refinement_halves_a_percentage():
     entry = load_knowledge_base().entry("magnetic_tile", "uneven")
     prompt = compose_prompt("magnetic_tile", "uneven", entry)
-    assert "percent of the face" in prompt
     smaller = refine_prompt(prompt, [Issue.TOO_LARGE])
-    before, after = _parse(prompt, 3), _parse(smaller, 3)
-    # Halved percentages, rounded to whole numbers ("15 to 40" becomes "8 to 20").
     assert "8 to 20 percent of the face" in smaller
-    assert after.area_share == pytest.approx(before.area_share / 2.0, rel=0.08)
-    assert after.size == pytest.approx(before.size / np.sqrt(2.0), rel=0.05)
-
-
-def test_placement_honours_an_area_share_with_the_real_object_area():
-    params = _parse("Size: Medium: 10 to 30 percent of the brick face.", 2)
-    extent, object_area = 300.0, 0.7 * 300.0 ** 2  # an object filling 70 % of its box
-    major, minor = defect_axes(params, "stain", extent, object_area)
-    assert np.pi / 4 * major * minor == pytest.approx(params.area_share * object_area, rel=0.02)
-    assert major / minor == pytest.approx(max(params.elongation, 1.0), rel=0.02)
-    # A linear size ignores the object's area.
-    linear = _parse("Size: Medium: 10 to 30 percent of the brick width.", 2)
-    assert defect_axes(linear, "stain", extent, object_area)[0] == pytest.approx(
-        linear.size * extent)
+    assert _parse(smaller, 3).size == pytest.approx(_parse(prompt, 3).size / 2.0, rel=0.08)
 
 
 @pytest.mark.parametrize("prompt,low,high", [

@@ -302,7 +302,7 @@ def test_generator_without_knowledge_base_falls_back_to_keywords():
     assert result.mask.any()
 
 
-# --- one piece per thin defect; a dent as large as asked -----------------------------------------
+# --- one piece per thin defect ----------------------------------------------------------------------
 
 
 def _pieces(mask: np.ndarray) -> int:
@@ -345,29 +345,6 @@ def test_a_crack_from_the_knowledge_base_is_one_piece_through_the_mask_generator
         # "one to three pixels wide": the mask's area over its skeleton's length.
         width = mask.sum() / skeletonize(mask).sum()
         assert 1.0 <= width <= 3.5, width
-
-
-@pytest.mark.parametrize("prompt", ["a faint shallow dent", "a dent", "a pronounced dent"])
-def test_dent_footprint_covers_most_of_its_nominal_size(prompt):
-    # The dent's visible (and masked) area is most of the ellipse it was asked to fill: a bare
-    # light/shadow dipole fades out well inside its outline (once 2 to 57 % of it was masked).
-    shares = []
-    for name in ("brick", "part", "gray_part") + (("tile",) if "tile" in IMAGES else ()):
-        image, object_map = IMAGES[name], MAPS[name]
-        region = Box(*_inner_box(object_map.foreground))
-        for seed in range(3):
-            rng = np.random.default_rng(seed)
-            params = parse_prompt(prompt, rng)
-            params.count = 1
-            details: dict = {}
-            edited, mask = render_defect("dent", image, object_map.foreground, params, rng,
-                                         region=region, details=details)
-            a, b = details["instances"][0]["radius_px"]
-            shares.append(mask.sum() / (np.pi * a * b))
-            assert mask_iou(mask, changed_pixels(image, edited)) >= 0.9
-            assert _pieces(mask) == 1
-    assert min(shares) >= 0.5, shares
-    assert np.mean(shares) >= 0.6, shares
 
 
 def _inner_box(foreground: np.ndarray) -> tuple[int, int, int, int]:

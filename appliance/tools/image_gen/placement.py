@@ -64,24 +64,11 @@ def object_extent(object_map: ObjectLike) -> float:
     return math.sqrt(max(box.width, 1) * max(box.height, 1))
 
 
-def defect_axes(params: EditParams, family: str, extent: float,
-                object_area: float | None = None) -> tuple[float, float]:
-    """(major, minor) extent of one defect instance in pixels.
-
-    A size given as a share of the object's area (``params.area_share``) is honoured as an area
-    when ``object_area`` (pixels) is known: an ellipse of that area, of the asked elongation
-    where it fits, rounder where the major axis hits its cap.
-    """
+def defect_axes(params: EditParams, family: str, extent: float) -> tuple[float, float]:
+    """(major, minor) extent of one defect instance in pixels."""
     kind = "line" if family in LINE_FAMILIES else "blob"
     cap = 0.95 if kind == "line" else 0.8
-    top = max(cap * extent, 6.0)
-    if params.area_share is not None and object_area and kind == "blob":
-        area = params.area_share * object_area
-        major = math.sqrt(4.0 * max(params.elongation, 1.0) * area / math.pi)
-        major = float(np.clip(major, MIN_MAJOR_PX[kind], top))
-        minor = float(np.clip(4.0 * area / (math.pi * major), 2.0, major))
-        return major, minor
-    major = float(np.clip(params.size * extent, MIN_MAJOR_PX[kind], top))
+    major = float(np.clip(params.size * extent, MIN_MAJOR_PX[kind], max(cap * extent, 6.0)))
     if family == "scratch":
         minor = max(3.0, 0.04 * major)
     elif family == "crack":
@@ -328,7 +315,7 @@ def place(object_map: ObjectLike, params: EditParams, family: str, image_shape: 
           rng: np.random.Generator) -> Placement:
     """Choose where every instance of the defect goes."""
     extent = object_extent(object_map)
-    major, minor = defect_axes(params, family, extent, float(object_map.foreground.sum()))
+    major, minor = defect_axes(params, family, extent)
     theta = params.orientation_deg if params.orientation_deg is not None else 0.0
     half = half_extent(family, major, minor, theta)
     inside = inside_distance(object_map)
