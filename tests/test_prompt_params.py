@@ -146,7 +146,7 @@ def test_contamination_form_words():
 
 
 def test_unspecified_values_are_sampled_over_a_wide_range():
-    samples = [_parse("a defect", seed) for seed in range(200)]
+    samples = [_parse("surface damage", seed) for seed in range(200)]
     sizes = [p.size for p in samples]
     severities = [p.severity for p in samples]
     assert min(sizes) < 0.05 and max(sizes) > 0.35
@@ -225,3 +225,13 @@ def test_width_in_pixels(prompt, low, high):
 ])
 def test_expected_area_share(text, share):
     assert expected_area_share(text) == share
+
+
+def test_a_defect_described_in_the_singular_is_one_instance():
+    for look in ("Look: A thin, dark, jagged line with small branches.", "an oval pit", "a defect"):
+        assert {_parse(look, seed).count for seed in range(60)} == {1}
+    # Counted pieces still count, and "sometimes two or three" still happens.
+    assert {_parse("Look: two small pits.", seed).count for seed in range(20)} == {2}
+    pores = {_parse("Look: A small round cavity; sometimes two or three pores close together.",
+                    seed).count for seed in range(60)}
+    assert pores >= {1, 2}

@@ -431,7 +431,10 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         count = int(np.clip(count, count_band[0], count_band[1]))
         note("count", words)
     else:
-        count = 1 if u["count"] < 0.7 else (2 if u["count"] < 0.9 else 3)
+        # A description in the singular ("A thin, dark line ...") is one defect: the judge
+        # calls far-apart instances scattered. Otherwise, now and then a few close together.
+        singular = re.match(r"\s*(a|an|one)\b", texts.look, re.IGNORECASE)
+        count = 1 if singular or u["count"] < 0.7 else (2 if u["count"] < 0.9 else 3)
 
     band, words = _find_first(_ELONGATION_WORDS, " ".join((texts.look, texts.size)))
     if band:
