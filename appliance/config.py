@@ -20,6 +20,8 @@ from datetime import time as clock
 from pathlib import Path
 from typing import Any
 
+from appliance.toml_text import toml_value
+
 CONFIG_ENV = "APPLIANCE_CONFIG"
 HOME_ENV = "APPLIANCE_HOME"
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/config.toml")
@@ -398,25 +400,14 @@ def render(config: Config) -> str:
             if current is None:
                 lines.append(f"# {item.name} = (not set)  # {item.metadata['help']}")
                 continue
-            lines.append(f"{item.name} = {_toml_value(current)}  # {item.metadata['help']}")
+            lines.append(f"{item.name} = {toml_value(current)}  # {item.metadata['help']}")
     for name, spec in sorted(config.categories.items()):
         lines.append(f"\n[categories.{name}]")
         for item in fields(spec):
             current = getattr(spec, item.name)
             if current is not None and current != []:
-                lines.append(f"{item.name} = {_toml_value(current)}")
+                lines.append(f"{item.name} = {toml_value(current)}")
     return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
 
 
 __all__ = ["Config", "ConfigError", "CONFIG_ENV", "HOME_ENV", "config_path", "load_config",

@@ -220,21 +220,11 @@ def _decodes(path: Path) -> bool:
         return False
 
 
-def _jsonl(path: Path, problems: list[str]) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            problems.append(f"{path.name}:{number}: not valid JSON (a torn line)")
-    return records
-
-
 def verify(out: Path, expected_keys: set[str] | None = None,
            reference: Path | None = None) -> list[str]:
     """Every problem found in the dataset ``out``; empty when it is consistent."""
+    from appliance.storage.reconcile import read_jsonl
+
     problems: list[str] = []
     db = sqlite3.connect(f"file:{out / '.appliance' / 'jobs.db'}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
@@ -302,7 +292,7 @@ def verify(out: Path, expected_keys: set[str] | None = None,
         problems.append("trajectory folders and samples differ")
 
     # 3. The manifests: views of the store, line for line.
-    manifest = _jsonl(out / "manifest.jsonl", problems)
+    manifest = read_jsonl(out / "manifest.jsonl", problems)
     if [r.get("key") for r in manifest] != [s["key"] for s in ok_samples]:
         problems.append(f"manifest.jsonl ({len(manifest)} lines) does not match the store "
                         f"({len(ok_samples)} samples)")
@@ -310,10 +300,10 @@ def verify(out: Path, expected_keys: set[str] | None = None,
         files = [record.get("image"), record.get("mask")]
         if not all(files) or not all((out / name).exists() for name in files):
             problems.append(f"manifest line without its files: {record.get('key')}")
-    listed = _jsonl(out / "normals.jsonl", problems)
+    listed = read_jsonl(out / "normals.jsonl", problems)
     if sorted(str(r.get("path")) for r in listed) != sorted(n["path"] for n in normals):
         problems.append("normals.jsonl does not match the store")
-    rejected = _jsonl(out / "rejected.jsonl", problems)
+    rejected = read_jsonl(out / "rejected.jsonl", problems)
     if sorted(str(r.get("key")) for r in rejected) != sorted(
             e["key"] for e in episodes if e["status"] in ("rejected", "failed")):
         problems.append("rejected.jsonl does not match the store")
@@ -330,7 +320,7 @@ def verify(out: Path, expected_keys: set[str] | None = None,
     # 5. The same samples, pixel for pixel, as an uninterrupted run.
     if reference is not None:
         ours = {r.get("key"): r for r in manifest}
-        theirs = {r.get("key"): r for r in _jsonl(reference / "manifest.jsonl", problems)}
+        theirs = {r.get("key"): r for r in read_jsonl(reference / "manifest.jsonl", problems)}
         if set(ours) != set(theirs):
             problems.append(f"samples differ from the uninterrupted run: missing "
                             f"{len(set(theirs) - set(ours))}, extra {len(set(ours) - set(theirs))}")

@@ -207,14 +207,12 @@ def tiny_kit(tmp_path_factory):
 
 
 def test_tiny_kit_estimates_come_from_its_files(tiny_kit):
-    from appliance.models.manifest import select_engine
-    from appliance.models.memory import chosen_models
+    from appliance.engine import plan_gpu_memory, resolve_engine_config
 
     folder, entries = tiny_kit
-    models = chosen_models(select_engine(folder))
-    assert {m.name for m in models.values()} == {"qwen3-vl-tiny", "sdxl-inpaint-tiny",
-                                                "metauas-tiny"}
-    plan = plan_memory(models, 24, models_dir=folder)
+    config, _ = resolve_engine_config("auto", models_dir=folder)
+    plan = plan_gpu_memory(replace(config, gpu_memory_gb=24), device="cuda")
+    assert {m.name for m in plan.before} == {"qwen3-vl-tiny", "sdxl-inpaint-tiny", "metauas-tiny"}
     assert plan.fits and plan.overrides == {}
     by_name = {m.name: m for m in plan.before}
     assert by_name["qwen3-vl-tiny"].roles == ("policy", "prompt_gen", "quality_eval")

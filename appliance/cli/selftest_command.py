@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -55,10 +55,7 @@ def sample_image():
 def _config(models_dir: Path, name: str, **backends):
     from appliance.engine import EngineConfig
 
-    config = replace(EngineConfig(), name=name, **backends)
-    if "models_dir" in {f.name for f in fields(config)}:
-        config = replace(config, models_dir=models_dir)
-    return config
+    return replace(EngineConfig(), name=name, models_dir=models_dir, **backends)
 
 
 def _tool_errors(messages: list[dict], tool: str) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from appliance.dataset.writer import MANIFEST, NORMALS
+from appliance.storage.reconcile import MANIFEST, NORMALS, read_jsonl
 
 MANIFEST_KEYS = ("key", "image", "mask", "category", "defect", "source_sha256", "seed", "engine",
                  "policy", "backends", "location_score", "quality_score", "prompt", "trajectory")
@@ -43,20 +43,6 @@ class DatasetCheck:
             lines.append("no samples yet")
         lines += [f"PROBLEM {p}" for p in self.problems]
         return lines
-
-
-def _read_jsonl(path: Path, problems: list[str]) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path.name}:{number}: not JSON ({exc.msg})")
-    return records
 
 
 def _check_pair(root: Path, record: dict, problems: list[str]) -> None:
@@ -109,8 +95,8 @@ def check_dataset(root: Path) -> DatasetCheck:
     if not root.is_dir():
         report.problems.append(f"{root} is not a folder")
         return report
-    records = _read_jsonl(root / MANIFEST, report.problems)
-    report.normals = len(_read_jsonl(root / NORMALS, report.problems))
+    records = read_jsonl(root / MANIFEST, report.problems)
+    report.normals = len(read_jsonl(root / NORMALS, report.problems))
     listed: set[Path] = set()
     for number, record in enumerate(records, start=1):
         missing = [key for key in MANIFEST_KEYS if key not in record]

@@ -35,45 +35,18 @@ import numpy as np
 from appliance.agent.environment import EpisodeResult
 from appliance.dataset.trajectory import _json_default, save_trajectory
 from appliance.imaging import is_grayscale, mask_to_pil, save_png_atomic, to_pil
+from appliance.storage.reconcile import MANIFEST, NORMALS, REJECTED, append_jsonl, read_jsonl
 
 if TYPE_CHECKING:
     from appliance.storage import JobStore
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.jsonl"
-REJECTED = "rejected.jsonl"
-NORMALS = "normals.jsonl"
 
 
 def episode_key(sha256: str, category: str, defect: str, seed: int) -> str:
     """Work is idempotent by this key: the same photo, defect and seed is never done twice."""
     return f"{sha256}:{category}:{defect}:{seed}"
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                # A line cut short by a crash; the store rewrites the file on the next start.
-                continue
-    return records
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    line = json.dumps(record, ensure_ascii=False, default=_json_default) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 @dataclass
@@ -104,13 +77,13 @@ class DatasetWriter:
     # Reading back -------------------------------------------------------------------------------
 
     def records(self) -> list[dict]:
-        return _read_jsonl(self.root / MANIFEST)
+        return read_jsonl(self.root / MANIFEST)
 
     def rejected(self) -> list[dict]:
-        return _read_jsonl(self.root / REJECTED)
+        return read_jsonl(self.root / REJECTED)
 
     def normals(self) -> list[dict]:
-        return _read_jsonl(self.root / NORMALS)
+        return read_jsonl(self.root / NORMALS)
 
     def done_keys(self) -> set[str]:
         """Keys of episodes already finished, written or rejected."""
@@ -231,7 +204,7 @@ class DatasetWriter:
     def _export(self, name: str, record: dict) -> None:
         """Append to a jsonl view; if that fails the store marks it for a rewrite."""
         try:
-            _append_jsonl(self.root / name, record)
+            append_jsonl(self.root / name, record)
         except OSError as exc:
             log.warning("could not append to %s (%s); it will be rewritten from the store",
                         name, exc)

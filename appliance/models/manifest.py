@@ -17,13 +17,14 @@ serves keeps the CPU default. ``select_engine`` returns that choice with a reaso
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from appliance.toml_text import toml_key, toml_value
 
 MANIFEST_NAME = "manifest.toml"
 UNKNOWN = "unknown-until-pull"
@@ -215,30 +216,17 @@ def _parse_file(data: Any, where: str) -> FileEntry:
 
 
 def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
-    if value is None:
-        raise ManifestError("TOML has no null; leave the key out")
-    raise ManifestError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _key(key: str) -> str:
-    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else json.dumps(key)
+    try:
+        return toml_value(value)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from exc
 
 
 def dumps_manifest(manifest: Manifest, header: str = "") -> str:
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     lines += [f"schema = {SCHEMA}", ""]
     if manifest.bundle:
-        lines += ["[bundle]"] + [f"{_key(k)} = {_value(v)}" for k, v in manifest.bundle.items()
+        lines += ["[bundle]"] + [f"{toml_key(k)} = {_value(v)}" for k, v in manifest.bundle.items()
                                  if v is not None] + [""]
     for model in manifest.models:
         lines.append("[[models]]")

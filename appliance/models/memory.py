@@ -320,9 +320,3 @@ def plan_memory(models: Mapping[str, ModelEntry], budget_gb: float, device: str 
                        f"{m.name} ({gb(m.resident)} resident + {gb(m.working)} while running)"
                        for m in top))
     return MemoryPlan(budget_gb, before, after, not over(), message)
-
-
-def chosen_models(choice) -> dict[str, ModelEntry]:
-    """role -> installed entry from an ``EngineChoice`` (roles on built-in backends left out)."""
-    entries = {status.entry.name: status.entry for status in choice.statuses}
-    return {role: entries[c.model] for role, c in choice.roles.items() if c.model in entries}

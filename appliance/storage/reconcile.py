@@ -270,6 +270,24 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def read_jsonl(path: Path, problems: list[str] | None = None) -> list[dict]:
+    """The records of a jsonl file (none when it is missing). A line cut short by a crash is
+    skipped (the store rewrites the file on the next start) and, with ``problems``, reported."""
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if problems is not None:
+                problems.append(f"{path.name}:{number}: not JSON ({exc.msg})")
+    return records
+
+
 def normal_record(row: dict) -> dict:
     return {"category": row["category"], "path": row["path"], "source": row["source"],
             "source_sha256": row["sha256"]}
@@ -318,7 +336,7 @@ def sync_exports(store: JobStore) -> list[str]:
 def import_existing(store: JobStore) -> int:
     root = store.root
     imported = 0
-    for record in _read_jsonl(root / NORMALS):
+    for record in read_jsonl(root / NORMALS):
         path = record.get("path", "")
         match = NUMBERED.match(Path(path).name)
         if not match or not (root / path).exists() or store.normal(record["source_sha256"],
@@ -334,7 +352,7 @@ def import_existing(store: JobStore) -> int:
                 "number": int(match.group(1)), "path": path, "source": record.get("source", ""),
                 "status": "ok", "created": time.time()})
         imported += 1
-    for record in _read_jsonl(root / MANIFEST):
+    for record in read_jsonl(root / MANIFEST):
         match = NUMBERED.match(Path(record.get("image", "")).name)
         if not match or "key" not in record or store.episode_by_key(record["key"]):
             continue
@@ -358,7 +376,7 @@ def import_existing(store: JobStore) -> int:
                 "trajectory": record["trajectory"], "record": json.dumps(record),
                 "status": "ok", "created": time.time()})
         imported += 1
-    for record in _read_jsonl(root / REJECTED):
+    for record in read_jsonl(root / REJECTED):
         if "key" not in record or store.episode_by_key(record["key"]):
             continue
         with store.transaction():
@@ -369,15 +387,3 @@ def import_existing(store: JobStore) -> int:
                 "attempts": 1, "finished_at": time.time(), "result": json.dumps(record)})
         imported += 1
     return imported
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return records
