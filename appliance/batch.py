@@ -27,7 +27,6 @@ import multiprocessing
 import shutil
 import statistics
 import time
-import tomllib
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,17 +36,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from appliance.agent.environment import EpisodeResult, EpisodeSpec
+from appliance.agent.episode import EpisodeResult, EpisodeSpec
+from appliance.config import CategorySection, ConfigError, parse_category_spec
 from appliance.engine import Engine, EngineConfig, build_engine
 from appliance.imaging import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, load_rgb
-from appliance.knowledge import KnowledgeBase, normalize_name
+from appliance.names import normalize_name
 from appliance.storage import DiskFullError, EpisodePlan, JobStore, is_disk_full
-
+from appliance.tools.knowledge.base import KnowledgeBase
 
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.toml"
-_SPEC_KEYS = {"defects", "per_image", "material"}
 DEFAULT_MAX_TRIES = 5
 
 
@@ -129,33 +128,30 @@ class BatchSummary:
 
 # Planning ---------------------------------------------------------------------------------------
 
-def _read_spec(folder: Path) -> dict:
+def read_spec(folder: Path) -> CategorySection:
+    """The category folder's ``spec.toml`` (the schema of a ``[categories.NAME]`` config table);
+    an empty spec when the folder has none."""
     path = folder / SPEC_FILE
     if not path.exists():
-        return {}
+        return CategorySection()
     try:
-        spec = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InboxError(f"{path}: not valid TOML: {exc}") from exc
-    unknown = set(spec) - _SPEC_KEYS
-    if unknown:
-        raise InboxError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
-    if "defects" in spec and (not isinstance(spec["defects"], list) or not spec["defects"]
-                              or not all(isinstance(d, str) and d.strip() for d in spec["defects"])):
-        raise InboxError(f"{path}: 'defects' must be a non-empty list of names")
-    if "per_image" in spec and (not isinstance(spec["per_image"], int) or spec["per_image"] < 1):
-        raise InboxError(f"{path}: 'per_image' must be a positive integer")
-    return spec
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InboxError(f"{path}: cannot read: {exc}") from None
+    try:
+        return parse_category_spec(text, path)
+    except ConfigError as exc:
+        raise InboxError("; ".join(exc.errors)) from None
 
 
-def resolve_defects(category: str, knowledge_base: KnowledgeBase, spec: dict,
+def resolve_defects(category: str, knowledge_base: KnowledgeBase, spec: CategorySection,
                     defects: Sequence[str] | None = None) -> list[str]:
     """Defect types for a category: given, else the spec's, else the knowledge base's."""
-    chosen = list(defects) if defects else spec.get("defects")
+    chosen = list(defects) if defects else spec.defects
     if not chosen:
         chosen = knowledge_base.defects_for(category)
-    if not chosen and spec.get("material"):
-        material = knowledge_base.subject(spec["material"])
+    if not chosen and spec.material:
+        material = knowledge_base.subject(spec.material)
         chosen = list(material.defects) if material else []
     return [normalize_name(d) for d in chosen or []]
 
@@ -170,7 +166,7 @@ def plan_inbox(inbox: Path, knowledge_base: KnowledgeBase, per_image: int,
     for folder in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
         category = normalize_name(folder.name)
         try:
-            spec = _read_spec(folder)
+            spec = read_spec(folder)
         except InboxError as exc:
             skipped.append((folder.name, str(exc)))
             continue
@@ -184,7 +180,7 @@ def plan_inbox(inbox: Path, knowledge_base: KnowledgeBase, per_image: int,
         if not images:
             skipped.append((folder.name, "no image files"))
             continue
-        plans.append(CategoryPlan(category, folder, chosen, spec.get("per_image", per_image),
+        plans.append(CategoryPlan(category, folder, chosen, spec.per_image or per_image,
                                   images))
     return plans, skipped
 
@@ -425,7 +421,7 @@ def write_batch_folder(store: JobStore, batch_id: str) -> Path:
     """``batches/<id>/`` with this batch's manifest and contact sheet (paths relative to it)."""
     from appliance.dataset.contact_sheet import write_contact_sheet
     from appliance.imaging import write_atomic
-    from appliance.storage.reconcile import jsonl_line, normal_record
+    from appliance.storage.exports import jsonl_line, normal_record
 
     folder = store.root / "batches" / batch_id
     up = "../../"
@@ -514,6 +510,6 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
 
 
 def build_engine_kb(config: EngineConfig) -> KnowledgeBase:
-    from appliance.knowledge import load_knowledge_base
+    from appliance.tools.knowledge.base import load_knowledge_base
 
     return load_knowledge_base(config.knowledge_base)

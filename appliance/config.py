@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -20,7 +19,7 @@ from datetime import time as clock
 from pathlib import Path
 from typing import Any
 
-from appliance.toml_text import toml_value
+from appliance.serialization import parse_toml, toml_value
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
 HOME_ENV = "APPLIANCE_HOME"
@@ -220,10 +219,7 @@ def load_config(path: Path | str | None = None) -> Config:
 
 def parse_config(text: str, source: Path | None = None) -> Config:
     name = str(source) if source else "<config>"
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{name}: not valid TOML: {exc}"]) from None
+    data = parse_toml(text, name, lambda message: ConfigError([message]))
     errors: list[str] = []
 
     def error(dotted: str, message: str) -> None:
@@ -239,6 +235,22 @@ def parse_config(text: str, source: Path | None = None) -> Config:
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def parse_category_spec(text: str, source: Path) -> CategorySection:
+    """A category's ``spec.toml`` in the inbox: the same schema, and the same bounds, as a
+    ``[categories.NAME]`` table of the configuration."""
+    data = parse_toml(text, str(source), lambda message: ConfigError([message]))
+    errors: list[str] = []
+
+    def error(dotted: str, message: str) -> None:
+        line = _line_of(text, dotted)
+        errors.append(f"{source}:{line}: {dotted}: {message}" if line else f"{source}: {dotted}: {message}")
+
+    spec = _build(CategorySection, data, "", error)
+    if errors:
+        raise ConfigError(errors)
+    return spec
 
 
 def _build(cls: type, data: Any, prefix: str, error) -> Any:
@@ -355,7 +367,7 @@ def parse_window(text: str) -> tuple[clock, clock] | None:
 
 
 def _normal(name: str) -> str:
-    from appliance.knowledge import normalize_name
+    from appliance.names import normalize_name
 
     return normalize_name(name)
 

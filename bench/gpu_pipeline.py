@@ -256,8 +256,12 @@ def big_t5_tokenizer(size: int = 32000):
 
 def build_sdxl(device: str):
     import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLInpaintPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device(device), DefaultDtype(torch.float16):
@@ -274,8 +278,12 @@ def build_sdxl(device: str):
 
 def build_flux(device: str):
     import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline,
-                           FluxTransformer2DModel)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     with torch.device(device), DefaultDtype(torch.bfloat16):
@@ -289,12 +297,15 @@ def build_flux(device: str):
 
 
 def build_ig(name: str, device: str, tiny: bool, workdir: Path, batch: int, knowledge_base):
-    from appliance.tools.image_gen.diffusers_inpaint import DiffusersInpaintGenerator, KINDS
+    from appliance.tools.image_gen.diffusers_inpaint import KINDS, DiffusersInpaintGenerator
 
     backend = {"sdxl": "sdxl-inpaint", "flux": "flux-fill"}[name]
     if tiny:
-        from appliance.models.tiny_diffusion import (TINY_SETTINGS, build_tiny_flux_fill,
-                                                     build_tiny_sdxl_inpaint)
+        from appliance.models.tiny_diffusion import (
+            TINY_SETTINGS,
+            build_tiny_flux_fill,
+            build_tiny_sdxl_inpaint,
+        )
 
         builder = build_tiny_sdxl_inpaint if name == "sdxl" else build_tiny_flux_fill
         settings = {**TINY_SETTINGS, "max_batch": batch}
@@ -313,7 +324,7 @@ def build_ig(name: str, device: str, tiny: bool, workdir: Path, batch: int, know
 
 def build_mg(device: str, tiny: bool, workdir: Path, batch: int):
     from appliance.models.metauas_export import MetaUASConfig, export_checkpoint
-    from appliance.tools.mask_gen_metauas import MetaUASMaskGenerator
+    from appliance.tools.mask_gen.metauas import MetaUASMaskGenerator
 
     config = MetaUASConfig.tiny() if tiny else MetaUASConfig()
     report = export_checkpoint(workdir / "metauas.onnx", None, config)
@@ -488,11 +499,11 @@ def main(argv: list[str] | None = None) -> int:
                     "engines": {}}
     try:
         from appliance.engine import default_cache_dir
-        from appliance.knowledge import load_knowledge_base
+        from appliance.tools.knowledge.base import load_knowledge_base
 
         knowledge_base = load_knowledge_base()
         try:
-            from appliance.tools.knowledge_retrieval import FaissKnowledgeRetriever
+            from appliance.tools.knowledge.retrieval import FaissKnowledgeRetriever
 
             kr = FaissKnowledgeRetriever(knowledge_base, cache_dir=default_cache_dir())
         except Exception as exc:  # noqa: BLE001 - KR is CPU-side and cheap; report and go on

@@ -53,7 +53,7 @@ def worker(generator: str, size: int, episodes: int, threads: int, seed: int) ->
     torch.set_num_threads(threads)
     sys.path.insert(0, str(REPO))
     from appliance.evaluation.generators import make_generator
-    from appliance.knowledge import load_knowledge_base
+    from appliance.tools.knowledge.base import load_knowledge_base
 
     images, category = _normals(episodes + WARMUP, size)
     defects = load_knowledge_base().defects_for(category) or ["crack", "scratch", "stain"]

@@ -223,7 +223,7 @@ def _decodes(path: Path) -> bool:
 def verify(out: Path, expected_keys: set[str] | None = None,
            reference: Path | None = None) -> list[str]:
     """Every problem found in the dataset ``out``; empty when it is consistent."""
-    from appliance.storage.reconcile import read_jsonl
+    from appliance.storage.exports import read_jsonl
 
     problems: list[str] = []
     db = sqlite3.connect(f"file:{out / '.appliance' / 'jobs.db'}?mode=ro", uri=True)

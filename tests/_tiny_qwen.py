@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
 _CACHE: dict = {}
 
 
 def tiny_qwen_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight Qwen3-VL transformers folder (tokenizer, processor, template)."""
-    pytest.importorskip("transformers", reason="transformers is not installed (the gpu extra)")
+    require_module("transformers")
     if "hf" not in _CACHE:
         from appliance.models.tiny_kit import build_tiny_kit
 
@@ -22,7 +23,7 @@ def tiny_qwen_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_qwen_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same model as GGUF + mmproj, through the vendored llama.cpp converter."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the gguf extra)")
+    require_module("llama_cpp", extra="gguf")
     if "gguf" not in _CACHE:
         from appliance.models.gguf_convert import convert_qwen3vl
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -22,16 +23,45 @@ def pytest_configure(config):
         os.environ["APPLIANCE_CACHE"] = tempfile.mkdtemp(prefix="appliance-test-cache-")
 
 
-def _require_tiles() -> Path:
-    if not (MAGNETIC_TILE / "MT_Free" / "Imgs").is_dir():
-        pytest.skip(f"magnetic tile photos not found at {MAGNETIC_TILE}")
-    return MAGNETIC_TILE
+def require_tiles(*parts: str) -> Path:
+    """A folder of the real magnetic tile photos, e.g. ``require_tiles("MT_Free", "Imgs")``.
+
+    The photos are part of the test environment (CI keeps a copy of shared/ beside the clone):
+    missing is a broken checkout, never a reason to skip. Fails, naming the folder it looked in.
+    """
+    folder = MAGNETIC_TILE.joinpath(*parts)
+    if not folder.is_dir() or not any(folder.glob("*.jpg")):
+        pytest.fail(f"magnetic tile photos missing: no *.jpg in {folder} (looked for "
+                    f"<clone>/../shared/datasets/magnetic-tile, the clone being {REPO}). Copy the "
+                    "project's shared/ folder beside the clone; CI always has it there.",
+                    pytrace=False)
+    return folder
+
+
+# Extras this run must have: ./install.sh always installs "test" (everything the tests need);
+# .ci/run also builds "gguf" and says so with APPLIANCE_TEST_EXTRAS=test,gguf.
+REQUIRED_EXTRAS = frozenset({"test"}) | {
+    name.strip() for name in os.environ.get("APPLIANCE_TEST_EXTRAS", "").split(",") if name.strip()}
+
+
+def require_module(name: str, extra: str = "test"):
+    """Import ``name``. Missing from a required extra fails; missing from an optional one skips."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        error = exc
+    if extra in REQUIRED_EXTRAS:
+        extras = ",".join(["test", *sorted(REQUIRED_EXTRAS - {"test"})])
+        pytest.fail(f"{name} cannot be imported ({error}); it comes with the '{extra}' extra, "
+                    f"which this test run requires: reinstall with EXTRAS={extras} ./install.sh",
+                    pytrace=False)
+    pytest.skip(f"{name}: the optional '{extra}' extra is not installed "
+                f"(EXTRAS=test,{extra} ./install.sh)", allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
 def tile_paths() -> list[Path]:
-    root = _require_tiles()
-    return sorted((root / "MT_Free" / "Imgs").glob("*.jpg"))
+    return sorted(require_tiles("MT_Free", "Imgs").glob("*.jpg"))
 
 
 @pytest.fixture(scope="session")

@@ -48,8 +48,13 @@ def check_mvtec_layout(root: Path, category: str) -> list[tuple[Path, Path]]:
 def test_help_lists_commands():
     result = appliance("--help")
     assert result.returncode == 0
-    for command in ("batch", "synth", "knowledge"):
-        assert command in result.stdout
+    listed = {line.split()[0] for line in result.stdout.partition("Commands:")[2].splitlines()
+              if line.strip()}
+    # Every documented command is registered, the service ones included (the container's entry
+    # point calls watch, run, status and config).
+    for command in ("batch", "synth", "knowledge", "watch", "run", "status", "config", "selftest",
+                    "models", "eval", "dataset"):
+        assert command in listed, command
     assert "INBOX" in appliance("batch", "--help").stdout
 
 
@@ -120,7 +125,12 @@ def test_batch_refuses_a_broken_spec(tmp_path, tile_paths):
     shutil.copy(tile_paths[0], inbox / "magnetic_tile")
     (inbox / "magnetic_tile" / "spec.toml").write_text('defectz = ["crack"]\n')
     result = appliance("batch", str(inbox), "--out", str(tmp_path / "d"), "--no-progress")
-    assert "unknown key(s) ['defectz']" in result.stdout
+    assert "spec.toml:1: defectz: unknown key (allowed: defects, material, per_image)" in result.stdout
+    # Refused: the category is skipped (not run with default defects) and nothing is written.
+    assert result.returncode == 0, result.stderr
+    assert "skipped category   magnetic_tile: " in result.stdout
+    assert "episodes run       0" in result.stdout and "samples written    0" in result.stdout
+    assert not (tmp_path / "d" / "magnetic_tile").exists()
 
 
 @pytest.mark.slow

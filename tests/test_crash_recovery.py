@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.agent.environment import AgentEnvironment, EpisodeSpec
+from appliance.agent.environment import AgentEnvironment
+from appliance.agent.episode import EpisodeSpec
 from appliance.dataset.writer import DatasetWriter
 from appliance.storage import DiskFullError, JobStore
 from appliance.storage.reconcile import reconcile

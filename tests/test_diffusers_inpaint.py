@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-pytest.importorskip("diffusers")
+require_module("diffusers")
 
 from appliance.tools.interfaces import Box, EditRequest  # noqa: E402
 
@@ -36,9 +37,9 @@ def pipeline_dirs(tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def generators(pipeline_dirs):
-    from appliance.knowledge import load_knowledge_base
     from appliance.models.tiny_diffusion import TINY_SETTINGS
     from appliance.tools.image_gen.diffusers_inpaint import DiffusersInpaintGenerator
+    from appliance.tools.knowledge.base import load_knowledge_base
 
     kb = load_knowledge_base()
     built = {name: DiffusersInpaintGenerator(folder, name, TINY_SETTINGS, kb)
@@ -127,7 +128,7 @@ def test_crop_stays_in_the_photo_and_holds_the_region(generators, photo):
 
 
 def test_engine_builds_the_backend_from_an_installed_manifest(tmp_path, photo):
-    from appliance.agent.environment import EpisodeSpec
+    from appliance.agent.episode import EpisodeSpec
     from appliance.engine import EngineConfig, build_engine
     from appliance.models.tiny_models import build_tiny_models
 

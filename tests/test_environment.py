@@ -7,10 +7,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from appliance.agent.environment import AgentEnvironment, EnvConfig, EpisodeSpec
+from appliance.agent.environment import AgentEnvironment
+from appliance.agent.episode import EnvConfig, EpisodeSpec
 from appliance.agent.protocol import format_answer, format_tool_call, parse_tool_response
 from appliance.agent.runner import run_episodes
-from appliance.imaging import changed_pixels
+from appliance.imaging import changed_pixels, mask_iou
 
 
 class ReplayPolicy:
@@ -141,10 +142,12 @@ def test_scripted_policy_refines_from_feedback_over_a_batch(engine, tile_images)
             if name == "knowledge_retrieval":
                 judged = [a for a in result.attempts if a.report is not None]
                 assert seq[i - 1] == "quality_eval" and judged and not judged[0].passed
-        # Masks agree with where the image changed.
+        # Masks agree with where the image changed (the per-render bar of test_renderers).
         if result.accepted:
             changed = changed_pixels(result.spec.image, result.final_image)
             assert result.mask.mask.any() and changed.any()
+            iou = mask_iou(result.mask.mask, changed)
+            assert iou >= 0.8, (result.spec.defect, result.spec.seed, iou)
 
 
 @pytest.mark.parametrize("bad", [[0, 0, 0, 0], [900, 900, 100, 100]])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import require_tiles
 from PIL import Image
 
 from appliance.evaluation.baselines import (CutPasteGenerator, DraemGenerator, cutpaste_patch,
@@ -18,19 +19,10 @@ from appliance.evaluation.data import find_images, load_normals
 from appliance.evaluation.generators import generate_training_set
 from appliance.imaging import changed_pixels
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-TILES = DATASETS / "magnetic-tile"
-needs_tiles = pytest.mark.skipif(not TILES.is_dir(),
-                                 reason=f"magnetic tile photos not found at {TILES}")
-
-
 def _normals(n: int, size: int) -> list[np.ndarray]:
-    if TILES.is_dir():
-        return [it.image for it in load_normals(find_images(TILES / "MT_Free")[:n], size)]
-    import skimage.data
-
-    brick = np.repeat(skimage.data.brick()[..., None], 3, axis=2)
-    return [np.ascontiguousarray(brick[i * 8:i * 8 + size, :size]) for i in range(n)]
+    """The first ``n`` defect-free magnetic tile photos (required: a missing folder fails)."""
+    free = require_tiles("MT_Free", "Imgs").parent
+    return [it.image for it in load_normals(find_images(free)[:n], size)]
 
 
 def test_draem_is_deterministic_and_masks_what_it_changes() -> None:
@@ -121,13 +113,12 @@ def _tiny_tiles(root: Path) -> Path:
     for folder, count in (("MT_Free", 12), ("MT_Crack", 3), ("MT_Blowhole", 3)):
         target = root / folder / "Imgs"
         target.mkdir(parents=True)
-        for photo in sorted((TILES / folder / "Imgs").glob("*.jpg"))[:count]:
+        for photo in sorted(require_tiles(folder, "Imgs").glob("*.jpg"))[:count]:
             shutil.copy(photo, target / photo.name)
             shutil.copy(photo.with_suffix(".png"), target / photo.with_suffix(".png").name)
     return root
 
 
-@needs_tiles
 def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
     from appliance.cli.eval_command import eval_command
 
@@ -174,7 +165,6 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
 
 
 
-@needs_tiles
 def test_same_seed_same_numbers(tmp_path: Path) -> None:
     from appliance.evaluation.data import load_folders
     from appliance.evaluation.runner import EvalConfig, evaluate

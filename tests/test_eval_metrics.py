@@ -1,4 +1,4 @@
-"""Evaluation metrics against hand-computed values (and scikit-learn where it is installed)."""
+"""Evaluation metrics against hand-computed values and scikit-learn (a core dependency)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from sklearn import metrics as sk
 
 from appliance.evaluation.generation_metrics import (defect_crop, kernel_distance, mask_change_iou,
                                                      mean_pairwise_cosine_distance)
@@ -77,7 +78,6 @@ def test_pixel_maps_are_flattened() -> None:
 
 
 def test_matches_scikit_learn_on_random_data() -> None:
-    sk = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(3)
     for _ in range(5):
         n = int(rng.integers(20, 3000))

@@ -7,17 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_tiles
 from PIL import Image
 
 from appliance.evaluation.data import (GOOD, defect_class_name, find_images, load_defect_folder,
                                        load_folders, load_mask, load_mvtec_category, mask_path_for,
                                        split_normals)
-
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-TILES = DATASETS / "magnetic-tile"
-needs_tiles = pytest.mark.skipif(not TILES.is_dir(),
-                                 reason=f"magnetic tile photos not found at {TILES}")
-
 
 def _paths(n: int) -> list[Path]:
     return [Path(f"/data/normal/img_{i:03d}.jpg") for i in range(n)]
@@ -63,13 +58,12 @@ def _copy_tiles(root: Path, per_class: int = 3) -> Path:
     for folder, count in (("MT_Free", 8), ("MT_Crack", per_class), ("MT_Blowhole", per_class)):
         target = root / folder / "Imgs"
         target.mkdir(parents=True)
-        for photo in sorted((TILES / folder / "Imgs").glob("*.jpg"))[:count]:
+        for photo in sorted(require_tiles(folder, "Imgs").glob("*.jpg"))[:count]:
             shutil.copy(photo, target / photo.name)
             shutil.copy(photo.with_suffix(".png"), target / photo.with_suffix(".png").name)
     return root
 
 
-@needs_tiles
 def test_find_images_skips_the_masks_beside_photos(tmp_path: Path) -> None:
     root = _copy_tiles(tmp_path)
     found = find_images(root / "MT_Crack")
@@ -78,7 +72,6 @@ def test_find_images_skips_the_masks_beside_photos(tmp_path: Path) -> None:
     assert mask_path_for(found[0]) == found[0].with_suffix(".png")
 
 
-@needs_tiles
 def test_magnetic_tile_layout_loads_classes_and_thresholded_masks(tmp_path: Path) -> None:
     root = _copy_tiles(tmp_path)
     items = load_defect_folder(root, 64, exclude=[root / "MT_Free"])
@@ -97,7 +90,6 @@ def test_magnetic_tile_layout_loads_classes_and_thresholded_masks(tmp_path: Path
     assert {it.defect for it in single} == {"crack"} and len(single) == 3
 
 
-@needs_tiles
 def test_load_folders_splits_normals_and_excludes_them_from_defects(tmp_path: Path) -> None:
     root = _copy_tiles(tmp_path)
     data = load_folders(root / "MT_Free", root, 64, seed=3, train_size=4, category="magnetic_tile")
@@ -110,7 +102,6 @@ def test_load_folders_splits_normals_and_excludes_them_from_defects(tmp_path: Pa
     assert [it.source for it in again.train_normals] == [it.source for it in data.train_normals]
 
 
-@needs_tiles
 def test_defect_photo_without_mask_is_an_error(tmp_path: Path) -> None:
     root = _copy_tiles(tmp_path)
     next((root / "MT_Crack" / "Imgs").glob("*.png")).unlink()
@@ -118,11 +109,10 @@ def test_defect_photo_without_mask_is_an_error(tmp_path: Path) -> None:
         load_defect_folder(root, 64, exclude=[root / "MT_Free"])
 
 
-@needs_tiles
 def test_mvtec_layout(tmp_path: Path) -> None:
     root = tmp_path / "tile"
-    photos = sorted((TILES / "MT_Free" / "Imgs").glob("*.jpg"))
-    cracks = sorted((TILES / "MT_Crack" / "Imgs").glob("*.jpg"))
+    photos = sorted(require_tiles("MT_Free", "Imgs").glob("*.jpg"))
+    cracks = sorted(require_tiles("MT_Crack", "Imgs").glob("*.jpg"))
     for folder, sources in (("train/good", photos[:5]), ("test/good", photos[5:7]),
                             ("test/crack", cracks[:2])):
         (root / folder).mkdir(parents=True)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.knowledge import KnowledgeBase, KnowledgeBaseError, load_knowledge_base, normalize_name
-from appliance.tools.image_gen.families import FAMILIES
+from appliance.names import normalize_name
+from appliance.tools.knowledge.base import KnowledgeBase, KnowledgeBaseError, load_knowledge_base
+from appliance.tools.knowledge.families import FAMILIES
 
 KB_ROOT = Path(__file__).resolve().parents[1] / "knowledge_base"
 

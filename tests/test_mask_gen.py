@@ -10,7 +10,7 @@ from skimage import data
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map, changed_pixels, mask_iou
 from appliance.tools.interfaces import MaskRequest
-from appliance.tools.mask_gen import DifferenceMaskGenerator
+from appliance.tools.mask_gen.difference import DifferenceMaskGenerator
 
 
 @pytest.fixture(scope="module")

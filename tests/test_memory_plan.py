@@ -151,9 +151,9 @@ def test_llamacpp_layers_leave_the_gpu_last(catalogue):
 
 
 def test_the_overrides_are_settings_the_backends_accept(catalogue, tmp_path):
-    from appliance.policies.qwen_llamacpp import llamacpp_config
-    from appliance.policies.qwen_transformers import transformers_config
     from appliance.tools.image_gen.diffusers_inpaint import KINDS
+    from appliance.vlm.llamacpp_runtime import llamacpp_config
+    from appliance.vlm.transformers_runtime import transformers_config
 
     models = {**engine(catalogue, quantization="none"), "policy": gguf_entry()}
     checked = set()

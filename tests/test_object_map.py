@@ -129,6 +129,26 @@ def test_fast_at_512_px():
 
 
 def test_object_map_is_a_plain_dataclass():
+    # Built by hand, with answers worked out by hand: a 4x4 block in an 8x8 frame.
+    foreground = np.zeros((8, 8), dtype=bool)
+    foreground[2:6, 2:6] = True
+    part = ObjectMap(foreground, False, (0, 0, 0))
+    assert part.area_ratio == 0.25
+    band = part.boundary_band(1)
+    assert band.sum() == 12 and not band[3:5, 3:5].any()  # the block's outer ring only
+    assert not (band & ~foreground).any()
+    assert part.boundary_band(2).sum() == 16
+    # A part running out of the frame: the frame edge is not its outline.
+    half = np.zeros((8, 8), dtype=bool)
+    half[:, :4] = True
+    expected = np.zeros((8, 8), dtype=bool)
+    expected[:, 3] = True
+    assert np.array_equal(ObjectMap(half, False, (0, 0, 0)).boundary_band(1), expected)
+    # A texture has no outline: its band is the frame border.
+    texture = ObjectMap(np.ones((8, 8), dtype=bool), True, (0, 0, 0))
+    frame = texture.boundary_band(2)
+    assert frame.sum() == 64 - 16 and not frame[2:6, 2:6].any()
+    # Nothing found: no area and no band.
     found = ObjectMap(np.zeros((8, 8), dtype=bool), False, (0, 0, 0))
     assert found.area_ratio == 0.0
     assert not found.boundary_band(2).any()

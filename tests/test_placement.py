@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 from skimage import data
 
-from appliance.tools.image_gen.families import FAMILIES
-from appliance.tools.image_gen.placement import (LINE_FAMILIES, MaskObjectMap, choose_region,
-                                                 inside_distance, place)
+from appliance.tools.image_gen.placement import (
+    MaskObjectMap,
+    choose_region,
+    half_extent,
+    inside_distance,
+    place,
+)
 from appliance.tools.image_gen.prompt_params import parse_prompt
+from appliance.tools.knowledge.families import FAMILIES
 from appliance.tools.object_map import find_object
 
 
@@ -206,7 +211,19 @@ def test_line_families_get_strip_boxes(plate):
     params = parse_prompt("a long horizontal scratch", rng)
     box = choose_region(object_map, params, "scratch", image.shape, rng)
     assert box.width > 4 * box.height
-    assert "scratch" in LINE_FAMILIES
+    # Thin line-like defects are rotated strips: their box holds the strip's four corners, which
+    # stick out past the ellipse of the same axes when the line runs at a slant. Blob-like
+    # defects keep the (smaller) box of their ellipse.
+    major, minor, theta = 100.0, 10.0, 30.0
+    c, s = math.cos(math.radians(theta)), math.sin(math.radians(theta))
+    corners = [(u * c - v * s, u * s + v * c)
+               for u in (-major / 2, major / 2) for v in (-minor / 2, minor / 2)]
+    strip = (max(abs(x) for x, _ in corners), max(abs(y) for _, y in corners))
+    for family in ("scratch", "crack", "fold", "cut", "cutpaste_scar"):
+        assert half_extent(family, major, minor, theta) == pytest.approx(strip), family
+    for family in ("hole", "dent", "stain", "contamination", "discoloration"):
+        hx, hy = half_extent(family, major, minor, theta)
+        assert hx < strip[0] - 1 and hy < strip[1] - 1, family
 
 
 def test_mask_object_map_matches_object_map(plate):

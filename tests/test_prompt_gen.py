@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from appliance.knowledge import load_knowledge_base
 from appliance.tools.interfaces import Issue, Knowledge, PromptRequest
-from appliance.tools.prompt_gen import (
+from appliance.tools.knowledge.base import load_knowledge_base
+from appliance.tools.prompt_gen.composer import (
     KEEP_SENTENCE,
     STRONG_WORDS,
     WEAK_WORDS,
@@ -215,8 +215,7 @@ def test_a_long_episode_stays_consistent(blowhole):
 
 def test_defect_names_with_size_words_are_left_alone(kb):
     entry = kb.entry("bottle", "broken_large")
-    if entry is None:
-        pytest.skip("bottle/broken_large is not in the knowledge base")
+    assert entry is not None, "knowledge_base/categories/bottle.toml lost [defect.broken_large]"
     prompt = _refined(entry, [Issue.TOO_LARGE])
     assert "Add a broken large defect." in prompt and "small, compact" in prompt
     assert not severity_conflicts(prompt, "broken_large")
@@ -246,8 +245,7 @@ def test_knowledge_turns_a_free_form_prompt_into_a_structured_one(blowhole):
 
 def test_a_new_part_named_after_its_material_gets_the_material_entry(kb, texture_image):
     entry = kb.entry("metal", "scratch")
-    if entry is None:
-        pytest.skip("no metal material file with a scratch entry")
+    assert entry is not None, "knowledge_base/materials/metal.toml lost [defect.scratch]"
     [prompt] = KnowledgePromptGenerator(kb).generate_prompts(
         [PromptRequest(image=texture_image, category="Steel Bracket", defect="scratch")])
     assert entry.appearance in prompt and "steel bracket" in prompt

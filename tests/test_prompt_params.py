@@ -8,11 +8,10 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from appliance.tools.image_gen.prompt_params import (FEW_PIXELS, EditParams, expected_area_share,
-                                                     parse_prompt)
+from appliance.tools.image_gen.prompt_params import EditParams, expected_area_share, parse_prompt
 from appliance.tools.interfaces import Issue
-from appliance.knowledge import load_knowledge_base
-from appliance.tools.prompt_gen import compose_prompt, refine_prompt
+from appliance.tools.knowledge.base import load_knowledge_base
+from appliance.tools.prompt_gen.composer import compose_prompt, refine_prompt
 
 
 def _parse(prompt: str, seed: int = 0) -> EditParams:
@@ -206,7 +205,7 @@ def test_refinement_halves_a_percentage():
     ("Size: Long and thin: one third of the width, one to three pixels wide.", 1.0, 3.0),
     ("Size: Thin: 5 to 20 percent of the edge length, one or two pixels wide.", 1.0, 2.0),
     ("Size: Thin: 5 to 40 percent of the part width long, one pixel wide.", 1.0, 1.0),
-    ("Size: Narrow: a band a few pixels wide along 10 to 30 percent of an edge.", *FEW_PIXELS),
+    ("Size: Narrow: a band a few pixels wide along 10 to 30 percent of an edge.", 2.5, 4.5),
     ("a 2 px wide scratch", 2.0, 2.0),
 ])
 def test_width_in_pixels(prompt, low, high):

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import require_tiles
 from skimage import data
 
 from appliance.imaging import load_rgb
 from appliance.tools.interfaces import Issue, MaskRequest, QualityRequest
-from appliance.tools.mask_gen import DifferenceMaskGenerator
+from appliance.tools.mask_gen.difference import DifferenceMaskGenerator
 from appliance.tools.object_map import find_object
-from appliance.tools.quality_eval import HeuristicQualityEvaluator, measure
+from appliance.tools.quality_eval.heuristic import HeuristicQualityEvaluator, measure
 
 ACCEPT = 3  # the agent's usual acceptance bar on both scores
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 # --- images and edits ------------------------------------------------------------------------
@@ -278,9 +277,7 @@ def test_clustered_particles_are_local_not_scattered(brick):
 def test_real_tile_defects_are_mostly_accepted(kind):
     # Real defects, with the "normal" image made by inpainting the defect away: the judge should
     # accept nearly all of them (25/25 of the first 25 of each of these classes when written).
-    folder = DATASETS / "magnetic-tile" / kind / "Imgs"
-    if not folder.is_dir():
-        pytest.skip(f"magnetic tile defects not found at {folder}")
+    folder = require_tiles(kind, "Imgs")
     accepted = 0
     paths = sorted(folder.glob("*.jpg"))[:10]
     for path in paths:

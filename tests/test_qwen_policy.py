@@ -8,17 +8,18 @@ loading, LoRA adapters and the message conversion are checked on their own.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from _tiny_qwen import tiny_qwen_gguf, tiny_qwen_hf
-from appliance.agent.environment import AgentEnvironment, EnvConfig, EpisodeSpec
+from conftest import require_module
+
+from appliance.agent.environment import AgentEnvironment
+from appliance.agent.episode import EnvConfig, EpisodeSpec
 from appliance.agent.protocol import format_tool_call, parse_assistant_message
 from appliance.policies.scripted import ScriptedPolicy
-from appliance.policies.vlm_chat import finish_text, template_messages, to_chat_request
+from appliance.vlm.chat import finish_text, template_messages, to_chat_request
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime(hf_dir):
-    from appliance.policies.qwen_transformers import QwenTransformersRuntime, TransformersVLMConfig
+    from appliance.vlm.transformers_runtime import QwenTransformersRuntime, TransformersVLMConfig
 
     loaded = QwenTransformersRuntime(TransformersVLMConfig(hf_dir, do_sample=False, max_new_tokens=8))
     yield loaded
@@ -105,14 +106,14 @@ def test_the_template_renders_tool_responses_and_one_placeholder_per_picture(run
 
 
 def test_the_vendored_template_is_trls_qwen3_vl_template_byte_for_byte():
-    trl = pytest.importorskip("trl", reason="trl is not installed (the train extra)")
+    trl = require_module("trl")
     from pathlib import Path
 
-    from appliance.policies.qwen3_vl_template import QWEN3_VL_CHAT_TEMPLATE
+    from appliance.vlm.chat_template import QWEN3_VL_CHAT_TEMPLATE
 
     shipped = Path(trl.__file__).parent / "chat_templates" / "qwen3_vl.jinja"
-    if not shipped.is_file():
-        pytest.skip(f"this trl has no {shipped.name}")
+    assert shipped.is_file(), (f"trl {trl.__version__} no longer ships {shipped}: find where it keeps "
+                               "the Qwen3-VL template now and compare appliance/vlm/chat_template.py")
     assert QWEN3_VL_CHAT_TEMPLATE == shipped.read_text(encoding="utf-8")
 
 
@@ -155,7 +156,8 @@ def test_forced_decoding_writes_exactly_the_target(runtime, specs):
 
 
 def test_transformers_policy_replays_the_scripted_episode_exactly(hf_dir, engine, specs):
-    from appliance.policies.qwen_transformers import QwenTransformersPolicy, TransformersVLMConfig
+    from appliance.policies.vlm import QwenTransformersPolicy
+    from appliance.vlm.transformers_runtime import TransformersVLMConfig
 
     environment = _environment(engine)
     expected = environment.run(specs, ScriptedPolicy())
@@ -175,7 +177,8 @@ def test_transformers_policy_replays_the_scripted_episode_exactly(hf_dir, engine
 
 
 def test_llamacpp_policy_replays_the_scripted_episode_exactly(tmp_path_factory, engine, specs):
-    from appliance.policies.qwen_llamacpp import LlamaCppVLMConfig, QwenLlamaCppPolicy
+    from appliance.policies.vlm import QwenLlamaCppPolicy
+    from appliance.vlm.llamacpp_runtime import LlamaCppVLMConfig, image_data_uri
 
     model, mmproj = tiny_qwen_gguf(tmp_path_factory)
     environment = _environment(engine)
@@ -193,7 +196,24 @@ def test_llamacpp_policy_replays_the_scripted_episode_exactly(tmp_path_factory, 
             {"type": "image", "image_index": 2}]})
         policy.guide = None
         policy.max_new_tokens = 5
-        assert isinstance(policy.act([state])[0], str)
+        handler = policy.runtime.llm.chat_handler
+        loaded = []
+
+        def recording_load_image(url, _load=handler.load_image):
+            loaded.append(url)
+            return _load(url)
+
+        handler.load_image = recording_load_image
+        try:
+            first = policy.act([state])
+        finally:
+            del handler.load_image
+        # Both pictures reached the handler: the photo and the one from the tool message.
+        [request] = policy.requests([state])
+        assert loaded == [image_data_uri(image) for image in request.images]
+        assert len(loaded) == 2
+        # Seeded per turn from the spec seed: an episode replays identically.
+        assert first == policy.act([state])
     finally:
         policy.close()
     assert result.errors == [] and result.status == expected[0].status
@@ -204,13 +224,11 @@ def test_llamacpp_policy_replays_the_scripted_episode_exactly(tmp_path_factory, 
 # --- 4-bit and LoRA ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None
-                    or importlib.util.find_spec("accelerate") is None,
-                    reason="bitsandbytes/accelerate are not installed (the gpu extra)")
 def test_nf4_loading_quantizes_the_language_model_only(hf_dir, specs):
-    import bitsandbytes as bnb
+    bnb = require_module("bitsandbytes")
+    require_module("accelerate")
 
-    from appliance.policies.qwen_transformers import QwenTransformersRuntime, TransformersVLMConfig
+    from appliance.vlm.transformers_runtime import QwenTransformersRuntime, TransformersVLMConfig
 
     quantized = QwenTransformersRuntime(TransformersVLMConfig(hf_dir, quantization="nf4",
                                                               do_sample=False))
@@ -227,12 +245,13 @@ def test_nf4_loading_quantizes_the_language_model_only(hf_dir, specs):
 
 
 def test_lora_adapter_changes_the_policy_and_not_the_shared_base(hf_dir, tmp_path, specs):
-    pytest.importorskip("peft", reason="peft is not installed (the gpu extra)")
+    require_module("peft")
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
 
-    from appliance.policies.qwen_transformers import QwenTransformersPolicy, TransformersVLMConfig
-    from appliance.policies.vlm_chat import loaded_runtimes
+    from appliance.policies.vlm import QwenTransformersPolicy
+    from appliance.vlm.resident import loaded_runtimes
+    from appliance.vlm.transformers_runtime import TransformersVLMConfig
 
     base = Qwen3VLForConditionalGeneration.from_pretrained(hf_dir)
     # Random (not identity) LoRA weights, so the adapter visibly changes the output.
@@ -259,7 +278,7 @@ def test_engine_builds_vlm_backends_from_an_installed_models_folder(hf_dir, engi
     from appliance.engine import EngineConfig, build_engine
     from appliance.models.bundle import describe_folder
     from appliance.models.manifest import Manifest, ModelEntry, write_manifest
-    from appliance.policies.vlm_chat import loaded_runtimes
+    from appliance.vlm.resident import loaded_runtimes
 
     entry = ModelEntry(name=hf_dir.name, repo="local/tiny", revision="tiny", licence="MIT",
                        format="transformers", files=describe_folder(hf_dir),
@@ -278,6 +297,6 @@ def test_engine_builds_vlm_backends_from_an_installed_models_folder(hf_dir, engi
         built.close()
     assert loaded_runtimes() == []
     with pytest.raises(ValueError, match="unknown transformers VLM setting"):
-        from appliance.policies.qwen_transformers import transformers_config
+        from appliance.vlm.transformers_runtime import transformers_config
 
         transformers_config(hf_dir, {"quantisation": "nf4"})

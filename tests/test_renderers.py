@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import require_tiles
 from skimage import data
 from skimage.morphology import skeletonize
 
 from appliance.imaging import change_map, changed_pixels, is_grayscale, load_rgb, mask_iou
-from appliance.knowledge import load_knowledge_base
-from appliance.tools.image_gen.families import FAMILIES
 from appliance.tools.image_gen.procedural import ProceduralImageGenerator
 from appliance.tools.image_gen.prompt_params import parse_prompt
 from appliance.tools.image_gen.renderers import render_defect
 from appliance.tools.interfaces import Box, EditRequest, MaskRequest
-from appliance.tools.mask_gen import DifferenceMaskGenerator
+from appliance.tools.knowledge.base import load_knowledge_base
+from appliance.tools.knowledge.families import FAMILIES
+from appliance.tools.mask_gen.difference import DifferenceMaskGenerator
 from appliance.tools.object_map import find_object
-
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-TILES = DATASETS / "magnetic-tile" / "MT_Free" / "Imgs"
 
 
 def part_on_table(size: int = 384, seed: int = 0) -> np.ndarray:
@@ -53,15 +50,15 @@ def gray_part(size: int = 300) -> np.ndarray:
 
 
 def _images() -> dict[str, np.ndarray]:
-    images = {
+    # The real tile photo is required: without it this module fails to collect, naming the
+    # folder, instead of silently dropping the tile cases from the parametrisation.
+    return {
         "brick": np.repeat(cv2.resize(data.brick(), (320, 320),
                                       interpolation=cv2.INTER_AREA)[..., None], 3, axis=2),
         "part": part_on_table(),
         "gray_part": gray_part(),
+        "tile": load_rgb(sorted(require_tiles("MT_Free", "Imgs").glob("*.jpg"))[3]),
     }
-    if TILES.is_dir():
-        images["tile"] = load_rgb(sorted(TILES.glob("*.jpg"))[3])
-    return images
 
 
 IMAGES = _images()
@@ -72,8 +69,12 @@ def test_test_images_are_what_they_claim():
     assert MAPS["brick"].is_texture
     assert not MAPS["part"].is_texture and not MAPS["gray_part"].is_texture
     assert is_grayscale(IMAGES["gray_part"]) and not is_grayscale(IMAGES["part"])
-    if "tile" not in IMAGES:
-        pytest.skip(f"magnetic tile photos not found at {TILES}")
+    # The tile photo is a grayscale face filling the frame (as test_object_map asserts for the
+    # MT_Free photos it samples): every pixel of its middle is placeable.
+    tile, (height, width) = IMAGES["tile"], IMAGES["tile"].shape[:2]
+    assert is_grayscale(tile)
+    assert MAPS["tile"].is_texture
+    assert MAPS["tile"].foreground[height // 4:3 * height // 4, width // 4:3 * width // 4].all()
 
 
 def _render(family, name, prompt, seed, details=None):
@@ -220,8 +221,6 @@ def generator():
 
 
 def test_generator_uses_the_knowledge_base_family(generator):
-    if "tile" not in IMAGES:
-        pytest.skip(f"magnetic tile photos not found at {TILES}")
     image = IMAGES["tile"]
     requests = [EditRequest(image, "magnetic_tile", defect, prompt, seed)
                 for seed, (defect, prompt) in enumerate([
@@ -332,7 +331,7 @@ def test_a_thin_defect_is_one_connected_piece(family, name):
 
 
 def test_a_crack_from_the_knowledge_base_is_one_piece_through_the_mask_generator(generator):
-    image = IMAGES.get("tile", IMAGES["brick"])
+    image = IMAGES["tile"]
     category = "magnetic_tile"
     prompt = ("Edit only one region of the magnetic tile. Add a crack defect. Look: A single "
               "crack: a thin, dark, jagged line with small branches. Size: Long and thin: one "
@@ -345,11 +344,3 @@ def test_a_crack_from_the_knowledge_base_is_one_piece_through_the_mask_generator
         # "one to three pixels wide": the mask's area over its skeleton's length.
         width = mask.sum() / skeletonize(mask).sum()
         assert 1.0 <= width <= 3.5, width
-
-
-def _inner_box(foreground: np.ndarray) -> tuple[int, int, int, int]:
-    """A box well inside the object: the middle third of its bounding box."""
-    ys, xs = np.nonzero(foreground)
-    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
-    h, w = y1 - y0, x1 - x0
-    return int(x0 + w / 3), int(y0 + h / 3), int(x0 + 2 * w / 3), int(y0 + 2 * h / 3)

@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appliance.agent.environment import EpisodeSpec
+from appliance.agent.episode import EpisodeSpec
 from appliance.batch import plan_episodes
 from appliance.dataset.writer import DatasetWriter
 from appliance.storage import EpisodePlan, JobStore
 from appliance.storage import migrations as migrations_module
-from appliance.storage.reconcile import reconcile, sync_exports
+from appliance.storage.exports import sync_exports
+from appliance.storage.reconcile import reconcile
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +95,17 @@ def _claim_all(root: str) -> list[int]:
     return taken
 
 
-def _reserve_many(root: str) -> list[int]:
+def _reserve_many(args: tuple[str, int]) -> list[int]:
+    """Reserve a sample for every episode of one parity: the two processes never share an
+    episode, so any error (a number collision on the UNIQUE index, a lock timeout) is a bug and
+    reaches the test through ``pool.map``."""
+    root, parity = args
     store = JobStore(Path(root))
     numbers = []
-    for episode in list(store.db.query("select id, key from episodes order by id")):
-        try:
-            row = store.reserve_sample(episode["id"], episode["key"], "magnetic_tile", "crack",
-                                       lambda n: {"image": f"i{n}", "mask": f"m{n}",
-                                                  "trajectory": f"t{n}"})
-        except Exception:  # noqa: BLE001 - the other process reserved this episode's sample
-            continue
+    for episode in list(store.db.query("select id, key from episodes where id % 2 = ? order by id",
+                                       [parity])):
+        row = store.reserve_sample(episode["id"], episode["key"], "magnetic_tile", "crack",
+                                   lambda n: {"image": f"i{n}", "mask": f"m{n}", "trajectory": f"t{n}"})
         numbers.append(row["number"])
     store.close()
     return numbers
@@ -124,10 +126,11 @@ def test_sample_numbers_are_unique_under_concurrent_reservation(tmp_path):
     store.enqueue(plans(50))
     store.close()
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        first, second = pool.map(_reserve_many, [str(tmp_path)] * 2)
+        first, second = pool.map(_reserve_many, [(str(tmp_path), 0), (str(tmp_path), 1)])
     numbers = first + second
+    assert len(first) == len(second) == 25
     assert len(numbers) == len(set(numbers)) == 50
-    assert sorted(numbers) == list(range(50))  # no collision and no gap
+    assert sorted(numbers) == list(range(50))  # no collision (it would have raised) and no gap
 
 
 def test_running_episodes_of_a_dead_process_are_requeued(tmp_path):

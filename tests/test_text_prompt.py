@@ -13,8 +13,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-pytest.importorskip("diffusers")
+require_module("diffusers")
 
 from appliance.tools.image_gen.text_prompt import (
     TextEncoder,
@@ -24,7 +25,7 @@ from appliance.tools.image_gen.text_prompt import (
     ranked_phrases,
 )
 from appliance.tools.interfaces import EditRequest, Issue, PromptRequest
-from appliance.tools.prompt_gen import KnowledgePromptGenerator, refine_prompt
+from appliance.tools.prompt_gen.composer import KnowledgePromptGenerator, refine_prompt
 
 BACKENDS = ("sdxl-inpaint", "flux-fill")
 PAIRS = (("magnetic_tile", "crack"), ("bottle", "broken_large"), ("screw", "manipulated_front"),
@@ -43,9 +44,9 @@ def kit(tmp_path_factory):
     """The tiny SDXL and Flux pipelines as the engine loads them, and real-length instructions."""
     import torch
 
-    from appliance.knowledge import load_knowledge_base
     from appliance.models.tiny_models import build_tiny_models
     from appliance.tools.image_gen.diffusers_inpaint import DiffusersInpaintGenerator
+    from appliance.tools.knowledge.base import load_knowledge_base
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models run far faster single-threaded on a busy box

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from _tiny_qwen import tiny_qwen_hf
-from appliance.policies.vlm_chat import GuidedRuntime
+
 from appliance.tools.interfaces import Issue, PromptRequest, QualityRequest
-from appliance.tools.vlm_prompt_gen import VLMPromptGenerator, clean_instruction
-from appliance.tools.vlm_quality_eval import (RETRY_PROMPT, VLMQualityEvaluator,
-                                              first_json_object, issues_from_review,
-                                              parse_judgement)
+from appliance.tools.prompt_gen.vlm import VLMPromptGenerator, clean_instruction
+from appliance.tools.quality_eval.vlm import (
+    RETRY_PROMPT,
+    VLMQualityEvaluator,
+    first_json_object,
+    issues_from_review,
+    parse_judgement,
+)
+from appliance.vlm.chat import GuidedRuntime
 
 INSTRUCTION = ("In this photo change only a short stretch of the tile's upper face near its left "
                "edge: add a thin dark hairline crack that branches once. Keep everything else "
@@ -21,7 +25,7 @@ INSTRUCTION = ("In this photo change only a short stretch of the tile's upper fa
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    from appliance.policies.qwen_transformers import QwenTransformersRuntime, TransformersVLMConfig
+    from appliance.vlm.transformers_runtime import QwenTransformersRuntime, TransformersVLMConfig
 
     hf_dir = tiny_qwen_hf(tmp_path_factory)
     loaded = QwenTransformersRuntime(TransformersVLMConfig(hf_dir, do_sample=False))
@@ -38,16 +42,20 @@ def pair(texture_image):
 
 
 class Recorder:
-    """Counts how the tool batches its model calls (the calls still reach the real runtime)."""
+    """Counts how the tool batches its model calls and keeps what the model replied (the calls
+    still reach the real runtime)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.name = inner.name
         self.batches: list[list] = []
+        self.replies: list[list[str]] = []
 
     def chat(self, requests, **kwargs):
         self.batches.append(list(requests))
-        return self.inner.chat(requests, **kwargs)
+        replies = self.inner.chat(requests, **kwargs)
+        self.replies.append(list(replies))
+        return replies
 
     def close(self):
         pass
@@ -95,7 +103,7 @@ def test_instructions_are_cleaned_of_reasoning_labels_and_quotes():
 
 
 def test_prompt_gen_batches_and_falls_back_on_an_unusable_reply(runtime, pair, engine):
-    from appliance.tools.prompt_gen import KnowledgePromptGenerator
+    from appliance.tools.prompt_gen.composer import KnowledgePromptGenerator
 
     recorder = Recorder(runtime)
     replies = iter([f"<think>the upper face</think>{INSTRUCTION}", "crack"])
@@ -147,7 +155,7 @@ def test_quality_eval_retries_once_on_malformed_json(runtime, pair):
 
 
 def test_quality_eval_falls_back_after_the_retry(runtime, pair):
-    from appliance.tools.quality_eval import HeuristicQualityEvaluator
+    from appliance.tools.quality_eval.heuristic import HeuristicQualityEvaluator
 
     normal, edited = pair
     request = QualityRequest(normal, edited, "magnetic_tile", "crack")
@@ -165,15 +173,36 @@ def test_quality_eval_falls_back_after_the_retry(runtime, pair):
 
 
 def test_unguided_tools_run_on_the_random_model(runtime, pair, engine):
-    """No forcing: whatever the random model writes, the tools return valid results."""
-    from appliance.tools.prompt_gen import KnowledgePromptGenerator
+    """No forcing: whatever the random model writes, each tool acts on it as specified."""
+    from appliance.tools.prompt_gen.composer import KnowledgePromptGenerator
 
     normal, edited = pair
-    prompt = VLMPromptGenerator(runtime, fallback=KnowledgePromptGenerator(engine.knowledge_base),
-                                max_new_tokens=12).generate_prompts(
-        [PromptRequest(normal, "magnetic_tile", "crack")])[0]
-    assert isinstance(prompt, str) and prompt
-    report = VLMQualityEvaluator(runtime, max_new_tokens=12).evaluate(
+    request = PromptRequest(normal, "magnetic_tile", "crack")
+    recorder, fallback = Recorder(runtime), KnowledgePromptGenerator(engine.knowledge_base)
+    tool = VLMPromptGenerator(recorder, fallback=fallback, max_new_tokens=12)
+    [prompt] = tool.generate_prompts([request])
+    [[reply]] = recorder.replies  # one call, one reply
+    cleaned = clean_instruction(reply)
+    # The model's instruction when it wrote a usable one, else the knowledge fallback, counted.
+    assert prompt == (cleaned if cleaned is not None else fallback.generate_prompts([request])[0])
+    assert tool.fallbacks_used == (1 if cleaned is None else 0)
+
+    recorder = Recorder(runtime)
+    report = VLMQualityEvaluator(recorder, max_new_tokens=12).evaluate(
         [QualityRequest(normal, edited, "magnetic_tile", "crack")])[0]
-    assert 0 <= report.location_score <= 5 and 0 <= report.quality_score <= 5
-    assert report.measurements["replies"] in (1, 2)
+    replies = [batch_replies[0] for batch_replies in recorder.replies]
+    judgements = [parse_judgement(text) for text in replies]
+    # One retry, and only after an unreadable first reply.
+    assert len(replies) == (1 if judgements[0] is not None else 2)
+    assert report.measurements["replies"] == len(replies)
+    assert report.measurements["raw_reply"] == replies[-1][:2000]
+    judged = judgements[-1]
+    if judged is None:  # unreadable twice: no grade was invented
+        assert report.measurements["unreadable"] is True
+        assert (report.location_score, report.quality_score, report.issues) == (0, 0, [])
+    else:  # the grade is the model's own, parsed from its last reply
+        assert (report.location_score, report.quality_score, report.review) == \
+            (judged.location_score, judged.quality_score, judged.review)
+        assert report.issues == (judged.issues if judged.issues is not None
+                                 else issues_from_review(judged.review))
+        assert "unreadable" not in report.measurements

@@ -12,36 +12,34 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from appliance.agent import schemas
-from appliance.agent.protocol import (Answer, ProtocolError, ToolCall, parse_assistant_message,
-                                      tool_response_text)
-from appliance.knowledge import normalize_name
-from appliance.tools.interfaces import (Box, EditRequest, EditResult, ImageGenerator, Knowledge,
-                                        KnowledgeRetriever, MaskGenerator, MaskRequest,
-                                        MaskResult, PromptGenerator, PromptRequest,
-                                        QualityEvaluator, QualityReport, QualityRequest)
-
-if TYPE_CHECKING:
-    from appliance.policies.base import Policy
-
-
-@dataclass
-class EnvConfig:
-    max_turns: int = 12  # assistant messages per episode
-    max_image_gen: int = 3  # image_gen attempts per episode
-    min_location: int = 3  # acceptance bar on the judge's 0-5 location score
-    min_quality: int = 3  # acceptance bar on the judge's 0-5 quality score
-    # A rejected attempt scoring below this (location + quality, 0-10) calls for knowledge
-    # retrieval before the next try; the GRPO behaviour reward uses the same bar.
-    knowledge_threshold: int = 7
-
-    def passes(self, report: QualityReport) -> bool:
-        return report.location_score >= self.min_location and report.quality_score >= self.min_quality
+from appliance.agent.episode import Attempt, EnvConfig, EpisodeResult, EpisodeSpec, EpisodeState
+from appliance.agent.policy import Policy
+from appliance.agent.protocol import (
+    Answer,
+    ProtocolError,
+    ToolCall,
+    parse_assistant_message,
+    tool_response_text,
+)
+from appliance.names import normalize_name
+from appliance.tools.interfaces import (
+    Box,
+    EditRequest,
+    ImageGenerator,
+    KnowledgeRetriever,
+    MaskGenerator,
+    MaskRequest,
+    PromptGenerator,
+    PromptRequest,
+    QualityEvaluator,
+    QualityRequest,
+)
 
 
 @dataclass
@@ -56,81 +54,6 @@ class Toolbox:
         return {schemas.PROMPT_GEN: self.prompt_gen.name, schemas.IMAGE_GEN: self.image_gen.name,
                 schemas.QUALITY_EVAL: self.quality_eval.name,
                 schemas.KNOWLEDGE_RETRIEVAL: self.knowledge.name, schemas.MASK_GEN: self.mask_gen.name}
-
-
-@dataclass
-class EpisodeSpec:
-    image: np.ndarray  # the normal photo, uint8 RGB
-    category: str
-    defect: str
-    seed: int
-    source: str = ""  # where the normal photo came from (path), for provenance
-    source_sha256: str = ""
-
-
-@dataclass
-class Attempt:
-    """One image_gen call and what the judge said about it."""
-
-    image_index: int
-    prompt: str
-    seed: int
-    result: EditResult
-    report: QualityReport | None = None
-    passed: bool | None = None
-
-
-@dataclass
-class EpisodeState:
-    spec: EpisodeSpec
-    config: EnvConfig
-    messages: list[dict]
-    images: list[np.ndarray]  # images[i - 1] is image index i in the conversation
-    attempts: dict[int, Attempt] = field(default_factory=dict)
-    tool_sequence: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    knowledge: Knowledge | None = None
-    mask: MaskResult | None = None
-    mask_image_index: int | None = None
-    answer: dict | None = None
-    turns: int = 0
-    done: bool = False
-    end_reason: str = ""
-    tool_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def image_gen_count(self) -> int:
-        return len(self.attempts)
-
-    def last_report(self) -> tuple[int, QualityReport] | None:
-        judged = [(i, a.report) for i, a in self.attempts.items() if a.report is not None]
-        return judged[-1] if judged else None
-
-
-@dataclass
-class EpisodeResult:
-    spec: EpisodeSpec
-    status: str  # "accepted" | "rejected" | "failed"
-    end_reason: str
-    final_image_index: int | None
-    final_image: np.ndarray | None
-    mask: MaskResult | None
-    report: QualityReport | None
-    attempts: list[Attempt]
-    messages: list[dict]
-    images: list[np.ndarray]
-    tool_sequence: list[str]
-    errors: list[str]
-    turns: int
-    seconds: float
-    tool_seconds: dict[str, float]
-    backends: dict[str, str]
-    policy: str
-
-    @property
-    def accepted(self) -> bool:
-        return self.status == "accepted"
 
 
 @dataclass

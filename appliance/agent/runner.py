@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from appliance.agent.environment import EpisodeResult, EpisodeSpec
-from appliance.engine import Engine, build_engine
+from appliance.agent.environment import AgentEnvironment
+from appliance.agent.episode import EpisodeResult, EpisodeSpec
+from appliance.agent.policy import Policy
 
 
-def run_episodes(engine: Engine, specs: Iterable[EpisodeSpec], chunk: int = 8) -> Iterator[EpisodeResult]:
+class Runs(Protocol):
+    """What running episodes needs of an engine (``appliance.engine.Engine`` is one)."""
+
+    environment: AgentEnvironment
+    policy: Policy
+
+
+def run_episodes(engine: Runs, specs: Iterable[EpisodeSpec], chunk: int = 8) -> Iterator[EpisodeResult]:
     """Yield results in order; ``chunk`` episodes step together (one batched call per tool)."""
     batch: list[EpisodeSpec] = []
     for spec in specs:
@@ -33,12 +41,11 @@ class SyntheticSample:
 
 
 def synthesize(images: Sequence[np.ndarray], category: str, defects: Sequence[str], seed: int,
-               engine: Engine | None = None) -> list[SyntheticSample]:
+               engine: Runs) -> list[SyntheticSample]:
     """One episode per image (defects in rotation), the full agent loop; for evaluation.
 
     Returns every episode that produced a mask, accepted or not, with ``accepted`` telling which.
     """
-    engine = engine or build_engine()
     specs = [EpisodeSpec(image=image, category=category, defect=defects[i % len(defects)],
                          seed=seed * 1_000_003 + i, source=f"#{i}")
              for i, image in enumerate(images)]

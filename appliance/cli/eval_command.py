@@ -72,7 +72,7 @@ def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir
     from appliance.evaluation.report import format_table
     from appliance.evaluation.runner import EvalConfig, evaluate_folders, evaluate_mvtec
     from appliance.evaluation.train import TrainConfig
-    from appliance.knowledge import normalize_name
+    from appliance.names import normalize_name
 
     if category_dir is None and (normal_dir is None or defects_dir is None):
         raise click.UsageError("give --normal and --defects, or --category-dir")

@@ -113,12 +113,11 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
           backends: tuple[str, ...], knowledge_base: Path | None, max_attempts: int | None,
           gpu_memory: float | None) -> None:
     """Run one episode on IMAGE and print its trajectory."""
-    from appliance.agent.environment import EpisodeSpec
+    from appliance.agent.episode import EpisodeSpec
     from appliance.dataset.trajectory import save_trajectory
     from appliance.engine import build_engine
-    from appliance.imaging import (ImageReadError, load_rgb, mask_to_pil, save_png_atomic,
-                                   sha256_file, to_pil)
-    from appliance.knowledge import normalize_name
+    from appliance.imaging import ImageReadError, load_rgb, mask_to_pil, save_png_atomic, sha256_file, to_pil
+    from appliance.names import normalize_name
 
     try:
         normal = load_rgb(image)
@@ -239,7 +238,7 @@ def knowledge() -> None:
 @click.option("--knowledge-base", type=click.Path(path_type=Path, file_okay=False), default=None)
 def knowledge_list(category: str | None, knowledge_base: Path | None) -> None:
     """List categories and materials, or the defect types of CATEGORY."""
-    from appliance.knowledge import KnowledgeBaseError, load_knowledge_base
+    from appliance.tools.knowledge.base import KnowledgeBaseError, load_knowledge_base
 
     try:
         kb = load_knowledge_base(knowledge_base)

@@ -106,8 +106,8 @@ def list_command(models_dir: Path | None, gpu_memory: float | None) -> None:
     """Installed models, the roles they satisfy, and which engine will run and why."""
     from dataclasses import replace
 
-    from appliance.engine import model_roles, plan_gpu_memory
-    from appliance.models.manifest import ManifestError, load_installed, select_engine
+    from appliance.engine import model_roles, plan_gpu_memory, select_engine
+    from appliance.models.manifest import ManifestError, load_installed
 
     target = _models_dir(models_dir)
     try:

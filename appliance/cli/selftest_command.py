@@ -74,7 +74,7 @@ def _tool_errors(messages: list[dict], tool: str) -> list[str]:
 
 def run_episode(config, role: str | None, backend: str) -> Outcome:
     """Build the engine for ``config``, run one episode, judge whether ``backend`` worked."""
-    from appliance.agent.environment import EpisodeSpec
+    from appliance.agent.episode import EpisodeSpec
     from appliance.engine import build_engine
     from appliance.policies.scripted import ScriptedPolicy
 
@@ -134,7 +134,8 @@ def candidates(only: tuple[str, ...]) -> list[tuple[str, str]]:
 
 def selftest(only: tuple[str, ...] = (), real: bool = False, keep: Path | None = None,
              models_dir: Path | None = None, echo=click.echo) -> list[Outcome]:
-    from appliance.models.manifest import missing_packages, model_for, select_engine
+    from appliance.engine import select_engine
+    from appliance.models.manifest import missing_packages, model_for
     from appliance.models.tiny_models import PARTS, build_tiny_models
 
     outcomes: list[Outcome] = []

@@ -170,7 +170,7 @@ def retry_command(config_file: Path | None, dataset_dir: Path | None, include_re
     Accepted episodes are never re-run, so no sample is duplicated.
     """
     from appliance.storage import JobStore
-    from appliance.storage.reconcile import sync_exports
+    from appliance.storage.exports import sync_exports
 
     if dataset_dir is not None:
         if not (dataset_dir / ".appliance").is_dir():

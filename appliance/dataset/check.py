@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from appliance.storage.reconcile import MANIFEST, NORMALS, read_jsonl
+from appliance.storage.exports import read_jsonl
+from appliance.storage.layout import MANIFEST, NORMALS
 
 MANIFEST_KEYS = ("key", "image", "mask", "category", "defect", "source_sha256", "seed", "engine",
                  "policy", "backends", "location_score", "quality_score", "prompt", "trajectory")

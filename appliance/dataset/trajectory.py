@@ -13,8 +13,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from appliance.agent.environment import EpisodeResult
+from appliance.agent.episode import EpisodeResult
 from appliance.imaging import save_png_atomic, to_pil, write_atomic
+from appliance.serialization import json_default
 
 
 def chat_messages(messages: list[dict], image_paths: dict[int, str]) -> list[dict]:
@@ -60,17 +61,6 @@ def save_trajectory(result: EpisodeResult, folder: Path) -> Path:
     write_atomic(folder / "messages.json", json.dumps(
         chat_messages(result.messages, paths), indent=1, ensure_ascii=False).encode())
     write_atomic(folder / "episode.json", json.dumps(
-        episode_record(result), indent=1, ensure_ascii=False, default=_json_default).encode())
+        episode_record(result), indent=1, ensure_ascii=False, default=json_default).encode())
     return folder
 
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from appliance.agent.environment import EpisodeResult
-from appliance.dataset.trajectory import _json_default, save_trajectory
+from appliance.agent.episode import EpisodeResult
+from appliance.dataset.trajectory import save_trajectory
 from appliance.imaging import is_grayscale, mask_to_pil, save_png_atomic, to_pil
-from appliance.storage.reconcile import MANIFEST, NORMALS, REJECTED, append_jsonl, read_jsonl
+from appliance.serialization import json_default
+from appliance.storage.exports import append_jsonl, read_jsonl
+from appliance.storage.layout import MANIFEST, NORMALS, REJECTED
 
 if TYPE_CHECKING:
     from appliance.storage import JobStore
@@ -93,7 +95,7 @@ class DatasetWriter:
 
     def add_normal(self, category: str, image: np.ndarray, sha256: str, source: str) -> Path:
         """Copy a normal photo into ``train/good`` once per (content hash, category)."""
-        from appliance.storage.reconcile import normal_record
+        from appliance.storage.exports import normal_record
 
         store = self.store
         folder = self.root / category / "train" / "good"
@@ -124,7 +126,7 @@ class DatasetWriter:
         Raises ``DiskFullError`` (with nothing half-written left, the episode queued again)
         when the disk fills up.
         """
-        from appliance.storage.reconcile import remove_sample_files
+        from appliance.storage.repair import remove_sample_files
 
         spec = result.spec
         key = episode_key(spec.source_sha256, spec.category, spec.defect, spec.seed)
@@ -140,7 +142,7 @@ class DatasetWriter:
                 "scores": [a.report.score for a in result.attempts if a.report is not None]}
             with self._disk_guard(self.root), store.dataset_lock():
                 store.finish(episode_id, result.status, result=json.loads(
-                    json.dumps(record, default=_json_default)), seconds=result.seconds,
+                    json.dumps(record, default=json_default)), seconds=result.seconds,
                     batch=batch, error=record["reason"])
                 self._export(REJECTED, record)
             return None

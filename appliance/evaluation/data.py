@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from appliance.imaging import IMAGE_SUFFIXES, load_rgb
-from appliance.knowledge import normalize_name
+from appliance.names import normalize_name
 
 MASK_THRESHOLD = 128
 GOOD = "good"

@@ -106,3 +106,18 @@ def generate_training_set(generator: Generator, images: Sequence[np.ndarray], se
     samples = [kept[i] for i in sorted(kept)]
     return GeneratedSet(generator.name, samples, attempted, episodes,
                         time.perf_counter() - start, rounds)
+
+
+@dataclass
+class GeneratorOutcome:
+    name: str
+    generated: GeneratedSet
+    metrics: dict
+    per_class: dict
+    generation: dict
+    timings: dict
+    train_losses: list[float]
+    pr_pixel: tuple[np.ndarray, np.ndarray]
+    pr_image: tuple[np.ndarray, np.ndarray]
+    example_maps: np.ndarray  # anomaly maps of the example test images
+    train_examples: list[tuple[np.ndarray, np.ndarray]]  # (image as trained on, mask), a few

@@ -15,10 +15,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from appliance.imaging import save_png_atomic, write_atomic
+from appliance.serialization import json_default
 
 if TYPE_CHECKING:
     from appliance.evaluation.data import EvalData
-    from appliance.evaluation.runner import GeneratorOutcome
+    from appliance.evaluation.generators import GeneratorOutcome
 
 DETECTION_ROWS = (
     ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP"), ("pixel_f1_max", "pixel F1-max"),
@@ -181,15 +182,6 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value)}")
-
 
 def _clean(value):
     """NaN is not JSON: write null."""
@@ -203,7 +195,7 @@ def _clean(value):
 
 
 def write_reports(out_dir: Path, report: dict) -> None:
-    text = json.dumps(_clean(report), indent=2, default=_json_default, allow_nan=False)
+    text = json.dumps(_clean(report), indent=2, default=json_default, allow_nan=False)
     write_atomic(out_dir / "report.json", text.encode())
     write_atomic(out_dir / "report.md", format_markdown(report).encode())
 

@@ -19,11 +19,15 @@ import torch
 
 from appliance.evaluation import report as report_mod
 from appliance.evaluation.data import GOOD, EvalData, LabeledImage, load_folders, load_mvtec_category
-from appliance.evaluation.generation_metrics import (FEATURE_MODEL, defect_crop, generation_report,
-                                                     image_features, kernel_distance,
-                                                     normal_reference_crops)
-from appliance.evaluation.generators import (BASELINES, GeneratedSet, generate_training_set,
-                                             make_generator)
+from appliance.evaluation.generation_metrics import (
+    FEATURE_MODEL,
+    defect_crop,
+    generation_report,
+    image_features,
+    kernel_distance,
+    normal_reference_crops,
+)
+from appliance.evaluation.generators import BASELINES, GeneratorOutcome, generate_training_set, make_generator
 from appliance.evaluation.metrics import detection_scores, image_score, pr_points
 from appliance.evaluation.train import TrainConfig, predict, train_unet
 from appliance.imaging import is_grayscale
@@ -47,21 +51,6 @@ class EvalConfig:
         if self.size % 16:
             raise ValueError("size must be a multiple of 16 (four 2x poolings in the UNet)")
         self.train.seed = self.seed
-
-
-@dataclass
-class GeneratorOutcome:
-    name: str
-    generated: GeneratedSet
-    metrics: dict
-    per_class: dict
-    generation: dict
-    timings: dict
-    train_losses: list[float]
-    pr_pixel: tuple[np.ndarray, np.ndarray]
-    pr_image: tuple[np.ndarray, np.ndarray]
-    example_maps: np.ndarray  # anomaly maps of the example test images
-    train_examples: list[tuple[np.ndarray, np.ndarray]]  # (image as trained on, mask), a few
 
 
 def _gray(image: np.ndarray) -> np.ndarray:

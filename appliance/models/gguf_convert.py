@@ -1,9 +1,11 @@
 """HF Qwen3-VL folder -> llama.cpp GGUF language model + mmproj, with llama.cpp's own converter.
 
-The converter and its matching gguf-py are vendored from llama.cpp (MIT, see
-``_llama_cpp_convert/README.md``). They expect ``conversion`` and ``gguf`` as top-level modules,
-so the conversion runs in a child Python with those paths first, exactly as upstream's
-``convert_hf_to_gguf.py`` arranges them; the caller's own imports are never touched.
+The converter and its matching gguf-py are vendored from llama.cpp outside the package, in
+``third_party/llama_cpp_convert/`` (MIT; its README says what was taken and PATCHES.md what we
+changed), found there beside the checkout or at ``$APPLIANCE_LLAMA_CPP_CONVERT``. They expect
+``conversion`` and ``gguf`` as top-level modules, so the conversion runs in a child Python with
+those paths first, exactly as upstream's ``convert_hf_to_gguf.py`` arranges them; the caller's
+own imports are never touched.
 
 llama.cpp recognises a BPE pre-tokenizer by hashing how it splits a test string. A home-made
 tokenizer (the tiny kit's) hashes to nothing it knows, so ``pre_tokenizer`` names the split rule
@@ -14,13 +16,14 @@ keep upstream's detection (real checkpoints).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Literal
 
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
-VENDOR = Path(__file__).resolve().parent / "_llama_cpp_convert"
+VENDOR_ENV = "APPLIANCE_LLAMA_CPP_CONVERT"
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 
 
@@ -28,10 +31,22 @@ class ConversionError(RuntimeError):
     pass
 
 
+def converter_dir() -> Path:
+    """The vendored converter: ``$APPLIANCE_LLAMA_CPP_CONVERT``, else the checkout's third_party/."""
+    folder = Path(os.environ.get(VENDOR_ENV) or
+                  Path(__file__).resolve().parents[2] / "third_party" / "llama_cpp_convert")
+    if not (folder / "conversion" / "__init__.py").is_file():
+        raise ConversionError(f"llama.cpp's converter is not at {folder}: GGUF conversion runs from "
+                              f"a checkout of the appliance (third_party/llama_cpp_convert) or "
+                              f"from the folder ${VENDOR_ENV} names")
+    return folder
+
+
 def convert_qwen3vl(hf_dir: Path, out_dir: Path, outtype: OutType = "f16",
                     pre_tokenizer: str | None = "qwen2", timeout: float = 1800) -> tuple[Path, Path]:
     """Write ``model-<outtype>.gguf`` and ``mmproj-<outtype>.gguf`` into ``out_dir``."""
     hf_dir, out_dir = Path(hf_dir).resolve(), Path(out_dir).resolve()
+    converter_dir()  # fail here, with a clear message, rather than in the child
     out_dir.mkdir(parents=True, exist_ok=True)
     model, mmproj = out_dir / f"model-{outtype}.gguf", out_dir / f"mmproj-{outtype}.gguf"
     command = [sys.executable, "-m", "appliance.models.gguf_convert", str(hf_dir), str(out_dir),
@@ -45,7 +60,8 @@ def convert_qwen3vl(hf_dir: Path, out_dir: Path, outtype: OutType = "f16",
 
 def _convert_in_this_process(hf_dir: Path, out_dir: Path, outtype: str, pre_tokenizer: str) -> None:
     """The child's work: upstream's ``convert_hf_to_gguf.main`` for one text and one mmproj file."""
-    sys.path[:0] = [str(VENDOR / "gguf_py"), str(VENDOR)]
+    vendor = converter_dir()
+    sys.path[:0] = [str(vendor / "gguf_py"), str(vendor)]
     import gguf
     import torch
     from conversion import ModelType, get_model_class

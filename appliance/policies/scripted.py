@@ -11,11 +11,16 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from appliance.agent import schemas
-from appliance.agent.environment import EpisodeState
-from appliance.agent.protocol import (ToolCall, format_answer, format_tool_call,
-                                      parse_assistant_message, parse_tool_response)
+from appliance.agent.episode import EpisodeState
+from appliance.agent.protocol import (
+    ToolCall,
+    format_answer,
+    format_tool_call,
+    parse_assistant_message,
+    parse_tool_response,
+)
 from appliance.tools.interfaces import Issue, Knowledge, KnowledgeEntry
-from appliance.tools.prompt_gen import refine_prompt
+from appliance.tools.prompt_gen.composer import refine_prompt
 
 # Issues that more wording alone rarely fixes: look up how the defect really looks first.
 _KNOWLEDGE_ISSUES = {Issue.OFF_OBJECT, Issue.WRONG_TYPE, Issue.HARD_SEAMS, Issue.SCATTERED,

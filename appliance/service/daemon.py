@@ -358,7 +358,7 @@ class Service:
 
 
 def _load_kb(engine_config):
-    from appliance.knowledge import load_knowledge_base
+    from appliance.tools.knowledge.base import load_knowledge_base
 
     return load_knowledge_base(engine_config.knowledge_base)
 

@@ -18,17 +18,18 @@ import re
 import shutil
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from appliance.batch import SPEC_FILE, InboxError, _read_spec, intake_image, resolve_defects
+from appliance.batch import SPEC_FILE, InboxError, intake_image, read_spec, resolve_defects
 from appliance.config import Config
 from appliance.imaging import to_rgb_array
-from appliance.knowledge import KnowledgeBase, normalize_name
+from appliance.names import normalize_name
+from appliance.tools.knowledge.base import KnowledgeBase
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +123,22 @@ class Intake:
         category = normalize_name(folder)
         configured = self.config.category_spec(category)
         try:
-            spec = _read_spec(self.inbox / folder)
+            spec = read_spec(self.inbox / folder)
         except InboxError as exc:
             raise Refused(f"the category's {SPEC_FILE} is unusable: {exc}") from None
         if configured is not None:
-            spec = {**spec, **{k: v for k, v in (("defects", configured.defects),
-                                                 ("per_image", configured.per_image),
-                                                 ("material", configured.material)) if v}}
-        if not spec.get("defects") and self.config.defaults.defects:
-            spec = {**spec, "defects": self.config.defaults.defects}
+            spec = replace(spec, **{k: v for k, v in (("defects", configured.defects),
+                                                      ("per_image", configured.per_image),
+                                                      ("material", configured.material)) if v})
+        if not spec.defects and self.config.defaults.defects:
+            spec = replace(spec, defects=self.config.defaults.defects)
         # The category's own settings, then its spec.toml, then [defaults], then the knowledge base.
         defects = resolve_defects(category, self.knowledge_base, spec)
         if not defects:
             raise Refused(f"unknown category {folder!r}: the knowledge base and the config have "
                           f"no defect types for it; add [categories.{category}] defects = [...] "
                           f"to the config or inbox/{folder}/{SPEC_FILE}")
-        return category, defects, int(spec.get("per_image") or self.config.defaults.per_image)
+        return category, defects, int(spec.per_image or self.config.defaults.per_image)
 
     def _read(self, path: Path, now: float) -> tuple[np.ndarray, bytes, tuple[int, int]]:
         limits = self.config.intake

@@ -28,11 +28,12 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
+from appliance.serialization import json_default
+from appliance.storage.layout import DB_NAME, STATE_DIR
 from appliance.storage.locks import FileLock, Owner, owner_alive
 from appliance.storage.migrations import migrate
+from appliance.storage.repair import repair_writes
 
-STATE_DIR = ".appliance"
-DB_NAME = "jobs.db"
 # An episode in one of these states is finished: it is never run again.
 FINISHED = ("accepted", "rejected", "failed", "removed")
 PENDING = ("queued", "running", "writing")
@@ -115,8 +116,6 @@ class JobStore:
         first = self.lock.acquire(timeout=timeout)
         try:
             if first and self.repair_on_lock:
-                from appliance.storage.reconcile import repair_writes
-
                 self.last_repair = repair_writes(self)
             yield
         finally:
@@ -384,7 +383,7 @@ class JobStore:
             row = {"episode_id": episode_id, "key": key, "category": category, "defect": defect,
                    "number": number, "image": record["image"], "mask": record["mask"],
                    "trajectory": record["trajectory"],
-                   "record": json.dumps(record, ensure_ascii=False, default=_json_default),
+                   "record": json.dumps(record, ensure_ascii=False, default=json_default),
                    "status": "writing", "created": time.time()}
             row["id"] = self.db["samples"].insert(row).last_pk
             self.db.execute("update episodes set status = 'writing' where id = ?", [episode_id])
@@ -437,7 +436,7 @@ class JobStore:
     def end_batch(self, batch_id: str, summary: dict) -> None:
         with self.transaction():
             self.db.execute("update batches set finished_at = ?, summary = ? where id = ?",
-                            [time.time(), json.dumps(summary, default=_json_default), batch_id])
+                            [time.time(), json.dumps(summary, default=json_default), batch_id])
 
     def set(self, key: str, value: Any) -> None:
         with self.transaction():
@@ -474,17 +473,3 @@ def _next_free(top: int, is_free: Callable[[int], bool]) -> int:
         number += 1
     return number
 
-
-def _json_default(value: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

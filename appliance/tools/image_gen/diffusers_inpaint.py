@@ -39,7 +39,7 @@ from appliance.tools.image_gen.text_prompt import (
 from appliance.tools.interfaces import Box, EditRequest, EditResult
 
 if TYPE_CHECKING:
-    from appliance.knowledge import KnowledgeBase
+    from appliance.tools.knowledge.base import KnowledgeBase
 
 NEGATIVE_PROMPT = "blurry, cartoon, drawing, text, watermark, frame, distorted, low quality"
 
@@ -265,9 +265,9 @@ class DiffusersInpaintGenerator:
         return Plan(region, source, footprint, crop, alpha, notes)
 
     def _placement(self, request: EditRequest):
-        from appliance.tools.image_gen.families import family_for_defect
         from appliance.tools.image_gen.placement import place
         from appliance.tools.image_gen.prompt_params import parse_prompt
+        from appliance.tools.knowledge.families import family_for_defect
         from appliance.tools.object_map import find_object
 
         rng = np.random.default_rng(int(request.seed))

@@ -13,13 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from appliance.knowledge import KnowledgeBase
-from appliance.tools.image_gen.families import family_for_defect
-from appliance.tools.image_gen.placement import (cluster_centres, foreground_bbox,
-                                                 instances_within, place)
+from appliance.tools.image_gen.placement import cluster_centres, foreground_bbox, instances_within, place
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
 from appliance.tools.image_gen.renderers import render_instances
 from appliance.tools.interfaces import Box, EditRequest, EditResult
+from appliance.tools.knowledge.base import KnowledgeBase
+from appliance.tools.knowledge.families import family_for_defect
 from appliance.tools.object_map import ObjectMap, find_object
 
 # A policy's box with less of the object than this is off the part: place the defect ourselves.

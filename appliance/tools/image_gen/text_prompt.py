@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.tools.prompt_gen import SIZE_LADDER, STRENGTH_PHRASES, PromptParts
+from appliance.tools.prompt_gen.composer import SIZE_LADDER, STRENGTH_PHRASES, PromptParts
 
 # Function words: a cut phrase must not end on one, and they say nothing on their own.
 STOPWORDS = frozenset((

@@ -18,15 +18,26 @@ from typing import Callable
 import numpy as np
 
 from appliance.imaging import is_grayscale
-from appliance.tools.image_gen.families import FAMILIES
-from appliance.tools.image_gen.placement import (MaskObjectMap, cluster_centres,
-                                                 instances_within, place)
+from appliance.tools.image_gen.placement import MaskObjectMap, cluster_centres, instances_within, place
 from appliance.tools.image_gen.prompt_params import EditParams
-from appliance.tools.image_gen.renderers import (contamination, crack, cut, cutpaste_scar, dent,
-                                                 discoloration, fold, hole, missing, perlin,
-                                                 poisson, scratch, stain)
+from appliance.tools.image_gen.renderers import (
+    contamination,
+    crack,
+    cut,
+    cutpaste_scar,
+    dent,
+    discoloration,
+    fold,
+    hole,
+    missing,
+    perlin,
+    poisson,
+    scratch,
+    stain,
+)
 from appliance.tools.image_gen.renderers.base import Canvas, Rendered, finalize, make_canvas
 from appliance.tools.interfaces import Box
+from appliance.tools.knowledge.families import FAMILIES
 
 Renderer = Callable[[Canvas, EditParams, np.random.Generator], Rendered]
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from appliance.tools.image_gen.families import FAMILIES, family_for_defect
+from appliance.names import normalize_name
+from appliance.serialization import load_toml
 from appliance.tools.interfaces import KnowledgeEntry
+from appliance.tools.knowledge.families import FAMILIES, family_for_defect
 
 _FILE_KEYS = {"subject", "kind", "material", "aliases", "description", "defects", "defect"}
 _DEFECT_KEYS = {"renderer", "appearance", "location", "size", "aliases"}
@@ -36,12 +37,7 @@ def default_root() -> Path:
     env = os.environ.get("APPLIANCE_KNOWLEDGE_BASE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "knowledge_base"
-
-
-def normalize_name(name: str) -> str:
-    """Folder names, user input and KB keys meet in one spelling: lower_snake_case."""
-    return "_".join(name.strip().lower().replace("-", " ").replace("_", " ").split())
+    return Path(__file__).resolve().parents[3] / "knowledge_base"
 
 
 @dataclass
@@ -111,10 +107,7 @@ def _require_str(data: dict, key: str, where: str) -> str:
 
 def _parse_file(path: Path, root: Path) -> tuple[Subject, list[KnowledgeEntry]]:
     rel = str(path.relative_to(root))
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise KnowledgeBaseError(f"{rel}: not valid TOML: {exc}") from exc
+    data = load_toml(path, KnowledgeBaseError, where=rel)
     unknown = set(data) - _FILE_KEYS
     if unknown:
         raise KnowledgeBaseError(f"{rel}: unknown key(s) {sorted(unknown)}")
@@ -189,3 +182,26 @@ def _load_cached(root: Path, digest: str) -> KnowledgeBase:
     if not entries:
         raise KnowledgeBaseError(f"knowledge base {root} has no entries")
     return KnowledgeBase(root=root, entries=entries, subjects=subjects, digest=digest)
+
+
+def material_for(kb: KnowledgeBase, category: str, material: str | None = None) -> str | None:
+    """The material to fall back on: given, from the category's file, or named in the category.
+
+    A part the knowledge base has never seen is often named after its material ("steel
+    bracket", "rubber seal"); a material file's name or alias among its words counts.
+    """
+    if material:
+        subject = kb.subject(material)
+        return subject.name if subject else normalize_name(material)
+    known = kb.material_of(category)
+    if known:
+        return known
+    words = normalize_name(category).split("_")
+    for subject in kb.subjects.values():
+        if subject.kind != "material":
+            continue
+        for name in [subject.name, *subject.aliases]:
+            name_words = normalize_name(name).split("_")
+            if any(words[i:i + len(name_words)] == name_words for i in range(len(words))):
+                return subject.name
+    return None

@@ -58,12 +58,12 @@ import numpy as np
 from scipy.sparse.csgraph import connected_components
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map
-from appliance.tools.interfaces import Issue, QualityReport, QualityRequest
 from appliance.tools.image_gen.prompt_params import expected_area_share
+from appliance.tools.interfaces import Issue, QualityReport, QualityRequest
 from appliance.tools.object_map import ObjectMap, fill_holes, find_object
 
 if TYPE_CHECKING:
-    from appliance.knowledge import KnowledgeBase
+    from appliance.tools.knowledge.base import KnowledgeBase
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from appliance.knowledge import KnowledgeBase, load_knowledge_base, normalize_name
+from appliance.names import normalize_name
 from appliance.tools.interfaces import (
     Issue,
     Knowledge,
@@ -30,7 +30,7 @@ from appliance.tools.interfaces import (
     KnowledgeRetriever,
     PromptRequest,
 )
-from appliance.tools.knowledge_retrieval import material_for
+from appliance.tools.knowledge.base import KnowledgeBase, load_knowledge_base, material_for
 
 KEEP_SENTENCE = ("Leave everything else — background, lighting, the rest of the part — "
                  "exactly as it is.")

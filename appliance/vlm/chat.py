@@ -1,5 +1,5 @@
-"""What every local VLM backend shares: the chat request, the runtime interface, the conversion
-of the environment's messages into the chat template's form, and the policy built on top.
+"""What every local VLM runtime shares: the chat request, the runtime interface, and the
+conversion of the environment's messages into the chat template's form.
 
 The environment stores content parts ``{"type": "text"}`` and ``{"type": "image", "image_index":
 N}`` (N indexes ``state.images``) and answers tools with role ``tool``. The Qwen3-VL template
@@ -11,16 +11,12 @@ environment sees the same messages in and the same protocol out whichever one ru
 
 from __future__ import annotations
 
-import threading
+import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
-
-if TYPE_CHECKING:
-    from appliance.agent.environment import EpisodeState
-    from appliance.policies.base import Policy
 
 
 @dataclass
@@ -111,45 +107,16 @@ def guided_name(backend: str, guide: object | None) -> str:
     return backend if guide is None else f"{backend} (guided by {getattr(guide, 'name', 'a script')})"
 
 
-def episode_seed(state: "EpisodeState") -> int:
-    """A per-turn sampling seed, so an episode replays identically from its spec seed."""
-    return int(np.random.SeedSequence([state.spec.seed, state.turns, 0x51A]).generate_state(1)[0])
+_THINK_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.DOTALL)
 
 
-class VLMPolicy:
-    """A policy that asks a VLM runtime for the next assistant message of every episode.
-
-    ``guide`` (another policy, usually the scripted one) forces the model to write that policy's
-    message token by token: the way a random-weight test model walks a whole episode through the
-    real processor, model and generation loop.
-    """
-
-    def __init__(self, runtime: VLMRuntime, backend: str, *, adapter: str | None = None,
-                 max_new_tokens: int = 1024, guide: "Policy | None" = None) -> None:
-        self.runtime = runtime
-        self.backend = backend
-        self.adapter = adapter
-        self.max_new_tokens = max_new_tokens
-        self.guide = guide
-
-    @property
-    def name(self) -> str:
-        """The backend, and the guide when there is one: a guided run must never pass for a
-        model's own decisions in a manifest or a log."""
-        return guided_name(self.backend, self.guide)
-
-    def requests(self, states: Sequence["EpisodeState"]) -> list[ChatRequest]:
-        return [to_chat_request(s.messages, s.images, seed=episode_seed(s)) for s in states]
-
-    def act(self, states: Sequence["EpisodeState"]) -> list[str]:
-        requests = self.requests(states)
-        if self.guide is not None:
-            requests = [replace(r, forced=text) for r, text in zip(requests, self.guide.act(states))]
-        texts = self.runtime.chat(requests, max_new_tokens=self.max_new_tokens, adapter=self.adapter)
-        return [finish_text(text) for text in texts]
-
-    def close(self) -> None:
-        release_runtime(self.runtime)
+def strip_thinking(text: str) -> str:
+    """Drop reasoning blocks, including an unopened one closed by a bare ``</think>``."""
+    text = _THINK_BLOCK.sub("", text)
+    for closing in ("</think>", "</thinking>"):
+        if closing in text:
+            text = text.rsplit(closing, 1)[1]
+    return text
 
 
 class GuidedRuntime:
@@ -170,43 +137,3 @@ class GuidedRuntime:
 
     def close(self) -> None:
         self.runtime.close()
-
-
-# --- One resident copy of each model -----------------------------------------------------------
-# The policy, PG and QE may all name the same weights; they share one loaded runtime, counted
-# by users and closed when the last one is released.
-
-_LOCK = threading.Lock()
-_RUNTIMES: dict[tuple, VLMRuntime] = {}
-_USERS: dict[int, int] = {}
-
-
-def shared_runtime(key: tuple, load: Callable[[], VLMRuntime]) -> VLMRuntime:
-    """The runtime loaded under ``key``, loading it on first use."""
-    with _LOCK:
-        runtime = _RUNTIMES.get(key)
-        if runtime is None:
-            runtime = load()
-            _RUNTIMES[key] = runtime
-        _USERS[id(runtime)] = _USERS.get(id(runtime), 0) + 1
-        return runtime
-
-
-def release_runtime(runtime: VLMRuntime) -> None:
-    """Drop one user of a shared runtime; the last one closes it. Unshared runtimes stay open."""
-    with _LOCK:
-        if id(runtime) not in _USERS:
-            return
-        _USERS[id(runtime)] -= 1
-        if _USERS[id(runtime)] > 0:
-            return
-        del _USERS[id(runtime)]
-        for key, value in list(_RUNTIMES.items()):
-            if value is runtime:
-                del _RUNTIMES[key]
-    runtime.close()
-
-
-def loaded_runtimes() -> list[str]:
-    with _LOCK:
-        return [runtime.name for runtime in _RUNTIMES.values()]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import Protocol, Sequence
 
-if TYPE_CHECKING:
-    from appliance.agent.environment import EpisodeState
+from appliance.agent.episode import EpisodeState
 
 
 class Policy(Protocol):
     name: str
 
-    def act(self, states: Sequence["EpisodeState"]) -> list[str]:
+    def act(self, states: Sequence[EpisodeState]) -> list[str]:
         """One assistant message per episode, given each episode's messages and images so far.
 
         A policy reads ``state.messages`` (and ``state.images`` for a VLM) and the task in

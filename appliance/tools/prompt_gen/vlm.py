@@ -12,10 +12,10 @@ import re
 from dataclasses import replace
 from typing import Sequence
 
-from appliance.knowledge import KnowledgeBase
-from appliance.policies.vlm_chat import (ChatRequest, VLMRuntime, guided_name, pil_image,
-                                         release_runtime)
 from appliance.tools.interfaces import KnowledgeEntry, PromptGenerator, PromptRequest
+from appliance.tools.knowledge.base import KnowledgeBase
+from appliance.vlm.chat import ChatRequest, VLMRuntime, guided_name, pil_image, strip_thinking
+from appliance.vlm.resident import release_runtime
 
 SYSTEM_PROMPT = """\
 You write image-editing instructions for an industrial defect synthesis station. An inpainting \
@@ -50,7 +50,6 @@ Defect type: {defect}
 MIN_WORDS = 6  # shorter replies are not instructions
 MAX_CHARS = 1200
 
-_THINK_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.DOTALL)
 _LABEL = re.compile(r"^[\s*#]*(?:final\s+)?(?:image\s+)?(?:editing\s+)?(?:instruction|prompt)[\s*]*:[\s*]*",
                     re.IGNORECASE)
 
@@ -68,13 +67,6 @@ def user_prompt(category: str, defect: str, entry: KnowledgeEntry | None) -> str
                                 knowledge=knowledge)
 
 
-def strip_thinking(text: str) -> str:
-    """Drop reasoning blocks, including an unopened one closed by a bare ``</think>``."""
-    text = _THINK_BLOCK.sub("", text)
-    for closing in ("</think>", "</thinking>"):
-        if closing in text:
-            text = text.rsplit(closing, 1)[1]
-    return text
 
 
 def clean_instruction(text: str) -> str | None:

@@ -17,15 +17,13 @@ import io
 import threading
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from appliance.policies.qwen3_vl_template import QWEN3_VL_CHAT_TEMPLATE
-from appliance.policies.vlm_chat import ChatRequest, VLMPolicy, shared_runtime, template_messages
-
-if TYPE_CHECKING:
-    from appliance.policies.base import Policy
+from appliance.vlm.chat import ChatRequest, template_messages
+from appliance.vlm.chat_template import QWEN3_VL_CHAT_TEMPLATE
+from appliance.vlm.resident import shared_runtime
 
 
 @dataclass(frozen=True)
@@ -210,11 +208,3 @@ def llamacpp_runtime(config: LlamaCppVLMConfig) -> QwenLlamaCppRuntime:
     key = ("llama-cpp", replace(config, model_path=Path(config.model_path).resolve(),
                                 mmproj_path=Path(config.mmproj_path).resolve(), max_new_tokens=0))
     return shared_runtime(key, lambda: QwenLlamaCppRuntime(config))
-
-
-class QwenLlamaCppPolicy(VLMPolicy):
-    """The Qwen3-VL policy on llama.cpp."""
-
-    def __init__(self, config: LlamaCppVLMConfig, guide: "Policy | None" = None) -> None:
-        super().__init__(llamacpp_runtime(config), "qwen-llamacpp",
-                         max_new_tokens=config.max_new_tokens, guide=guide)

@@ -14,10 +14,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from appliance.policies.vlm_chat import (ChatRequest, VLMRuntime, guided_name, pil_image,
-                                         release_runtime)
 from appliance.tools.interfaces import Issue, QualityEvaluator, QualityReport, QualityRequest
-from appliance.tools.vlm_prompt_gen import strip_thinking
+from appliance.vlm.chat import ChatRequest, VLMRuntime, guided_name, pil_image, strip_thinking
+from appliance.vlm.resident import release_runtime
 
 SYSTEM_PROMPT = """\
 You are the visual inspector of an industrial defect synthesis station. You compare a photo of \

@@ -23,7 +23,7 @@ import numpy as np
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map, mask_iou
 from appliance.tools.interfaces import MaskRequest, MaskResult
-from appliance.tools.mask_gen import DifferenceMaskGenerator
+from appliance.tools.mask_gen.difference import DifferenceMaskGenerator
 from appliance.tools.object_map import fill_holes
 
 DEFAULT_THRESHOLD = 0.5

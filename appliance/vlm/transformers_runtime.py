@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
-from appliance.policies.qwen3_vl_template import load_chat_template
-from appliance.policies.vlm_chat import ChatRequest, VLMPolicy, shared_runtime, template_messages
+from appliance.vlm.chat import ChatRequest, template_messages
+from appliance.vlm.chat_template import load_chat_template
+from appliance.vlm.resident import shared_runtime
 
 if TYPE_CHECKING:
     import torch
 
-    from appliance.policies.base import Policy
 
 Quantization = Literal["none", "nf4"]
 
@@ -266,14 +266,3 @@ def transformers_runtime(config: TransformersVLMConfig) -> QwenTransformersRunti
     # Every setting but the per-call token budget shapes the loaded runtime.
     key = ("transformers", replace(config, model_dir=Path(config.model_dir).resolve(), max_new_tokens=0))
     return shared_runtime(key, lambda: QwenTransformersRuntime(config))
-
-
-class QwenTransformersPolicy(VLMPolicy):
-    """The Qwen3-VL policy on transformers; ``adapter_dir`` adds a fine-tuned LoRA adapter."""
-
-    def __init__(self, config: TransformersVLMConfig, adapter_dir: Path | None = None,
-                 guide: "Policy | None" = None) -> None:
-        runtime = transformers_runtime(config)
-        adapter = runtime.load_adapter(adapter_dir) if adapter_dir is not None else None
-        super().__init__(runtime, "qwen-transformers", adapter=adapter,
-                         max_new_tokens=config.max_new_tokens, guide=guide)

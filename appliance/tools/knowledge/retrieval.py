@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from appliance.imaging import write_atomic
-from appliance.knowledge import KnowledgeBase, load_knowledge_base, normalize_name
-from appliance.tools.embedder import SentenceEmbedder, load_embedder, model_fingerprint
+from appliance.names import normalize_name
 from appliance.tools.interfaces import Knowledge, KnowledgeEntry
+from appliance.tools.knowledge.base import KnowledgeBase, load_knowledge_base, material_for
+from appliance.tools.knowledge.embedder import SentenceEmbedder, load_embedder, model_fingerprint
 
 if TYPE_CHECKING:
     import faiss  # imported where used: the prompt generator imports this module without it
@@ -76,29 +77,6 @@ def entry_text(entry: KnowledgeEntry) -> str:
 def name_rows(kb: KnowledgeBase) -> list[str]:
     """Every distinct defect name and alias in the knowledge base, readable, sorted."""
     return sorted({_readable(name) for entry in kb.entries for name in entry.names()})
-
-
-def material_for(kb: KnowledgeBase, category: str, material: str | None = None) -> str | None:
-    """The material to fall back on: given, from the category's file, or named in the category.
-
-    A part the knowledge base has never seen is often named after its material ("steel
-    bracket", "rubber seal"); a material file's name or alias among its words counts.
-    """
-    if material:
-        subject = kb.subject(material)
-        return subject.name if subject else normalize_name(material)
-    known = kb.material_of(category)
-    if known:
-        return known
-    words = normalize_name(category).split("_")
-    for subject in kb.subjects.values():
-        if subject.kind != "material":
-            continue
-        for name in [subject.name, *subject.aliases]:
-            name_words = normalize_name(name).split("_")
-            if any(words[i:i + len(name_words)] == name_words for i in range(len(words))):
-                return subject.name
-    return None
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Makes the vendored gguf-py folder installable with the appliance package (see ../README.md)."""

@@ -1,0 +1,77 @@
+"""The Qwen3-VL policy: the next assistant message of every episode, written by a VLM runtime
+(transformers or llama.cpp, from ``appliance.vlm``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from appliance.agent.episode import EpisodeState
+from appliance.agent.policy import Policy
+from appliance.vlm.chat import ChatRequest, VLMRuntime, finish_text, guided_name, to_chat_request
+from appliance.vlm.llamacpp_runtime import LlamaCppVLMConfig, llamacpp_runtime
+from appliance.vlm.resident import release_runtime
+from appliance.vlm.transformers_runtime import TransformersVLMConfig, transformers_runtime
+
+
+def episode_seed(state: EpisodeState) -> int:
+    """A per-turn sampling seed, so an episode replays identically from its spec seed."""
+    return int(np.random.SeedSequence([state.spec.seed, state.turns, 0x51A]).generate_state(1)[0])
+
+
+class VLMPolicy:
+    """A policy that asks a VLM runtime for the next assistant message of every episode.
+
+    ``guide`` (another policy, usually the scripted one) forces the model to write that policy's
+    message token by token: the way a random-weight test model walks a whole episode through the
+    real processor, model and generation loop.
+    """
+
+    def __init__(self, runtime: VLMRuntime, backend: str, *, adapter: str | None = None,
+                 max_new_tokens: int = 1024, guide: Policy | None = None) -> None:
+        self.runtime = runtime
+        self.backend = backend
+        self.adapter = adapter
+        self.max_new_tokens = max_new_tokens
+        self.guide = guide
+
+    @property
+    def name(self) -> str:
+        """The backend, and the guide when there is one: a guided run must never pass for a
+        model's own decisions in a manifest or a log."""
+        return guided_name(self.backend, self.guide)
+
+    def requests(self, states: Sequence[EpisodeState]) -> list[ChatRequest]:
+        return [to_chat_request(s.messages, s.images, seed=episode_seed(s)) for s in states]
+
+    def act(self, states: Sequence[EpisodeState]) -> list[str]:
+        requests = self.requests(states)
+        if self.guide is not None:
+            requests = [replace(r, forced=text) for r, text in zip(requests, self.guide.act(states))]
+        texts = self.runtime.chat(requests, max_new_tokens=self.max_new_tokens, adapter=self.adapter)
+        return [finish_text(text) for text in texts]
+
+    def close(self) -> None:
+        release_runtime(self.runtime)
+
+
+class QwenTransformersPolicy(VLMPolicy):
+    """The Qwen3-VL policy on transformers; ``adapter_dir`` adds a fine-tuned LoRA adapter."""
+
+    def __init__(self, config: TransformersVLMConfig, adapter_dir: Path | None = None,
+                 guide: Policy | None = None) -> None:
+        runtime = transformers_runtime(config)
+        adapter = runtime.load_adapter(adapter_dir) if adapter_dir is not None else None
+        super().__init__(runtime, "qwen-transformers", adapter=adapter,
+                         max_new_tokens=config.max_new_tokens, guide=guide)
+
+
+class QwenLlamaCppPolicy(VLMPolicy):
+    """The Qwen3-VL policy on llama.cpp."""
+
+    def __init__(self, config: LlamaCppVLMConfig, guide: Policy | None = None) -> None:
+        super().__init__(llamacpp_runtime(config), "qwen-llamacpp",
+                         max_new_tokens=config.max_new_tokens, guide=guide)
