@@ -30,3 +30,17 @@ def tiny_qwen_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
         hf = tiny_qwen_hf(tmp_path_factory)
         _CACHE["gguf"] = convert_qwen3vl(hf, _CACHE["root"] / "gguf")
     return _CACHE["gguf"]
+
+
+def tiny_qwen_thinking_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model whose chat template opens the reasoning block, as Thinking checkpoints do."""
+    if "thinking" not in _CACHE:
+        import shutil
+
+        from appliance.models.tiny_kit import thinking_template
+
+        folder = tmp_path_factory.mktemp("tiny-qwen-thinking") / "hf"
+        shutil.copytree(tiny_qwen_hf(tmp_path_factory), folder)
+        (folder / "chat_template.jinja").write_text(thinking_template(), encoding="utf-8")
+        _CACHE["thinking"] = folder
+    return _CACHE["thinking"]

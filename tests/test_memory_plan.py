@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
 from appliance.models.manifest import (
     FileEntry,
@@ -14,7 +15,16 @@ from appliance.models.manifest import (
     catalogue_path,
     load_manifest,
 )
-from appliance.models.memory import GIB, estimate, plan_memory, weight_files
+from appliance.models.memory import (
+    GIB,
+    NF4_BYTES,
+    NF4_LINEAR_SHARE_FALLBACK,
+    NF4_SKIP_MODULES,
+    estimate,
+    nf4_linear_share,
+    plan_memory,
+    weight_files,
+)
 
 # Weight files as the pull lists them (sizes of the Hub releases, rounded to the MB).
 QWEN_4B = {"config.json": 5_000, "model.safetensors.index.json": 60_000,
@@ -77,7 +87,11 @@ def test_bf16_vlms_become_nf4_at_24gb(catalogue):
     assert plan.overrides["qwen3-vl-4b-instruct"] == {"quantization": "nf4"}
     before, after = plan.before[0].resident / GIB, plan.after[0].resident / GIB
     assert 8.0 < before < 8.5  # 8.9 GB of bf16 files
-    assert 0.28 < after / before < 0.36  # NF4 linears + bf16 embeddings
+    # No config.json in a catalogue entry that is not pulled: the published 4B share (81.9 %)
+    # of NF4 weights, the vision tower, lm_head, embeddings and norms in bf16.
+    share = NF4_LINEAR_SHARE_FALLBACK
+    assert after / before == pytest.approx(share * NF4_BYTES / 2 + (1 - share))
+    assert 0.38 < after / before < 0.40
 
 
 def test_at_80gb_nothing_changes(catalogue):
@@ -230,3 +244,141 @@ def test_tiny_kit_estimates_come_from_its_files(tiny_kit):
         replace(f, size=f.size * 10) for f in entries["metauas-tiny"].files))
     assert estimate(bigger, ("mask_gen",)).resident - tiny_uas.resident == pytest.approx(9 * onnx)
     assert Path(folder / "manifest.toml").is_file()
+
+
+# --- the NF4 share, counted on the architecture ------------------------------------------------
+
+# Qwen/Qwen3-VL-4B-Instruct's config.json as published (-Thinking has the same architecture).
+QWEN3_VL_4B_CONFIG = {
+    "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655,
+    "model_type": "qwen3_vl",
+    "text_config": {
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+        "dtype": "bfloat16", "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 2560, "initializer_range": 0.02, "intermediate_size": 9728,
+        "max_position_embeddings": 262144, "model_type": "qwen3_vl_text",
+        "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06, "rope_scaling": {"mrope_interleaved": True,
+                                                 "mrope_section": [24, 20, 20],
+                                                 "rope_type": "default"},
+        "rope_theta": 5000000, "tie_word_embeddings": True, "use_cache": True,
+        "vocab_size": 151936},
+    "tie_word_embeddings": True, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
+    "vision_config": {
+        "deepstack_visual_indexes": [5, 11, 17], "depth": 24, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 1024, "in_channels": 3, "initializer_range": 0.02,
+        "intermediate_size": 4096, "model_type": "qwen3_vl", "num_heads": 16,
+        "num_position_embeddings": 2304, "out_hidden_size": 2560, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+}
+# A tiny Qwen3-VL: 2 text layers 64 wide (MLP 128), a 2-block vision tower 64 wide, untied head.
+TINY_CONFIG = {
+    "model_type": "qwen3_vl", "image_token_id": 2040, "video_token_id": 2041,
+    "vision_start_token_id": 2042, "vision_end_token_id": 2043, "tie_word_embeddings": False,
+    "text_config": {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                    "head_dim": 32, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                        "mrope_section": [6, 5, 5], "mrope_interleaved": True}},
+    "vision_config": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                      "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "out_hidden_size": 64, "num_position_embeddings": 16,
+                      "deepstack_visual_indexes": [0]},
+}
+
+
+def write_config(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_nf4_share_of_a_tiny_qwen3vl_is_the_hand_count(tmp_path):
+    hidden, mlp, layers, vocab = 64, 128, 2, 2048
+    # Quantized: the language model's q, k, v, o (2 heads x 32 = 64 wide) and gate, up, down.
+    quantized = layers * (4 * hidden * hidden + 3 * hidden * mlp)
+    text = (vocab * hidden  # embed_tokens
+            + layers * (2 * 32 + 2 * hidden)  # q_norm, k_norm, the two RMSNorms
+            + hidden  # final norm
+            + hidden * vocab)  # lm_head (untied; skipped)
+    block = (2 * 2 * hidden  # two LayerNorms, weight and bias
+             + 3 * hidden * hidden + 3 * hidden  # qkv
+             + hidden * hidden + hidden  # proj
+             + hidden * mlp + mlp + mlp * hidden + hidden)  # the MLP
+    merged = hidden * 2 * 2  # 2x2 patches merged: 256
+    merger = 2 * hidden + merged * merged + merged + merged * hidden + hidden
+    deepstack = 2 * merged + merged * merged + merged + merged * hidden + hidden  # post-shuffle norm
+    vision = (hidden * 3 * 2 * 16 * 16 + hidden  # Conv3d patch embedding
+              + 16 * hidden  # position embedding
+              + 2 * block + merger + deepstack)
+    total = quantized + text + vision
+    assert total == 675_968
+    assert nf4_linear_share(write_config(tmp_path, TINY_CONFIG)) == pytest.approx(quantized / total)
+
+
+def test_nf4_share_of_the_published_qwen3_vl_4b(tmp_path):
+    from appliance.models.memory import nf4_linear_share_of_config
+
+    share = nf4_linear_share(write_config(tmp_path, QWEN3_VL_4B_CONFIG))
+    assert share == pytest.approx(0.8187, abs=1e-4)  # not the 91 % once assumed
+    # The fallback for entries without a config.json is this very figure.
+    assert round(share, 3) == NF4_LINEAR_SHARE_FALLBACK
+    assert nf4_linear_share_of_config.cache_info().currsize >= 1
+    # The config describes the published weights: 8.875 GB of bf16 files, one tied embedding.
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_dict(QWEN3_VL_4B_CONFIG))
+    params = sum(p.numel() for p in model.parameters())
+    assert params * 2 == pytest.approx(sum(v for k, v in QWEN_4B.items()
+                                           if k.endswith(".safetensors")), rel=1e-3)
+
+
+def test_nf4_share_falls_back_without_a_usable_config(tmp_path):
+    assert nf4_linear_share(None) == NF4_LINEAR_SHARE_FALLBACK
+    assert nf4_linear_share(tmp_path / "absent") == NF4_LINEAR_SHARE_FALLBACK
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
+    assert nf4_linear_share(tmp_path) == NF4_LINEAR_SHARE_FALLBACK
+
+
+def test_the_share_is_what_the_runtime_quantizes(tiny_kit):
+    """Load the tiny kit's Qwen3-VL the way the appliance does (NF4 through bitsandbytes) and
+    count: the estimate's share and skip list are the loader's."""
+    bnb = require_module("bitsandbytes")
+    require_module("accelerate")
+    from appliance.vlm.transformers_runtime import QwenTransformersRuntime, TransformersVLMConfig
+
+    folder, entries = tiny_kit
+    hf = folder / "qwen3-vl-tiny"
+    runtime = QwenTransformersRuntime(TransformersVLMConfig(hf, quantization="nf4", device="cpu"))
+    try:
+        model = runtime.model
+        skip = model.config.quantization_config.llm_int8_skip_modules
+        quantized = sum(m.in_features * m.out_features for m in model.modules()
+                        if isinstance(m, bnb.nn.Linear4bit))
+        packed = {id(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+        others = sum(p.numel() for p in model.parameters() if id(p) not in packed)
+    finally:
+        runtime.close()
+    assert list(skip) == list(NF4_SKIP_MODULES)
+    share = nf4_linear_share(hf)
+    assert share == pytest.approx(quantized / (quantized + others), rel=1e-9)
+    entry = replace(entries["qwen3-vl-tiny"], settings={**entries["qwen3-vl-tiny"].settings,
+                                                         "quantization": "nf4"})
+    params = sum(f.size for f in weight_files(entry, entry.settings)) / 4  # stored in fp32
+    assert estimate(entry, ("policy",), folder=hf).resident == pytest.approx(
+        params * (share * NF4_BYTES + (1 - share) * 2), rel=1e-3)
+
+
+def test_kept_prefixes_are_counted_when_the_transformers_prefix_cache_is_on():
+    from appliance.models.memory import PREFIX_TOKENS, QWEN_KV_PER_TOKEN, estimate
+
+    entry = next(e for e in load_manifest(catalogue_path()).models if e.format == "transformers")
+    entry = with_sizes(entry, SIZES[entry.name])
+    role = tuple(entry.backends)
+    off = estimate(entry, role, {"prefix_cache": False, "max_batch": 4})
+    on = estimate(entry, role, {"prefix_cache": True, "max_batch": 4})
+    assert on.resident - off.resident == pytest.approx(4 * PREFIX_TOKENS * QWEN_KV_PER_TOKEN)
+    assert on.working == off.working

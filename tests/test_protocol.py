@@ -87,9 +87,15 @@ def test_valid_arguments_pass():
                                             "region": [0, 0, 500, 500]}) is None
 
 
-def test_system_prompt_lists_every_tool_schema():
+def test_system_prompt_describes_the_task_not_the_wire_format():
+    """The tools reach the model through its chat template's tool block (``tools=``); the
+    system prompt names them in its rules but carries neither their schemas nor the call format."""
     prompt = system_prompt(max_image_gen=3, max_turns=12)
     for schema in TOOL_SCHEMAS:
-        assert f'"name": "{schema["function"]["name"]}"' in prompt
+        name = schema["function"]["name"]
+        assert name in prompt
+        assert f'"name": "{name}"' not in prompt
+    assert "<tool_call>" not in prompt and '"parameters"' not in prompt
+    assert "<answer>" in prompt  # our own closing action is described there
     assert "At most 3 image_gen attempts and 12 messages" in prompt
     json.dumps(TOOL_SCHEMAS)  # serialisable for chat templates

@@ -19,7 +19,8 @@ from appliance.agent.environment import AgentEnvironment
 from appliance.agent.episode import EnvConfig, EpisodeSpec
 from appliance.agent.protocol import format_tool_call, parse_assistant_message
 from appliance.policies.scripted import ScriptedPolicy
-from appliance.vlm.chat import finish_text, template_messages, to_chat_request
+from appliance.vlm.budget import Budget
+from appliance.vlm.chat import finish_text, fit_pixels, template_messages, to_chat_request
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,9 @@ def test_batched_generation_matches_one_at_a_time(runtime, specs):
         {"role": "user", "content": [{"type": "image", "image_index": 1},
                                      {"type": "text", "text": "Where would a crack go?"}]}],
         [specs[1].image])
-    together = runtime.chat([short, long], max_new_tokens=6)
-    alone = [runtime.chat([short], max_new_tokens=6)[0], runtime.chat([long], max_new_tokens=6)[0]]
+    together = [r.text for r in runtime.chat([short, long], max_new_tokens=6)]
+    alone = [runtime.chat([short], max_new_tokens=6)[0].text,
+             runtime.chat([long], max_new_tokens=6)[0].text]
     assert together == alone
     assert all(text for text in together)
 
@@ -151,8 +153,8 @@ def test_forced_decoding_writes_exactly_the_target(runtime, specs):
     target = format_tool_call("I start with the instruction.", "prompt_gen",
                               {"image": 1, "item_name": "magnetic_tile", "anomaly_type": "crack"})
     free, forced = runtime.chat([request, replace(request, forced=target)], max_new_tokens=4)
-    assert forced == target
-    assert free != target
+    assert forced.text == target
+    assert free.text != target
 
 
 def test_transformers_policy_replays_the_scripted_episode_exactly(hf_dir, engine, specs):
@@ -195,7 +197,7 @@ def test_llamacpp_policy_replays_the_scripted_episode_exactly(tmp_path_factory, 
             {"type": "text", "text": "[Tool Response from image_gen]\n{}"},
             {"type": "image", "image_index": 2}]})
         policy.guide = None
-        policy.max_new_tokens = 5
+        policy.budget = Budget(0, 5)
         handler = policy.runtime.llm.chat_handler
         loaded = []
 
@@ -208,9 +210,12 @@ def test_llamacpp_policy_replays_the_scripted_episode_exactly(tmp_path_factory, 
             first = policy.act([state])
         finally:
             del handler.load_image
-        # Both pictures reached the handler: the photo and the one from the tool message.
+        # Both pictures reached the handler (resized to the pixel cap): the photo and the one
+        # from the tool message.
         [request] = policy.requests([state])
-        assert loaded == [image_data_uri(image) for image in request.images]
+        config = policy.runtime.config
+        assert loaded == [image_data_uri(fit_pixels(image, config.min_pixels, config.max_pixels))
+                          for image in request.images]
         assert len(loaded) == 2
         # Seeded per turn from the spec seed: an episode replays identically.
         assert first == policy.act([state])
@@ -239,7 +244,7 @@ def test_nf4_loading_quantizes_the_language_model_only(hf_dir, specs):
         request = to_chat_request([{"role": "user", "content": [
             {"type": "image", "image_index": 1}, {"type": "text", "text": "go"}]}], [specs[0].image])
         target = "<think>4-bit works.</think>\n<answer>{\"status\": \"failed\"}</answer>"
-        assert quantized.chat([replace(request, forced=target)])[0] == target
+        assert quantized.chat([replace(request, forced=target)])[0].text == target
     finally:
         quantized.close()
 
@@ -263,8 +268,8 @@ def test_lora_adapter_changes_the_policy_and_not_the_shared_base(hf_dir, tmp_pat
     request = to_chat_request([{"role": "user", "content": [
         {"type": "image", "image_index": 1}, {"type": "text", "text": "go"}]}], [specs[0].image])
     try:
-        with_adapter = policy.runtime.chat([request], adapter=policy.adapter)[0]
-        without = policy.runtime.chat([request])[0]  # what PG/QE on the same weights get
+        with_adapter = policy.runtime.chat([request], adapter=policy.adapter)[0].text
+        without = policy.runtime.chat([request])[0].text  # what PG/QE on the same weights get
         assert policy.adapter == "adapter"
         assert with_adapter != without
         assert len(loaded_runtimes()) == 1

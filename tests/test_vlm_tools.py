@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from _tiny_qwen import tiny_qwen_hf
 
-from appliance.tools.interfaces import Issue, PromptRequest, QualityRequest
+from appliance.tools.interfaces import Issue, PromptRequest, QualityRequest, ToolFailure
 from appliance.tools.prompt_gen.vlm import VLMPromptGenerator, clean_instruction
 from appliance.tools.quality_eval.vlm import (
     RETRY_PROMPT,
@@ -16,6 +16,7 @@ from appliance.tools.quality_eval.vlm import (
     issues_from_review,
     parse_judgement,
 )
+from appliance.vlm.budget import Budget
 from appliance.vlm.chat import GuidedRuntime
 
 INSTRUCTION = ("In this photo change only a short stretch of the tile's upper face near its left "
@@ -54,7 +55,7 @@ class Recorder:
     def chat(self, requests, **kwargs):
         self.batches.append(list(requests))
         replies = self.inner.chat(requests, **kwargs)
-        self.replies.append(list(replies))
+        self.replies.append([reply.text for reply in replies])
         return replies
 
     def close(self):
@@ -109,7 +110,7 @@ def test_prompt_gen_batches_and_falls_back_on_an_unusable_reply(runtime, pair, e
     replies = iter([f"<think>the upper face</think>{INSTRUCTION}", "crack"])
     guided = GuidedRuntime(recorder, lambda request: next(replies))
     fallback = KnowledgePromptGenerator(engine.knowledge_base)
-    tool = VLMPromptGenerator(guided, engine.knowledge_base, fallback=fallback, max_new_tokens=8)
+    tool = VLMPromptGenerator(guided, engine.knowledge_base, fallback=fallback, budget=Budget(0, 8))
     requests = [PromptRequest(pair[0], "magnetic_tile", "crack"),
                 PromptRequest(pair[1], "magnetic_tile", "crack")]
     prompts = tool.generate_prompts(requests)
@@ -136,7 +137,7 @@ def test_quality_eval_retries_once_on_malformed_json(runtime, pair):
             return '{"location_score": 1, "quality_score": 0, "review": "No change.", "issues": []}'
         return '{"location_score": 4, "quality_score": '  # the edited pair: malformed first
 
-    tool = VLMQualityEvaluator(GuidedRuntime(recorder, judge), max_new_tokens=8)
+    tool = VLMQualityEvaluator(GuidedRuntime(recorder, judge), budget=Budget(0, 8))
     normal, edited = pair
     reports = tool.evaluate([QualityRequest(normal, edited, "magnetic_tile", "crack"),
                              QualityRequest(normal, normal, "magnetic_tile", "crack")])
@@ -150,7 +151,8 @@ def test_quality_eval_retries_once_on_malformed_json(runtime, pair):
     assert [len(batch) for batch in recorder.batches] == [2, 1]
     retry = recorder.batches[1][0]
     assert retry.messages[-2]["role"] == "assistant"
-    assert retry.messages[-2]["content"][0]["text"] == '{"location_score": 4, "quality_score": '
+    # (the runtime hands back the reply trimmed of surrounding whitespace)
+    assert retry.messages[-2]["content"][0]["text"] == '{"location_score": 4, "quality_score":'
     assert len(retry.images) == 2
 
 
@@ -161,15 +163,16 @@ def test_quality_eval_falls_back_after_the_retry(runtime, pair):
     request = QualityRequest(normal, edited, "magnetic_tile", "crack")
     unreadable = GuidedRuntime(runtime, lambda r: "I think it looks fine.")
     with_fallback = VLMQualityEvaluator(unreadable, fallback=HeuristicQualityEvaluator(),
-                                        max_new_tokens=8).evaluate([request])[0]
+                                        budget=Budget(0, 8)).evaluate([request])[0]
     expected = HeuristicQualityEvaluator().evaluate([request])[0]
     assert (with_fallback.location_score, with_fallback.quality_score) == \
         (expected.location_score, expected.quality_score)
     assert with_fallback.measurements["fallback"] == "heuristic"
     assert with_fallback.measurements["replies"] == 2
-    alone = VLMQualityEvaluator(unreadable, max_new_tokens=8).evaluate([request])[0]
-    assert (alone.location_score, alone.quality_score) == (0, 0)
-    assert alone.measurements["unreadable"] is True
+    # Without a fallback no grade is invented: the item is the judge's error, for the policy.
+    alone = VLMQualityEvaluator(unreadable, budget=Budget(0, 8)).evaluate([request])[0]
+    assert isinstance(alone, ToolFailure)
+    assert "2 replies held no grade" in str(alone) and "I think it looks fine." in str(alone)
 
 
 def test_unguided_tools_run_on_the_random_model(runtime, pair, engine):
@@ -179,7 +182,7 @@ def test_unguided_tools_run_on_the_random_model(runtime, pair, engine):
     normal, edited = pair
     request = PromptRequest(normal, "magnetic_tile", "crack")
     recorder, fallback = Recorder(runtime), KnowledgePromptGenerator(engine.knowledge_base)
-    tool = VLMPromptGenerator(recorder, fallback=fallback, max_new_tokens=12)
+    tool = VLMPromptGenerator(recorder, fallback=fallback, budget=Budget(0, 12))
     [prompt] = tool.generate_prompts([request])
     [[reply]] = recorder.replies  # one call, one reply
     cleaned = clean_instruction(reply)
@@ -188,19 +191,18 @@ def test_unguided_tools_run_on_the_random_model(runtime, pair, engine):
     assert tool.fallbacks_used == (1 if cleaned is None else 0)
 
     recorder = Recorder(runtime)
-    report = VLMQualityEvaluator(recorder, max_new_tokens=12).evaluate(
+    report = VLMQualityEvaluator(recorder, budget=Budget(0, 12)).evaluate(
         [QualityRequest(normal, edited, "magnetic_tile", "crack")])[0]
     replies = [batch_replies[0] for batch_replies in recorder.replies]
     judgements = [parse_judgement(text) for text in replies]
     # One retry, and only after an unreadable first reply.
     assert len(replies) == (1 if judgements[0] is not None else 2)
-    assert report.measurements["replies"] == len(replies)
-    assert report.measurements["raw_reply"] == replies[-1][:2000]
     judged = judgements[-1]
-    if judged is None:  # unreadable twice: no grade was invented
-        assert report.measurements["unreadable"] is True
-        assert (report.location_score, report.quality_score, report.issues) == (0, 0, [])
+    if judged is None:  # unreadable twice: no grade was invented, the judge's error instead
+        assert isinstance(report, ToolFailure) and "2 replies held no grade" in str(report)
     else:  # the grade is the model's own, parsed from its last reply
+        assert report.measurements["replies"] == len(replies)
+        assert report.measurements["raw_reply"] == replies[-1][:2000]
         assert (report.location_score, report.quality_score, report.review) == \
             (judged.location_score, judged.quality_score, judged.review)
         assert report.issues == (judged.issues if judged.issues is not None

@@ -19,7 +19,7 @@ import numpy as np
 
 from appliance.agent import schemas
 from appliance.agent.episode import Attempt, EnvConfig, EpisodeResult, EpisodeSpec, EpisodeState
-from appliance.agent.policy import Policy
+from appliance.agent.policy import Policy, PolicyReply
 from appliance.agent.protocol import (
     Answer,
     ProtocolError,
@@ -39,6 +39,7 @@ from appliance.tools.interfaces import (
     PromptRequest,
     QualityEvaluator,
     QualityRequest,
+    ToolFailure,
 )
 
 
@@ -102,16 +103,26 @@ class AgentEnvironment:
                 on_step(states)
         return [self.result(state, policy.name) for state in states]
 
-    def step(self, states: Sequence[EpisodeState], assistant_messages: Sequence[str]) -> None:
+    def step(self, states: Sequence[EpisodeState],
+             assistant_messages: Sequence[str | PolicyReply]) -> None:
         """Apply one assistant message to each state, then answer all tool calls, batched by tool."""
         if len(states) != len(assistant_messages):
             raise ValueError("one assistant message per episode state is required")
         pending: dict[str, list[_PendingCall]] = defaultdict(list)
-        for state, text in zip(states, assistant_messages):
+        for state, message in zip(states, assistant_messages):
             if state.done:
                 raise ValueError("step() on an episode that has already ended")
+            reply = message if isinstance(message, PolicyReply) else PolicyReply(message)
+            text = reply.text
             state.messages.append({"role": "assistant", "content": [_text(text)]})
             state.turns += 1
+            if reply.generation:
+                state.generation.append({"turn": state.turns, **reply.generation})
+            if reply.abort:
+                state.errors.append(reply.abort)
+                state.done = True
+                state.end_reason = reply.abort
+                continue
             parsed = parse_assistant_message(text)
             action = parsed.action
             if isinstance(action, ProtocolError):
@@ -200,7 +211,9 @@ class AgentEnvironment:
         elapsed = (time.perf_counter() - started) / max(len(calls), 1)
         for call, output in zip(calls, outputs):
             call.state.tool_seconds[name] += elapsed
-            if isinstance(output, Exception):
+            if isinstance(output, ToolFailure):
+                self._error(call.state, name, f"the tool could not answer: {output}")
+            elif isinstance(output, Exception):
                 self._error(call.state, name, f"the tool failed: {type(output).__name__}: {output}")
             else:
                 call.state.tool_sequence.append(name)
@@ -212,7 +225,8 @@ class AgentEnvironment:
             prompts = self.tools.prompt_gen.generate_prompts(
                 [PromptRequest(c.state.spec.image, c.state.spec.category, c.state.spec.defect)
                  for c in calls])
-            return [({"status": "success", "prompt": p}, None) for p in prompts]
+            return [p if isinstance(p, ToolFailure) else ({"status": "success", "prompt": p}, None)
+                    for p in prompts]
         if name == schemas.IMAGE_GEN:
             requests = []
             for c in calls:
@@ -239,6 +253,9 @@ class AgentEnvironment:
                                 c.state.spec.defect) for c, a in zip(calls, attempts)])
             outputs = []
             for attempt, report in zip(attempts, reports):
+                if isinstance(report, ToolFailure):
+                    outputs.append(report)  # the attempt stays unjudged; the policy may ask again
+                    continue
                 attempt.report = report
                 attempt.passed = self.config.passes(report)
                 outputs.append(({"status": "success", "anomaly_image": attempt.image_index,
@@ -325,7 +342,7 @@ class AgentEnvironment:
             attempts=list(state.attempts.values()), messages=state.messages, images=state.images,
             tool_sequence=state.tool_sequence, errors=state.errors, turns=state.turns,
             seconds=time.perf_counter() - state.started, tool_seconds=dict(state.tool_seconds),
-            backends=self.tools.backends(), policy=policy_name)
+            backends=self.tools.backends(), policy=policy_name, generation=state.generation)
 
 
 def _region_box(region: list | None, shape: tuple[int, ...]) -> Box | None:

@@ -68,6 +68,7 @@ class EpisodeState:
     end_reason: str = ""
     tool_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     started: float = field(default_factory=time.perf_counter)
+    generation: list[dict] = field(default_factory=list)  # per model-written turn: tokens, budgets
 
     @property
     def image_gen_count(self) -> int:
@@ -97,6 +98,7 @@ class EpisodeResult:
     tool_seconds: dict[str, float]
     backends: dict[str, str]
     policy: str
+    generation: list[dict] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:

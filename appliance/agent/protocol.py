@@ -1,10 +1,23 @@
 """The message protocol between a policy and the environment.
 
-An assistant message is ``<thinking>...</thinking>`` followed by exactly one of
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` or ``<answer>{...}</answer>``.
-Tool results come back as a tool message whose text starts with ``[Tool Response from NAME]``
-followed by a JSON object. Parsing never raises: malformed output becomes a ``ProtocolError``
-value that the environment turns into an error observation.
+An assistant message is a reasoning block followed by exactly one action, in Qwen3's native form::
+
+    <think>
+    why this step
+    </think>
+
+    <tool_call>
+    {"name": ..., "arguments": {...}}
+    </tool_call>
+
+or, at the end, ``<answer>{...}</answer>`` in place of the tool call. Qwen3 Thinking models get
+``<think>`` from their chat template's generation prompt, so a reply often has no opening tag: the
+reasoning is everything up to the last ``</think>`` (``</thinking>`` is read the same way), and the
+action is read only from the text after it. Drafts of a call inside the reasoning are not actions;
+a reasoning block that was opened and never closed is "reasoning not finished", whatever it
+mentions. Tool results come back as a tool message whose text starts with ``[Tool Response from
+NAME]`` followed by a JSON object. Parsing never raises: malformed output becomes a
+``ProtocolError`` value that the environment turns into an error observation.
 """
 
 from __future__ import annotations
@@ -13,12 +26,18 @@ import json
 import re
 from dataclasses import dataclass, field
 
-_THINKING = re.compile(r"<(?:thinking|think)>(.*?)</(?:thinking|think)>", re.DOTALL)
+from appliance.vlm.chat import split_reasoning
+
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # Models sometimes stop generating before the closing tag; accept an unterminated final block.
 _TOOL_CALL_OPEN = re.compile(r"<tool_call>(.*)\Z", re.DOTALL)
 _ANSWER_OPEN = re.compile(r"<answer>(.*)\Z", re.DOTALL)
+_FENCE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.DOTALL)
+
+REASONING_NOT_FINISHED = ("reasoning not finished: the <think> block was never closed, so no "
+                          "action was taken; close the reasoning with </think> and then call "
+                          "exactly one tool or give the answer")
 
 
 @dataclass
@@ -46,8 +65,9 @@ class ParsedMessage:
 
 def _load_json_object(text: str) -> dict | ProtocolError:
     text = text.strip()
-    if text.startswith("```"):
-        text = text.strip("`").removeprefix("json").strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -58,13 +78,18 @@ def _load_json_object(text: str) -> dict | ProtocolError:
 
 
 def parse_assistant_message(text: str) -> ParsedMessage:
-    """Split one assistant message into its thinking and its single action."""
-    thinking = " ".join(part.strip() for part in _THINKING.findall(text))
-    calls = _TOOL_CALL.findall(text)
-    answers = _ANSWER.findall(text)
+    """Split one assistant message into its reasoning and its single action (read only from the
+    text after the reasoning)."""
+    reasoning = split_reasoning(text)
+    thinking = reasoning.text
+    if not reasoning.finished:
+        return ParsedMessage(thinking, ProtocolError(REASONING_NOT_FINISHED), text)
+    action = reasoning.rest
+    calls = _TOOL_CALL.findall(action)
+    answers = _ANSWER.findall(action)
     if not calls and not answers:
-        unterminated_call = _TOOL_CALL_OPEN.search(text)
-        unterminated_answer = _ANSWER_OPEN.search(text)
+        unterminated_call = _TOOL_CALL_OPEN.search(action)
+        unterminated_answer = _ANSWER_OPEN.search(action)
         if unterminated_call:
             calls = [unterminated_call.group(1)]
         elif unterminated_answer:
@@ -97,13 +122,18 @@ def parse_assistant_message(text: str) -> ParsedMessage:
     return ParsedMessage(thinking, ToolCall(name, arguments), text)
 
 
+def _reasoning_block(thinking: str) -> str:
+    return f"<think>\n{thinking.strip()}\n</think>\n\n"
+
+
 def format_tool_call(thinking: str, name: str, arguments: dict) -> str:
+    """A tool call as Qwen3 writes it: reasoning, then the call on its own lines."""
     call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"<thinking>{thinking}</thinking>\n<tool_call>{call}</tool_call>"
+    return f"{_reasoning_block(thinking)}<tool_call>\n{call}\n</tool_call>"
 
 
 def format_answer(thinking: str, payload: dict) -> str:
-    return f"<thinking>{thinking}</thinking>\n<answer>{json.dumps(payload, ensure_ascii=False)}</answer>"
+    return f"{_reasoning_block(thinking)}<answer>{json.dumps(payload, ensure_ascii=False)}</answer>"
 
 
 def tool_response_text(name: str, payload: dict) -> str:

@@ -1,12 +1,12 @@
 """The tools as the policy sees them, and the system and task prompts (our own wording).
 
 The schemas are OpenAI-style function definitions, the form chat templates (Qwen3-VL's included)
-accept as ``tools=``; the system prompt also lists them so a template without tool support works.
+accept as ``tools=``: the template renders them, with the call format, into the system turn. The
+system prompt describes the task and its rules, not the wire format.
 """
 
 from __future__ import annotations
 
-import json
 
 PROMPT_GEN = "prompt_gen"
 IMAGE_GEN = "image_gen"
@@ -78,27 +78,21 @@ TOOL_SCHEMAS: list[dict] = [
 SYSTEM_PROMPT_TEMPLATE = """\
 You are the planner of an industrial defect synthesis station. You receive a photo of a normal \
 part and must produce a realistic, physically plausible defect of a requested type on it, \
-together with its pixel mask, by calling tools one at a time.
+together with its pixel mask, by calling the tools one at a time.
 
 How to work:
-- Each message you write is a short reasoning block followed by exactly one action:
-  <thinking>why this step</thinking>
-  <tool_call>{{"name": "<tool>", "arguments": {{...}}}}</tool_call>
-  When the mask exists, finish instead with:
-  <thinking>what was tried and why the final attempt passed</thinking>
+- Think first, then take exactly one action per message: one tool call, or, once the mask \
+exists, the final answer instead of a call:
   <answer>{{"status": "success", "final_image_index": <n>, "mask_generated": true, "summary": "..."}}</answer>
 - Order: prompt_gen once first; then image_gen and quality_eval in turns; knowledge_retrieval \
 only after a rejected attempt; mask_gen once on the accepted image; then the answer.
 - At most {max_image_gen} image_gen attempts and {max_turns} messages. If no attempt passes, \
 mask the best one and answer with "status": "rejected".
-- Tool results arrive as a message starting with [Tool Response from <tool>] and a JSON object. \
-Its values are authoritative: read the scores and issues from it, never guess them.
+- A tool's result starts with [Tool Response from <tool>] and a JSON object. Its values are \
+authoritative: read the scores and issues from it, never guess them.
 - Editing instructions must be local: name the exact spot on the part where this defect occurs \
 in real production, describe its shape, texture, size and contrast against the material, and \
-state that the rest of the image stays unchanged.
-
-Tools (JSON schema):
-{tools}"""
+state that the rest of the image stays unchanged."""
 
 TASK_PROMPT_TEMPLATE = """\
 Image 1 is a normal {category}. Add a realistic "{defect}" defect to it and produce its mask.
@@ -107,9 +101,9 @@ tool call."""
 
 
 def system_prompt(max_image_gen: int, max_turns: int) -> str:
-    return SYSTEM_PROMPT_TEMPLATE.format(
-        max_image_gen=max_image_gen, max_turns=max_turns,
-        tools=json.dumps(TOOL_SCHEMAS, indent=1, ensure_ascii=False))
+    """The task and its rules. The tools themselves reach a model through its chat template
+    (``tools=TOOL_SCHEMAS``), in the form and with the call format it was trained on."""
+    return SYSTEM_PROMPT_TEMPLATE.format(max_image_gen=max_image_gen, max_turns=max_turns)
 
 
 def task_prompt(category: str, defect: str) -> str:

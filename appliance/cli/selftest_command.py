@@ -3,9 +3,14 @@
 For a freshly installed box: builds the tiny random-weight kit in a temporary folder, then for
 each registered backend whose libraries are installed runs one episode with that backend in its
 role (the CPU defaults in the others) and prints PASS / FAIL / SKIP with timings. A random policy
-cannot follow the protocol, so VLM policies are guided by the scripted policy (forced decoding:
-the real processor, model and generation loop still run every token). ``--real`` also runs one
-episode on the engine the installed models make.
+cannot follow the protocol, so on the tiny kit VLM backends are guided by the built-in ones
+(forced decoding: the real processor, model and generation loop still run every token) and the
+line says so: it checks the machinery, not the model's judgement.
+
+``--real`` runs episodes on the engine the installed models make, unguided (guidance is a test
+tool for random weights, never applied to real models), and reports honestly how many episodes
+finished the protocol, how many replies hit a reasoning or action budget, and the protocol
+errors seen. It passes only when every episode finished the protocol.
 """
 
 from __future__ import annotations
@@ -72,6 +77,73 @@ def _tool_errors(messages: list[dict], tool: str) -> list[str]:
     return errors
 
 
+def _unguide(engine) -> None:
+    """Let every model decide for itself (tiny-kit manifests carry a guide)."""
+    for backend in (engine.policy, *vars(engine.tools).values()):
+        if getattr(backend, "guide", None) is not None:
+            backend.guide = None
+
+
+@dataclass
+class RealReport:
+    episodes: int = 0
+    finished: int = 0  # answered or gave up by the protocol, not cut off by the turn limit
+    accepted: int = 0
+    replies: int = 0
+    reasoning_hits: int = 0
+    action_hits: int = 0
+    protocol_errors: dict[str, int] | None = None
+
+    def line(self) -> str:
+        errors = ", ".join(f"{count}x {message[:70]}" for message, count in
+                           sorted((self.protocol_errors or {}).items(), key=lambda kv: -kv[1])[:3])
+        return (f"{self.finished}/{self.episodes} episodes finished the protocol, "
+                f"{self.accepted} accepted; {self.replies} replies: {self.reasoning_hits} hit the "
+                f"reasoning budget, {self.action_hits} the action budget; protocol errors: "
+                f"{sum((self.protocol_errors or {}).values())}" + (f" ({errors})" if errors else ""))
+
+
+def run_real(config, episodes: int) -> tuple[Outcome, RealReport]:
+    """``episodes`` unguided episodes on the installed models, and what the model did in them."""
+    from appliance.agent.episode import EpisodeSpec
+    from appliance.engine import build_engine
+
+    started = time.perf_counter()
+    try:
+        engine = build_engine(config)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return Outcome("engine", "installed", "FAIL", f"cannot load: {type(exc).__name__}: {exc}",
+                       time.perf_counter() - started), RealReport()
+    load_s = time.perf_counter() - started
+    report = RealReport(episodes=episodes, protocol_errors={})
+    try:
+        _unguide(engine)
+        image = sample_image()
+        specs = [EpisodeSpec(image if i % 2 == 0 else image[:, ::-1].copy(), CATEGORY, DEFECT,
+                             seed=7 + i) for i in range(episodes)]
+        started = time.perf_counter()
+        results = engine.environment.run(specs, engine.policy)
+        episode_s = (time.perf_counter() - started) / max(episodes, 1)
+    except Exception as exc:  # noqa: BLE001
+        return Outcome("engine", "installed", "FAIL", f"episodes raised {type(exc).__name__}: {exc}",
+                       load_s), report
+    finally:
+        engine.close()
+    for result in results:
+        report.finished += result.end_reason == "answered" or result.end_reason.startswith(
+            "the policy gave up")
+        report.accepted += result.accepted
+        report.replies += result.turns
+        report.reasoning_hits += sum(bool(g.get("reasoning_budget_hit")) for g in result.generation)
+        report.action_hits += sum(bool(g.get("action_budget_hit")) for g in result.generation)
+        for message in _tool_errors(result.messages, "environment"):
+            report.protocol_errors[message] = report.protocol_errors.get(message, 0) + 1
+    status = "PASS" if report.finished == episodes else "FAIL"
+    policy = results[0].policy if results else "?"
+    return Outcome("engine", f"installed ({policy})", status, report.line(), load_s,
+                   episode_s), report
+
+
 def run_episode(config, role: str | None, backend: str) -> Outcome:
     """Build the engine for ``config``, run one episode, judge whether ``backend`` worked."""
     from appliance.agent.episode import EpisodeSpec
@@ -111,6 +183,9 @@ def run_episode(config, role: str | None, backend: str) -> Outcome:
     if problems:
         return Outcome(role_name, backend, "FAIL", "; ".join(problems), load_s, episode_s)
     detail = f"{result.status}, {result.turns} turns, {len(result.attempts)} attempt(s)"
+    guided = sorted({name for name in (result.policy, *result.backends.values()) if "guided by" in name})
+    if guided:
+        detail += f"; guided (forced decoding through the model): {', '.join(guided)}"
     if result.mask is not None and role == "mask_gen":
         detail += f", mask by {result.mask.method}"
     return Outcome(role_name, backend, "PASS", detail, load_s, episode_s)
@@ -133,7 +208,7 @@ def candidates(only: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def selftest(only: tuple[str, ...] = (), real: bool = False, keep: Path | None = None,
-             models_dir: Path | None = None, echo=click.echo) -> list[Outcome]:
+             models_dir: Path | None = None, echo=click.echo, episodes: int = 4) -> list[Outcome]:
     from appliance.engine import select_engine
     from appliance.models.manifest import missing_packages, model_for
     from appliance.models.tiny_models import PARTS, build_tiny_models
@@ -183,8 +258,8 @@ def selftest(only: tuple[str, ...] = (), real: bool = False, keep: Path | None =
                 outcome = Outcome("engine", "installed", "SKIP",
                                   f"no models installed in {choice.models_dir}")
             else:
-                outcome = run_episode(choice.engine_config(), None,
-                                      "installed: " + ",".join(choice.backend_names().values()))
+                echo(f"running {episodes} unguided episode(s) on the installed models ...")
+                outcome, _ = run_real(choice.engine_config(), episodes)
             echo(outcome.line())
             outcomes.append(outcome)
     finally:
@@ -194,17 +269,22 @@ def selftest(only: tuple[str, ...] = (), real: bool = False, keep: Path | None =
 
 
 @click.command("selftest")
-@click.option("--real", is_flag=True, help="Also run one episode on the installed real models.")
+@click.option("--real", is_flag=True,
+              help="Also run unguided episodes on the installed models and report how many "
+                   "finished the protocol, the budget hits and the protocol errors.")
+@click.option("--episodes", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Episodes for --real.")
 @click.option("--backend", "only", multiple=True,
               help="Test only these backends (repeatable); default: every installed one.")
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Build the tiny kit here and keep it (default: a temporary folder).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Installed models for --real (default: $APPLIANCE_MODELS).")
-def selftest_command(real: bool, only: tuple[str, ...], keep: Path | None,
+def selftest_command(real: bool, episodes: int, only: tuple[str, ...], keep: Path | None,
                      models_dir: Path | None) -> None:
-    """Check every installed backend end to end on tiny random-weight models."""
-    outcomes = selftest(only, real, keep, models_dir)
+    """Check every installed backend end to end on tiny random-weight models (guided: the
+    machinery, not the model's judgement); with --real, how the installed models really do."""
+    outcomes = selftest(only, real, keep, models_dir, episodes=episodes)
     failed = [o for o in outcomes if o.status == "FAIL"]
     passed = sum(o.status == "PASS" for o in outcomes)
     click.echo(f"{passed} passed, {len(failed)} failed, "

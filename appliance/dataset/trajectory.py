@@ -44,6 +44,9 @@ def episode_record(result: EpisodeResult) -> dict:
             "passed": a.passed,
             "report": None if a.report is None else {**asdict(a.report), "score": a.report.score},
         } for a in result.attempts],
+        # Per turn the model wrote: prompt, reasoning and action tokens and whether a budget cut
+        # it (empty for the scripted policy).
+        "generation": result.generation,
         "mask": None if result.mask is None else {
             "method": result.mask.method, "threshold": result.mask.threshold,
             "confidence": result.mask.confidence, "area_ratio": result.mask.area_ratio},

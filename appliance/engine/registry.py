@@ -115,11 +115,33 @@ GUIDES = ("scripted",)
 
 def _settings_and_guide(entry) -> tuple[dict, bool]:
     settings = dict(entry.settings)
+    settings.pop("roles", None)  # read per role by _role_options
     guide = settings.pop("guide", None)
     if guide is not None and guide not in GUIDES:
         raise EngineError(f"{entry.name}: unknown guide {guide!r} in its settings "
                           f"(known: {', '.join(GUIDES)})")
     return settings, guide is not None
+
+
+_BUDGET_KEYS = {"reasoning_budget": "reasoning", "action_budget": "action"}
+
+
+def _role_options(entry, role: str):
+    """The role's reasoning budget and sampling overrides: the defaults of
+    ``appliance.vlm.budget.ROLE_BUDGETS``, replaced by the entry's ``settings.roles.<role>``
+    table (``reasoning_budget``, ``action_budget`` and the fields of ``Sampling``)."""
+    from appliance.vlm.budget import ROLE_BUDGETS
+    from appliance.vlm.sampling import Sampling
+
+    table = dict(entry.settings.get("roles", {}).get(role, {}))
+    budget = replace(ROLE_BUDGETS[role], **{_BUDGET_KEYS[k]: table.pop(k) for k in list(table)
+                                           if k in _BUDGET_KEYS})
+    try:
+        Sampling().updated(table)  # refuses unknown keys, naming the allowed ones
+    except ValueError as exc:
+        raise EngineError(f"{entry.name}: settings.roles.{role}: {exc} (or reasoning_budget, "
+                          "action_budget)") from None
+    return budget, table
 
 
 def _diffusers_image_gen(ctx: BuildContext, backend: str):
@@ -155,7 +177,8 @@ def _qwen_transformers_policy(ctx: BuildContext) -> Policy:
     entry, folder = _installed_model(ctx, "policy", "qwen-transformers")
     settings, guided = _settings_and_guide(entry)
     config, adapter_dir = transformers_config(folder, settings)
-    return QwenTransformersPolicy(config, adapter_dir=adapter_dir,
+    budget, sampling = _role_options(entry, "policy")
+    return QwenTransformersPolicy(config, adapter_dir=adapter_dir, budget=budget, sampling=sampling,
                                   guide=_scripted_policy(ctx) if guided else None)
 
 
@@ -165,15 +188,17 @@ def _qwen_llamacpp_policy(ctx: BuildContext) -> Policy:
 
     entry, folder = _installed_model(ctx, "policy", "qwen-llamacpp")
     settings, guided = _settings_and_guide(entry)
-    return QwenLlamaCppPolicy(llamacpp_config(folder, settings),
+    budget, sampling = _role_options(entry, "policy")
+    return QwenLlamaCppPolicy(llamacpp_config(folder, settings), budget=budget, sampling=sampling,
                               guide=_scripted_policy(ctx) if guided else None)
 
 
 @dataclass
 class _ResidentVLM:
     runtime: Any
-    max_new_tokens: int
     guided: bool
+    budget: Any  # appliance.vlm.budget.Budget of the role
+    sampling: dict
 
 
 def _vlm_runtime(ctx: BuildContext, role: str) -> _ResidentVLM:
@@ -181,15 +206,16 @@ def _vlm_runtime(ctx: BuildContext, role: str) -> _ResidentVLM:
     entry, folder = _installed_model(ctx, role, "vlm")
     settings, guided = _settings_and_guide(entry)
     settings.pop("adapter", None)  # PG and QE run the base weights
+    budget, sampling = _role_options(entry, role)
     if entry.format == "gguf":
         from appliance.vlm.llamacpp_runtime import llamacpp_config, llamacpp_runtime
 
-        config = llamacpp_config(folder, settings)
-        return _ResidentVLM(llamacpp_runtime(config), config.max_new_tokens, guided)
+        return _ResidentVLM(llamacpp_runtime(llamacpp_config(folder, settings)), guided, budget,
+                            sampling)
     from appliance.vlm.transformers_runtime import transformers_config, transformers_runtime
 
     config, _ = transformers_config(folder, settings)
-    return _ResidentVLM(transformers_runtime(config), config.max_new_tokens, guided)
+    return _ResidentVLM(transformers_runtime(config), guided, budget, sampling)
 
 
 def _vlm_prompt_gen(ctx: BuildContext):
@@ -197,7 +223,7 @@ def _vlm_prompt_gen(ctx: BuildContext):
 
     vlm = _vlm_runtime(ctx, "prompt_gen")
     return VLMPromptGenerator(vlm.runtime, ctx.knowledge_base, fallback=_knowledge_prompt_gen(ctx),
-                              max_new_tokens=min(512, vlm.max_new_tokens),
+                              budget=vlm.budget, sampling=vlm.sampling,
                               guide=_knowledge_prompt_gen(ctx) if vlm.guided else None)
 
 
@@ -206,7 +232,7 @@ def _vlm_quality_eval(ctx: BuildContext):
 
     vlm = _vlm_runtime(ctx, "quality_eval")
     return VLMQualityEvaluator(vlm.runtime, fallback=_heuristic_quality_eval(ctx),
-                               max_new_tokens=min(768, vlm.max_new_tokens),
+                               budget=vlm.budget, sampling=vlm.sampling,
                                guide=_heuristic_quality_eval(ctx) if vlm.guided else None)
 
 

@@ -19,9 +19,22 @@ Constants (bf16/fp16 unless said; ``bench/gpu_pipeline.py`` has the published co
 * Prompt tokens per call (the benchmark's TokenPlan: a 3-attempt episode, 640x640 images at
   ~402 tokens each): policy 6,150, prompt generation 850, quality evaluation 1,300; plus
   ``max_new_tokens`` for the cache at the end of decoding.
-* NF4 (bitsandbytes, double quantization): 0.516 bytes per weight for the linear layers, which
-  hold 91 % of Qwen3-VL-4B's parameters (counted on the published config with transformers' skip
-  list); the embeddings/norms (9 %) stay in the compute dtype: ~0.32 x the bf16 size.
+* Kept prefixes (transformers with ``prefix_cache``, ``appliance.vlm.prefix_cache``): up to
+  ``max_batch`` prefixes (system prompt, tools block and the first picture) stay resident, each
+  ~2,400 tokens of KV (the system prompt and the tools block ~1.9k tokens by character count at
+  ~3.8 characters per token, a 640x640 picture ~400), rounded up: not measured on a real tokenizer.
+* NF4 (bitsandbytes, double quantization): 0.516 bytes per quantized weight (4 bits plus an
+  8-bit scale per 64 weights and an fp32 scale per 256 scales). What is quantized is counted, not
+  assumed (``nf4_linear_share``): the model is built from its own ``config.json`` on torch's meta
+  device (no weights, no download) and the weights of every ``nn.Linear`` that transformers
+  would convert are counted, by transformers' own rule (``should_convert_module`` with the
+  appliance's skip list ``NF4_SKIP_MODULES``, the vision tower and ``lm_head``, plus the model's
+  ``_keep_in_fp32_modules``). The rest (embeddings, norms, biases, the vision tower, the output
+  head) stays in the compute dtype. For Qwen3-VL-4B the published config gives 81.9 % quantized
+  (the vision tower is 9.4 % and the tied embedding 8.8 %), so NF4 is ~0.39 x the bf16 size.
+  Without a config.json at hand (an entry not yet pulled) or without transformers,
+  ``NF4_LINEAR_SHARE_FALLBACK``, that 4B figure, is used; ``tests/test_memory_plan.py``
+  recomputes it from the published config.
 * Diffusion, per painted pixel (the denoiser runs the whole batch at once; the VAE decodes one
   image at a time because the backend enables VAE slicing):
   SDXL's VAE config sets force_upcast, so it decodes in fp32 at ~3,900 B/px; its UNet needs
@@ -37,6 +50,7 @@ Constants (bf16/fp16 unless said; ``bench/gpu_pipeline.py`` has the published co
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Mapping
@@ -44,6 +58,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from appliance.models.manifest import FileEntry, ModelEntry
+from appliance.vlm.transformers_runtime import NF4_SKIP_MODULES
 
 GIB = 1024 ** 3
 KIB = 1024
@@ -52,7 +67,12 @@ FRAGMENTATION = 1.10
 QWEN_KV_PER_TOKEN = 144 * KIB
 QWEN_ACT_PER_TOKEN = 96 * KIB
 PROMPT_TOKENS = {"policy": 6150, "prompt_gen": 850, "quality_eval": 1300}
-NF4_BYTES, NF4_LINEAR_SHARE = 0.516, 0.91
+PREFIX_TOKENS = 2400
+NF4_BYTES = 0.516
+# NF4_SKIP_MODULES: what the runtime's NF4 loader keeps in 16 bit (appliance.vlm.transformers_runtime).
+
+# nf4_linear_share of the published Qwen3-VL-4B config.json: used when no config.json is at hand.
+NF4_LINEAR_SHARE_FALLBACK = 0.819
 DENOISER_B_PER_PX = {"sdxl-inpaint": 512, "flux-fill": 384}
 VAE_B_PER_PX = {"sdxl-inpaint": 3900, "flux-fill": 1950}
 DENOISERS = ("unet", "transformer")
@@ -128,6 +148,49 @@ def qwen_per_token(folder: Path | None) -> tuple[float, float]:
     return layers * heads * head_dim * 2 * 2, QWEN_ACT_PER_TOKEN * hidden / 2560
 
 
+def nf4_linear_share(folder: Path | None) -> float:
+    """Share of the model's parameters that NF4 loading quantizes, from ``folder/config.json``.
+
+    Counted on the model built from that config (``nf4_linear_share_of_config``); without the
+    file, with an unreadable one, or where the installed transformers cannot build it as
+    Qwen3-VL (or lacks the helpers), ``NF4_LINEAR_SHARE_FALLBACK`` (Qwen3-VL-4B's figure)."""
+    path = folder / "config.json" if folder else None
+    if path is None or not path.is_file():
+        return NF4_LINEAR_SHARE_FALLBACK
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return NF4_LINEAR_SHARE_FALLBACK
+    try:
+        return nf4_linear_share_of_config(json.dumps(config, sort_keys=True))
+    except (ImportError, ValueError, KeyError, TypeError, AttributeError):
+        return NF4_LINEAR_SHARE_FALLBACK
+
+
+@functools.lru_cache(maxsize=32)
+def nf4_linear_share_of_config(config_json: str) -> float:
+    """Quantized weights / all parameters of the Qwen3-VL described by ``config_json`` (a
+    config.json's text), as transformers' bitsandbytes 4-bit loading with ``NF4_SKIP_MODULES``
+    converts it: built on the meta device, so it takes no memory and well under a second after
+    the imports. Cached per config text."""
+    import torch
+    from torch import nn
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = Qwen3VLConfig.from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    # transformers' bitsandbytes quantizer skips llm_int8_skip_modules plus _keep_in_fp32_modules
+    # and converts only modules whose type is exactly nn.Linear; a converted layer's bias stays
+    # in 16 bit. parameters() counts a tied embedding/lm_head once, as the weight files store it.
+    skip = list(NF4_SKIP_MODULES) + sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
+    quantized = sum(module.weight.numel() for name, module in model.named_modules()
+                    if type(module) is nn.Linear and should_convert_module(name, skip))
+    total = sum(p.numel() for p in model.parameters())
+    return quantized / total
+
+
 @dataclass
 class ModelEstimate:
     name: str
@@ -156,14 +219,18 @@ def estimate(entry: ModelEntry, roles: tuple[str, ...], overrides: Mapping | Non
     if entry.format == "transformers":
         params = sum(size / per for size, per in stored.values())
         run = DTYPE_BYTES.get(setting(TransformersVLMConfig, settings, "dtype"), 2)
-        nf4 = setting(TransformersVLMConfig, settings, "quantization") == "nf4"
-        resident = params * (NF4_LINEAR_SHARE * NF4_BYTES + (1 - NF4_LINEAR_SHARE) * run
-                             if nf4 else run)
+        if setting(TransformersVLMConfig, settings, "quantization") == "nf4":
+            share = nf4_linear_share(folder)
+            resident = params * (share * NF4_BYTES + (1 - share) * run)
+        else:
+            resident = params * run
         batch = setting(TransformersVLMConfig, settings, "max_batch")
         new = setting(TransformersVLMConfig, settings, "max_new_tokens")
         prompt = max(PROMPT_TOKENS.get(role, 0) for role in roles)
         kv, act = qwen_per_token(folder)
         working = batch * max(prompt * (kv + act), (prompt + new) * kv)
+        if setting(TransformersVLMConfig, settings, "prefix_cache"):
+            resident += batch * PREFIX_TOKENS * kv  # the kept prefixes (appliance.vlm.prefix_cache)
     elif entry.format == "diffusers":
         kind = KINDS.get(backend)
         config = InpaintSettings(**{**(asdict(kind.defaults) if kind else {}), **settings})

@@ -121,8 +121,24 @@ def tiny_config(tokenizer):
                          vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
 
 
-def build_tiny_qwen3vl_hf(folder: Path, seed: int = 0) -> Path:
-    """Write a complete transformers Qwen3-VL folder (random weights) and return it."""
+def thinking_template(template: str = QWEN3_VL_CHAT_TEMPLATE) -> str:
+    """The vendored Qwen3-VL template with the generation prompt of Qwen's Thinking checkpoints,
+    which open the reasoning block for the model (``<|im_start|>assistant\n<think>\n``).
+
+    For testing how the runtimes treat a Thinking model on the tiny kit. It is not the published
+    Thinking template byte for byte (not available offline): that one also drops the reasoning of
+    assistant turns before the last user message; the generation prompt, which is what the
+    runtimes react to, is the same.
+    """
+    prompt = "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+    if not template.endswith(prompt):
+        raise ValueError("the template does not end with the Qwen3-VL generation prompt")
+    return template[:-len(prompt)] + prompt.replace("assistant\\n'", "assistant\\n<think>\\n'")
+
+
+def build_tiny_qwen3vl_hf(folder: Path, seed: int = 0, thinking: bool = False) -> Path:
+    """Write a complete transformers Qwen3-VL folder (random weights) and return it; with
+    ``thinking``, its chat template opens the reasoning block as Thinking checkpoints do."""
     import torch
     from transformers import GenerationConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
 
@@ -143,7 +159,8 @@ def build_tiny_qwen3vl_hf(folder: Path, seed: int = 0) -> Path:
         size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     image_processor.save_pretrained(folder)
-    (folder / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE, encoding="utf-8")
+    template = thinking_template() if thinking else QWEN3_VL_CHAT_TEMPLATE
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     return folder
 
 

@@ -39,6 +39,11 @@ def _entry(name: str, folder: Path, backends: dict[str, str], fmt: str, settings
                       notes=notes)
 
 
+# Short budgets: unguided (selftest --real), a random model writes noise to the very end of them.
+TINY_ROLES = {role: {"reasoning_budget": 32, "action_budget": 32}
+              for role in ("policy", "prompt_gen", "quality_eval")}
+
+
 def _build_qwen(folder: Path, seed: int, gguf: bool) -> list[ModelEntry]:
     """The other half of the kit (``tiny_kit.py``), placed under our folder names."""
     from appliance.models.tiny_kit import build_tiny_kit
@@ -52,7 +57,7 @@ def _build_qwen(folder: Path, seed: int, gguf: bool) -> list[ModelEntry]:
         entries.append(_entry("qwen3-vl-tiny", hf, {
             "policy": QWEN_TRANSFORMERS_POLICY, "prompt_gen": VLM_PROMPT_GEN,
             "quality_eval": VLM_QUALITY_EVAL}, "transformers",
-            {"quantization": "none", "max_new_tokens": 64, "guide": GUIDE},
+            {"quantization": "none", "max_new_tokens": 64, "guide": GUIDE, "roles": TINY_ROLES},
             "Random-weight Qwen3-VL: runs the real code; it cannot follow the protocol, so it "
             "is guided (made to write what the CPU backends would)."))
         if kit.gguf is not None and kit.mmproj is not None:
@@ -63,7 +68,7 @@ def _build_qwen(folder: Path, seed: int, gguf: bool) -> list[ModelEntry]:
             entries.append(_entry("qwen3-vl-tiny-gguf", gguf_dir,
                                   {"policy": QWEN_LLAMA_CPP_POLICY}, "gguf",
                                   {"model": kit.gguf.name, "mmproj": kit.mmproj.name,
-                                   "guide": GUIDE},
+                                   "guide": GUIDE, "roles": TINY_ROLES},
                                   "Random-weight Qwen3-VL as GGUF + mmproj for llama-cpp-python, "
                                   "guided like the transformers copy."))
         return entries

@@ -10,8 +10,10 @@ from typing import Sequence
 import numpy as np
 
 from appliance.agent.episode import EpisodeState
-from appliance.agent.policy import Policy
-from appliance.vlm.chat import ChatRequest, VLMRuntime, finish_text, guided_name, to_chat_request
+from appliance.agent.policy import Policy, PolicyReply
+from appliance.agent.schemas import TOOL_SCHEMAS
+from appliance.vlm.budget import ROLE_BUDGETS, Budget
+from appliance.vlm.chat import ChatRequest, VLMRuntime, guided_name, to_chat_request
 from appliance.vlm.llamacpp_runtime import LlamaCppVLMConfig, llamacpp_runtime
 from appliance.vlm.resident import release_runtime
 from appliance.vlm.transformers_runtime import TransformersVLMConfig, transformers_runtime
@@ -31,11 +33,13 @@ class VLMPolicy:
     """
 
     def __init__(self, runtime: VLMRuntime, backend: str, *, adapter: str | None = None,
-                 max_new_tokens: int = 1024, guide: Policy | None = None) -> None:
+                 budget: Budget = ROLE_BUDGETS["policy"], sampling: dict | None = None,
+                 guide: Policy | None = None) -> None:
         self.runtime = runtime
         self.backend = backend
         self.adapter = adapter
-        self.max_new_tokens = max_new_tokens
+        self.budget = budget
+        self.sampling = sampling or {}
         self.guide = guide
 
     @property
@@ -45,14 +49,19 @@ class VLMPolicy:
         return guided_name(self.backend, self.guide)
 
     def requests(self, states: Sequence[EpisodeState]) -> list[ChatRequest]:
-        return [to_chat_request(s.messages, s.images, seed=episode_seed(s)) for s in states]
+        """Each episode's conversation, with the five tools for the template's tool block."""
+        return [to_chat_request(s.messages, s.images, seed=episode_seed(s), tools=TOOL_SCHEMAS)
+                for s in states]
 
-    def act(self, states: Sequence[EpisodeState]) -> list[str]:
+    def act(self, states: Sequence[EpisodeState]) -> list[PolicyReply]:
         requests = self.requests(states)
         if self.guide is not None:
-            requests = [replace(r, forced=text) for r, text in zip(requests, self.guide.act(states))]
-        texts = self.runtime.chat(requests, max_new_tokens=self.max_new_tokens, adapter=self.adapter)
-        return [finish_text(text) for text in texts]
+            scripted = [m.text if isinstance(m, PolicyReply) else m for m in self.guide.act(states)]
+            requests = [replace(r, forced=text) for r, text in zip(requests, scripted)]
+        replies = self.runtime.chat(requests, budget=self.budget, adapter=self.adapter,
+                                    sampling=self.sampling)
+        return [PolicyReply(reply.text, {**reply.use.as_dict(), "guided": self.guide is not None},
+                            abort=reply.error) for reply in replies]
 
     def close(self) -> None:
         release_runtime(self.runtime)
@@ -61,17 +70,19 @@ class VLMPolicy:
 class QwenTransformersPolicy(VLMPolicy):
     """The Qwen3-VL policy on transformers; ``adapter_dir`` adds a fine-tuned LoRA adapter."""
 
-    def __init__(self, config: TransformersVLMConfig, adapter_dir: Path | None = None,
+    def __init__(self, config: TransformersVLMConfig, adapter_dir: Path | None = None, *,
+                 budget: Budget = ROLE_BUDGETS["policy"], sampling: dict | None = None,
                  guide: Policy | None = None) -> None:
         runtime = transformers_runtime(config)
         adapter = runtime.load_adapter(adapter_dir) if adapter_dir is not None else None
-        super().__init__(runtime, "qwen-transformers", adapter=adapter,
-                         max_new_tokens=config.max_new_tokens, guide=guide)
+        super().__init__(runtime, "qwen-transformers", adapter=adapter, budget=budget,
+                         sampling=sampling, guide=guide)
 
 
 class QwenLlamaCppPolicy(VLMPolicy):
     """The Qwen3-VL policy on llama.cpp."""
 
-    def __init__(self, config: LlamaCppVLMConfig, guide: Policy | None = None) -> None:
-        super().__init__(llamacpp_runtime(config), "qwen-llamacpp",
-                         max_new_tokens=config.max_new_tokens, guide=guide)
+    def __init__(self, config: LlamaCppVLMConfig, *, budget: Budget = ROLE_BUDGETS["policy"],
+                 sampling: dict | None = None, guide: Policy | None = None) -> None:
+        super().__init__(llamacpp_runtime(config), "qwen-llamacpp", budget=budget,
+                         sampling=sampling, guide=guide)

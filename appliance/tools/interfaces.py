@@ -3,6 +3,8 @@
 Every tool takes a *list* of requests and returns a list of results in the same order, so that a
 GPU backend can batch many episodes into one model call; CPU backends simply loop. Images cross
 these interfaces as ``uint8`` RGB arrays of shape (H, W, 3); masks as ``bool`` arrays (H, W).
+An item a tool ran for but could not answer is a ``ToolFailure`` in place of its result: the
+environment reports it to that episode's policy as the tool's error, and the other items go on.
 """
 
 from __future__ import annotations
@@ -199,6 +201,11 @@ class MaskGenerator(Protocol):
     name: str
 
     def generate_masks(self, requests: Sequence[MaskRequest]) -> list[MaskResult]: ...
+
+
+class ToolFailure(Exception):
+    """A tool could not answer for one item (e.g. a model's reply held no usable answer); the
+    message says what was wrong, for the policy to read."""
 
 
 @runtime_checkable

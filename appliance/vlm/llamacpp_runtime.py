@@ -8,12 +8,20 @@ vision start/end tokens, so the model reads the same token sequence either way.
 Build llama-cpp-python with ``CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir
 llama-cpp-python``: a native build enables AMX on recent Xeons and quantized models then crash.
 llama.cpp decodes one conversation at a time; requests of a batch run one after another.
+
+Pictures are resized to at most ``max_pixels`` (Qwen's rule: sides multiples of 32, one visual
+token per 32x32 pixels) before they reach the vision projector, as the transformers processor
+does, and every prompt is measured against ``n_ctx`` before it runs: a conversation that would
+not fit loses its oldest edited pictures first (the normal photo and the newest picture stay),
+each replaced by a note saying so; one that still does not fit is not run, and the reply says
+why (the policy ends that episode with the reason; the batch goes on).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -21,9 +29,15 @@ from typing import Sequence
 
 import numpy as np
 
-from appliance.vlm.chat import ChatRequest, template_messages
+from appliance.vlm.budget import CLOSE_REASONING, Budget, BudgetTracker, BudgetUse
+from appliance.vlm.chat import (ChatReply, ChatRequest, finish_text, fit_pixels,
+                                prompt_opens_reasoning, template_messages)
 from appliance.vlm.chat_template import QWEN3_VL_CHAT_TEMPLATE
+from appliance.vlm.prefix_cache import MtmdPrefixCache, call_with_prefix, image_id
 from appliance.vlm.resident import shared_runtime
+from appliance.vlm.sampling import resolve_sampling
+
+IMAGE_OMITTED = "[an earlier picture was left out here to fit the model's context]"
 
 
 @dataclass(frozen=True)
@@ -35,11 +49,21 @@ class LlamaCppVLMConfig:
     n_threads: int | None = None  # None: llama.cpp's default
     n_batch: int = 512
     chat_template: str | None = None  # None: the GGUF's own template, else the vendored one
-    max_new_tokens: int = 1024
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
+    max_new_tokens: int = 1024  # the cap of a reply without a budget
+    # Sampling: None takes generation_config.json beside the GGUF, else Qwen's Thinking defaults
+    # (appliance.vlm.sampling); greedy only with do_sample = False.
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    presence_penalty: float | None = None
+    # Pixels per picture after resizing (as the transformers processor's min/max pixels).
+    min_pixels: int | None = None
+    max_pixels: int | None = 640 * 640
     use_gpu_for_vision: bool = True
+    # Keep the KV cache between calls and evaluate only what differs from the last prompt (the
+    # system prompt, tools and first picture open every turn): appliance.vlm.prefix_cache.
+    prefix_cache: bool = True
 
 
 def llamacpp_config(folder: Path, settings: dict) -> LlamaCppVLMConfig:
@@ -71,8 +95,9 @@ def image_data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def openai_messages(request: ChatRequest) -> list[dict]:
-    """The request in the OpenAI-style form llama-cpp-python takes: pictures as data URIs."""
+def openai_messages(request: ChatRequest, data_uris: bool = True) -> list[dict]:
+    """The request in the OpenAI-style form llama-cpp-python takes: pictures as data URIs
+    (``data_uris=False``: an empty URL, to render the template without encoding pictures)."""
     images = iter(request.images)
     messages = []
     for message in template_messages(request.messages):
@@ -82,23 +107,65 @@ def openai_messages(request: ChatRequest) -> list[dict]:
         parts = []
         for part in message["content"]:
             if part["type"] == "image":
-                parts.append({"type": "image_url", "image_url": {"url": image_data_uri(next(images))}})
+                image = next(images)
+                parts.append({"type": "image_url",
+                              "image_url": {"url": image_data_uri(image) if data_uris else ""}})
             else:
                 parts.append(part)
         messages.append({"role": message["role"], "content": parts})
     return messages
 
 
+def visual_tokens(image) -> int:
+    """Qwen3-VL's visual tokens for a picture: one per 32x32 pixels, plus its start and end."""
+    width, height = image.size
+    return (width // 32) * (height // 32) + 2
+
+
+def drop_picture(request: ChatRequest, index: int) -> ChatRequest:
+    """The request without its ``index``-th picture (0-based), a note in its place."""
+    seen = -1
+    messages = []
+    for message in request.messages:
+        parts = []
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            if part["type"] == "image":
+                seen += 1
+                if seen == index:
+                    part = {"type": "text", "text": IMAGE_OMITTED}
+            parts.append(part)
+        messages.append({**message, "content": parts} if isinstance(message["content"], list)
+                        else message)
+    images = [image for i, image in enumerate(request.images) if i != index]
+    return replace(request, messages=messages, images=images)
+
+
 def chat_handler_class():
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     class Qwen3VLChatHandler(MTMDChatHandler):
-        """MTMD with two changes: pictures are also read from tool messages (the environment
-        returns edited images there), and the template can be set explicitly."""
+        """MTMD with three changes: pictures are also read from tool messages (the environment
+        returns edited images there), the template can be set explicitly, and the KV cache of
+        the prompt's prefix shared with the previous call is kept (``prefix_cache``)."""
 
-        def __init__(self, clip_model_path: str, chat_template: str | None = None, **kwargs):
+        def __init__(self, clip_model_path: str, chat_template: str | None = None,
+                     prefix_cache: bool = True, **kwargs):
             super().__init__(clip_model_path=clip_model_path, **kwargs)
             self.chat_template = chat_template
+            self.prefix_cache = prefix_cache
+            self.prefix_store = MtmdPrefixCache()
+            self.last_prefill = None  # PrefillCount of the last call (None: not counted)
+
+        def __call__(self, *, llama, **kwargs):
+            response, self.last_prefill = call_with_prefix(
+                self, llama, lambda view: super(Qwen3VLChatHandler, self).__call__(llama=view, **kwargs),
+                self.prefix_cache, self.prefix_store)
+            return response
+
+        def _create_bitmap_from_bytes(self, image_bytes: bytes):
+            bitmap = super()._create_bitmap_from_bytes(image_bytes)
+            self._mtmd_cpp.mtmd_bitmap_set_id(bitmap, image_id(image_bytes))  # the picture's identity
+            return bitmap
 
         def _get_chat_template(self, llama_model) -> str:
             if self.chat_template:
@@ -140,6 +207,25 @@ class ForcedTokens:
         return forced
 
 
+class BudgetTokens:
+    """A llama-cpp logits processor that keeps a reply within its budget (``BudgetTracker``)."""
+
+    def __init__(self, tracker: BudgetTracker) -> None:
+        self.tracker = tracker
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if self.prompt_length is None:
+            self.prompt_length = len(input_ids)
+        self.tracker.observe(input_ids[self.prompt_length:].tolist())
+        token = self.tracker.forced()
+        if token is None:
+            return scores
+        forced = np.full_like(scores, -1e30)
+        forced[token] = 0.0
+        return forced
+
+
 def _quiet_mtmd() -> None:
     """Send mtmd's logs (it prints every prompt and image slice) through llama-cpp-python's
     logger, which shows errors only unless ``verbose``."""
@@ -163,40 +249,126 @@ class QwenLlamaCppRuntime:
         self.config = config
         _quiet_mtmd()
         handler = chat_handler_class()(str(config.mmproj_path), chat_template=config.chat_template,
-                                       verbose=False, use_gpu=config.use_gpu_for_vision)
+                                       prefix_cache=config.prefix_cache, verbose=False,
+                                       use_gpu=config.use_gpu_for_vision)
         self.llm = Llama(model_path=str(config.model_path), chat_handler=handler,
                          n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers,
                          n_threads=config.n_threads, n_batch=config.n_batch, verbose=False)
         self.end_id = self._token_id("<|im_end|>", fallback=self.llm.token_eos())
+        self.markers = {name: self._tokens(text) for name, text in (
+            ("open", "<think>"), ("close", "</think>"), ("close_text", CLOSE_REASONING))}
+        self.template = handler._get_chat_template(self.llm)
+        self.sampling = resolve_sampling(Path(config.model_path).parent, {
+            key: getattr(config, key) for key in ("do_sample", "temperature", "top_p", "top_k",
+                                                  "presence_penalty")})
         self._lock = threading.Lock()
         self.name = f"llama-cpp:{Path(config.model_path).name}"
 
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
     def _token_id(self, text: str, fallback: int) -> int:
-        ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+        ids = self._tokens(text)
         return ids[0] if len(ids) == 1 else fallback
 
+    # The prompt, as the chat handler will render it -------------------------------------------
+
+    def render(self, request: ChatRequest) -> str:
+        """The conversation through the model's chat template, with the tools block."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        environment.filters["tojson"] = lambda value, indent=None: json.dumps(
+            value, ensure_ascii=False, indent=indent)
+
+        def raise_exception(message: str):
+            raise ValueError(message)
+
+        return environment.from_string(self.template).render(
+            messages=openai_messages(request, data_uris=False), tools=request.tools,
+            add_generation_prompt=True, bos_token="", eos_token="<|im_end|>",
+            raise_exception=raise_exception)
+
+    def prompt_tokens(self, request: ChatRequest) -> int:
+        """The context the prompt takes: its text tokens plus each picture's visual tokens."""
+        text = self.render(request)
+        return len(self._tokens(text)) + sum(visual_tokens(image) for image in request.images)
+
+    def fit_context(self, request: ChatRequest, reply_tokens: int) -> tuple[ChatRequest, int, str | None]:
+        """The request with the oldest edited pictures left out until prompt and reply fit
+        ``n_ctx``; its prompt size; and, when even that does not fit, why."""
+        limit = self.config.n_ctx - reply_tokens
+        needed = self.prompt_tokens(request)
+        while needed > limit and len(request.images) > 2:
+            request = drop_picture(request, 1)  # picture 0 is the normal photo: it stays
+            needed = self.prompt_tokens(request)
+        if needed > limit:
+            return request, needed, (
+                f"the conversation needs about {needed} tokens of context even with only the "
+                f"normal photo and the latest picture, and n_ctx {self.config.n_ctx} leaves "
+                f"{limit} after the reply's {reply_tokens}; raise n_ctx or lower max_pixels")
+        return request, needed, None
+
     def chat(self, requests: Sequence[ChatRequest], *, max_new_tokens: int | None = None,
-             adapter: str | None = None) -> list[str]:
+             budget: Budget | None = None, adapter: str | None = None,
+             sampling: dict | None = None) -> list[ChatReply]:
         if adapter is not None:
             raise ValueError("the llama.cpp backend runs without LoRA adapters; merge the adapter "
                              "into the GGUF or use the transformers backend")
-        return [self._one(r, max_new_tokens or self.config.max_new_tokens) for r in requests]
+        settings = self.sampling.updated(sampling)
+        return [self._one(r, max_new_tokens or self.config.max_new_tokens, budget, settings)
+                for r in requests]
 
-    def _one(self, request: ChatRequest, max_new_tokens: int) -> str:
+    def _one(self, request: ChatRequest, max_new_tokens: int, budget: Budget | None,
+             sampling) -> ChatReply:
         from llama_cpp import LogitsProcessorList
 
-        processors = None
+        request = replace(request, images=[fit_pixels(image, self.config.min_pixels,
+                                                      self.config.max_pixels)
+                                           for image in request.images])
+        tracker = None
         if request.forced is not None:
-            target = self.llm.tokenize(request.forced.encode("utf-8"), add_bos=False, special=True)
-            processors = LogitsProcessorList([ForcedTokens(list(target), self.end_id)])
+            target = self._tokens(request.forced)
+            processors = LogitsProcessorList([ForcedTokens(target, self.end_id)])
             max_new_tokens = max(max_new_tokens, len(target) + 1)
+        elif budget is not None:
+            tracker = BudgetTracker(budget, self.markers["open"], self.markers["close"],
+                                    self.markers["close_text"], self.end_id,
+                                    reasoning=prompt_opens_reasoning(self.render(request)))
+            processors = LogitsProcessorList([BudgetTokens(tracker)])
+            max_new_tokens = budget.max_new_tokens(len(self.markers["close_text"]))
+        else:
+            processors = None
+        request, needed, problem = self.fit_context(request, max_new_tokens)
+        if problem:
+            return ChatReply("", BudgetUse(prompt_tokens=needed), error=problem)
+        opened = prompt_opens_reasoning(self.render(request))
+        temperature = sampling.temperature if sampling.do_sample else 0.0  # 0: greedy in llama.cpp
         with self._lock:
-            response = self.llm.create_chat_completion(
-                messages=openai_messages(request), max_tokens=max_new_tokens,
-                temperature=self.config.temperature, top_p=self.config.top_p,
-                top_k=self.config.top_k, min_p=0.0, repeat_penalty=1.0, seed=request.seed,
-                logits_processor=processors, stop=["<|im_end|>"])
-        return response["choices"][0]["message"]["content"] or ""
+            try:
+                response = self.llm.create_chat_completion(
+                    messages=openai_messages(request), tools=request.tools,
+                    max_tokens=max_new_tokens, temperature=temperature, top_p=sampling.top_p,
+                    top_k=sampling.top_k, min_p=0.0, repeat_penalty=1.0,
+                    presence_penalty=sampling.presence_penalty, seed=request.seed,
+                    logits_processor=processors, stop=["<|im_end|>"])
+                count = self.llm.chat_handler.last_prefill
+            except ValueError as exc:
+                if "exceeds n_ctx" not in str(exc):
+                    raise
+                return ChatReply("", BudgetUse(prompt_tokens=needed), error=(
+                    f"the conversation does not fit the model's context ({exc}); raise n_ctx "
+                    "or lower max_pixels"))
+        text = response["choices"][0]["message"]["content"] or ""
+        usage = response.get("usage") or {}
+        use = tracker.use if tracker is not None else BudgetUse(
+            action_tokens=int(usage.get("completion_tokens", 0)))
+        use.prompt_tokens = int(usage.get("prompt_tokens", needed))
+        if count is not None:  # text plus visual tokens, as evaluated (prefix_cache)
+            use.prompt_tokens, use.prefill_tokens = count.prompt_tokens, count.prefill_tokens
+        else:
+            use.prefill_tokens = use.prompt_tokens
+        return ChatReply(finish_text(text, opened), use)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

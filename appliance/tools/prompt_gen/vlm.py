@@ -3,7 +3,9 @@
 The structure follows the paper's PG tool (the model sees the normal photo, the part name and the
 defect type, reasons about where and how such a defect really occurs, and writes a single
 localized editing instruction); the wording is ours. When the knowledge base has an entry for the
-pair, its description goes in as context. An unusable reply falls back to ``fallback``.
+pair, its description goes in as context. The instruction is read only from the text after the
+model's reasoning (``appliance.vlm.chat.final_answer``); an unusable reply, unfinished reasoning
+included, falls back to ``fallback``, or without one is that item's ``ToolFailure``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Sequence
 
 from appliance.tools.interfaces import KnowledgeEntry, PromptGenerator, PromptRequest
 from appliance.tools.knowledge.base import KnowledgeBase
-from appliance.vlm.chat import ChatRequest, VLMRuntime, guided_name, pil_image, strip_thinking
+from appliance.tools.interfaces import ToolFailure
+from appliance.vlm.budget import ROLE_BUDGETS, Budget
+from appliance.vlm.chat import ChatRequest, VLMRuntime, final_answer, guided_name, pil_image
 from appliance.vlm.resident import release_runtime
 
 SYSTEM_PROMPT = """\
@@ -71,7 +75,10 @@ def user_prompt(category: str, defect: str, entry: KnowledgeEntry | None) -> str
 
 def clean_instruction(text: str) -> str | None:
     """The instruction in a model reply, or None when the reply holds no usable one."""
-    text = strip_thinking(text).strip()
+    answer = final_answer(text)
+    if answer is None:
+        return None
+    text = answer.strip()
     text = re.sub(r"^```[a-z]*\s*|\s*```$", "", text).strip()
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if not paragraphs:
@@ -86,16 +93,24 @@ def clean_instruction(text: str) -> str | None:
     return text
 
 
+def _unusable(reply: str) -> str:
+    if final_answer(reply) is None:
+        return "its reasoning was not finished"
+    return "too short, or only reasoning"
+
+
 class VLMPromptGenerator:
     """PromptGenerator on a resident VLM runtime, batched across episodes."""
 
     def __init__(self, runtime: VLMRuntime, knowledge_base: KnowledgeBase | None = None,
-                 fallback: PromptGenerator | None = None, max_new_tokens: int = 512,
+                 fallback: PromptGenerator | None = None,
+                 budget: Budget = ROLE_BUDGETS["prompt_gen"], sampling: dict | None = None,
                  guide: PromptGenerator | None = None) -> None:
         self.runtime = runtime
         self.knowledge_base = knowledge_base
         self.fallback = fallback
-        self.max_new_tokens = max_new_tokens
+        self.budget = budget
+        self.sampling = sampling or {}
         # A random-weight test model is made to write ``guide``'s instruction token by token
         # (forced decoding): the real processor, model and parsing still run.
         self.guide = guide
@@ -116,21 +131,24 @@ class VLMPromptGenerator:
         ]
         return ChatRequest(messages, [pil_image(request.image)])
 
-    def generate_prompts(self, requests: Sequence[PromptRequest]) -> list[str]:
+    def generate_prompts(self, requests: Sequence[PromptRequest]) -> list[str | ToolFailure]:
         chats = [self.request(r) for r in requests]
         if self.guide is not None:
             chats = [replace(chat, forced=text)
                      for chat, text in zip(chats, self.guide.generate_prompts(requests))]
-        replies = self.runtime.chat(chats, max_new_tokens=self.max_new_tokens)
-        prompts: list[str | None] = [clean_instruction(reply) for reply in replies]
+        replies = [reply.text for reply in
+                   self.runtime.chat(chats, budget=self.budget, sampling=self.sampling)]
+        prompts: list[str | ToolFailure | None] = [clean_instruction(reply) for reply in replies]
         missing = [i for i, p in enumerate(prompts) if p is None]
-        if missing:
-            if self.fallback is None:
-                raise ValueError(f"the model wrote no usable instruction: {replies[missing[0]][:200]!r}")
+        if missing and self.fallback is not None:
             self.fallbacks_used += len(missing)
             for i, text in zip(missing, self.fallback.generate_prompts([requests[i] for i in missing])):
                 prompts[i] = text
-        return [p for p in prompts if p is not None]
+        elif missing:
+            for i in missing:
+                prompts[i] = ToolFailure(f"the model wrote no usable instruction "
+                                         f"({_unusable(replies[i])}): {replies[i][-200:]!r}")
+        return prompts
 
     def close(self) -> None:
         release_runtime(self.runtime)

@@ -2,9 +2,10 @@
 
 The judge sees the normal photo and the edited one and replies with ``location_score``,
 ``quality_score`` (integers 0-5), a ``review`` and, optionally, ``issues`` from our fixed list.
-Replies are parsed leniently (the first JSON object anywhere in the text, scores clamped) and a
-reply without a usable object is asked for once more; after that ``fallback`` judges, or the
-attempt gets zeros. The wording of the rubric is ours.
+Replies are parsed leniently from the text after the model's reasoning (the first JSON object
+there, scores clamped; unfinished reasoning holds no grade), and a reply without a usable object
+is asked for once more; after that ``fallback`` judges, or, without one, the item is a
+``ToolFailure`` the policy reads as the judge's error. The wording of the rubric is ours.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from appliance.tools.interfaces import Issue, QualityEvaluator, QualityReport, QualityRequest
-from appliance.vlm.chat import ChatRequest, VLMRuntime, guided_name, pil_image, strip_thinking
+from appliance.tools.interfaces import (Issue, QualityEvaluator, QualityReport, QualityRequest,
+                                        ToolFailure)
+from appliance.vlm.budget import ROLE_BUDGETS, Budget
+from appliance.vlm.chat import ChatRequest, VLMRuntime, final_answer, guided_name, pil_image
 from appliance.vlm.resident import release_runtime
 
 SYSTEM_PROMPT = """\
@@ -101,7 +104,8 @@ def _score(value) -> int | None:
 
 def parse_judgement(text: str) -> Judgement | None:
     """The judge's reply as scores, review and issues; None when no usable object is in it."""
-    obj = first_json_object(strip_thinking(text))
+    answer = final_answer(text)
+    obj = first_json_object(answer) if answer is not None else None
     if obj is None:
         return None
     location, quality = _score(obj.get("location_score")), _score(obj.get("quality_score"))
@@ -143,11 +147,12 @@ class VLMQualityEvaluator:
     """QualityEvaluator on a resident VLM runtime, batched across episodes."""
 
     def __init__(self, runtime: VLMRuntime, fallback: QualityEvaluator | None = None,
-                 max_new_tokens: int = 768, retries: int = 1,
-                 guide: QualityEvaluator | None = None) -> None:
+                 budget: Budget = ROLE_BUDGETS["quality_eval"], sampling: dict | None = None,
+                 retries: int = 1, guide: QualityEvaluator | None = None) -> None:
         self.runtime = runtime
         self.fallback = fallback
-        self.max_new_tokens = max_new_tokens
+        self.budget = budget
+        self.sampling = sampling or {}
         self.retries = retries
         # A random-weight test model is made to write ``guide``'s grade as the JSON reply
         # (forced decoding): the real processor, model and JSON parsing still run.
@@ -166,7 +171,7 @@ class VLMQualityEvaluator:
         ]
         return ChatRequest(messages, [pil_image(request.normal), pil_image(request.edited)])
 
-    def evaluate(self, requests: Sequence[QualityRequest]) -> list[QualityReport]:
+    def evaluate(self, requests: Sequence[QualityRequest]) -> list[QualityReport | ToolFailure]:
         chats = [self.request(r) for r in requests]
         if self.guide is not None:
             chats = [replace(chat, forced=judgement_json(report))
@@ -177,7 +182,8 @@ class VLMQualityEvaluator:
         for _attempt in range(1 + self.retries):
             if not pending:
                 break
-            texts = self.runtime.chat([chats[i] for i in pending], max_new_tokens=self.max_new_tokens)
+            texts = [reply.text for reply in self.runtime.chat(
+                [chats[i] for i in pending], budget=self.budget, sampling=self.sampling)]
             for i, text in zip(pending, texts):
                 replies[i].append(text)
                 judgements[i] = parse_judgement(text)
@@ -194,7 +200,7 @@ class VLMQualityEvaluator:
                 for i in range(len(requests))]
 
     def _report(self, judgement: Judgement | None, replies: list[str],
-                fallback: QualityReport | None) -> QualityReport:
+                fallback: QualityReport | None) -> QualityReport | ToolFailure:
         measurements = {"judge": self.runtime.name, "replies": len(replies),
                         "raw_reply": replies[-1][:2000] if replies else ""}
         if judgement is None:
@@ -202,8 +208,11 @@ class VLMQualityEvaluator:
                 fallback.measurements = {**fallback.measurements, **measurements,
                                          "fallback": getattr(self.fallback, "name", "fallback")}
                 return fallback
-            return QualityReport(0, 0, "The judge's reply could not be read as a grade.",
-                                 [], {**measurements, "unreadable": True})
+            last = replies[-1] if replies else ""
+            why = "its reasoning was not finished" if final_answer(last) is None else \
+                "no JSON object with integer location_score and quality_score after the reasoning"
+            return ToolFailure(f"the judge's {len(replies)} replies held no grade ({why}); "
+                               f"last reply: {last[-200:]!r}")
         issues = judgement.issues if judgement.issues is not None else issues_from_review(judgement.review)
         return QualityReport(judgement.location_score, judgement.quality_score, judgement.review,
                              issues, measurements)
