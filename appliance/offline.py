@@ -35,6 +35,7 @@ def enforce() -> None:
     if not os.environ.get("APPLIANCE_DEBUG"):
         for key, value in QUIET_VARIABLES.items():
             os.environ.setdefault(key, value)
-        # bitsandbytes warns through the root handler that it could not fetch an optional
-        # kernel from the Hub (which it must not do here anyway).
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # bitsandbytes, and the kernels package behind it, warn through the root handler that
+        # they could not reach the Hub for an optional kernel (which they must not do here).
+        for name in ("bitsandbytes", "kernels"):
+            logging.getLogger(name).setLevel(logging.ERROR)

@@ -219,3 +219,19 @@ def test_the_bundled_embedder_is_read_from_safetensors():
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "dim 384" in done.stdout
+
+
+@pytest.mark.parametrize("debug, shown", [("", False), ("1", True)])
+def test_hub_libraries_stay_quiet_unless_debugging(debug, shown):
+    """bitsandbytes and the kernels package warn that they could not reach the Hub (they must
+    not); a batch's console shows that only with APPLIANCE_DEBUG=1."""
+    code = ("import logging, appliance\n"
+            "logging.basicConfig()\n"
+            "logging.getLogger('kernels._internals.hf_hub').warning('Skipping publisher trust check')\n"
+            "logging.getLogger('bitsandbytes.cextension').warning('could not fetch a kernel')\n")
+    env = {**os.environ, "APPLIANCE_DEBUG": debug}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert ("Skipping publisher trust check" in done.stderr) is shown
+    assert ("could not fetch a kernel" in done.stderr) is shown
