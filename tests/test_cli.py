@@ -178,3 +178,14 @@ def test_magnetic_tile_batch_acceptance(tmp_path, tile_paths):
     assert min(on_object) >= 0.95
     attempts = [r["image_gen_attempts"] for r in records]
     assert attempts.count(1) >= 0.8 * len(attempts), "most first attempts should pass"
+
+
+def test_status_json_is_valid_json_with_the_queue_and_the_window(tmp_path, monkeypatch):
+    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path))
+    result = appliance("status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["dataset"] == str(tmp_path / "dataset")
+    assert report["counts"]["queued"] == 0 and report["window"]["open"] is True
+    assert report["watcher"]["alive"] is False

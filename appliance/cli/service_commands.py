@@ -20,6 +20,7 @@ import click
 
 import appliance  # noqa: F401  (forces offline mode before any HF import)
 from appliance.config import CONFIG_ENV, Config, ConfigError, load_config, render
+from appliance.serialization import json_default
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ("appliance-watch.service", "appliance-batch.service", "appliance-batch.timer")
@@ -212,7 +213,7 @@ def status_command(config_file: Path | None, as_json: bool, health: bool) -> Non
                    "unhealthy: no watcher or runner has reported recently")
         sys.exit(0 if alive else 1)
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        click.echo(json.dumps(report, indent=2, default=json_default))
         return
     for line in status_lines(report):
         click.echo(line)
