@@ -18,7 +18,7 @@ from appliance.agent.protocol import (REASONING_NOT_FINISHED, Answer, ProtocolEr
 from appliance.agent.schemas import TOOL_SCHEMAS, system_prompt
 from appliance.engine import build_engine
 from appliance.tools.interfaces import QualityRequest, ToolFailure
-from appliance.vlm.budget import CLOSE_REASONING, Budget, BudgetTracker
+from appliance.vlm.budget import Budget, BudgetTracker
 from appliance.vlm.chat import ChatRequest, GuidedRuntime, finish_text, split_reasoning, to_chat_request
 from appliance.vlm.sampling import Sampling, resolve_sampling
 
@@ -74,6 +74,12 @@ def test_after_the_reasoning_exactly_one_action_counts():
     assert isinstance(nothing.action, ProtocolError) and "no <tool_call>" in nothing.action.message
 
 
+def test_a_second_reasoning_block_left_open_is_not_finished():
+    draft = '<tool_call>{"name": "mask_gen", "arguments": {"anomaly_image": 2}}</tool_call>'
+    parsed = parse_assistant_message(f"<think>first</think>\n<think>then maybe {draft}")
+    assert parsed.action == ProtocolError(REASONING_NOT_FINISHED)
+
+
 def test_our_messages_are_in_the_native_form_and_parse_back():
     text = format_tool_call("A crack first.", "prompt_gen", CALL["arguments"])
     assert text == f"<think>\nA crack first.\n</think>\n\n{NATIVE_CALL}"
@@ -83,9 +89,11 @@ def test_our_messages_are_in_the_native_form_and_parse_back():
 
 # --- budgets, token by token -------------------------------------------------------------------
 
-def _drive(tracker: BudgetTracker, model: list[int], steps: int = 40) -> list[int]:
+def _drive(tracker: BudgetTracker, model: list[int]) -> list[int]:
+    """Generate as a runtime does: at most the budget's max_new_tokens, forced tokens first."""
     generated: list[int] = []
-    for step in range(steps):
+    markers = len(tracker.open_ids) + len(tracker.close_text_ids)
+    for step in range(tracker.budget.max_new_tokens(markers)):
         tracker.observe(generated)
         forced = tracker.forced()
         token = forced if forced is not None else (model[step] if step < len(model) else 8)
@@ -112,7 +120,41 @@ def test_a_model_that_closes_in_time_and_acts_briefly_is_left_alone():
 def test_a_model_that_opens_its_own_reasoning_gets_the_reasoning_budget():
     tracker = BudgetTracker(Budget(2, 3), [1], [2], [5, 2, 5], 9, reasoning=False)
     assert _drive(tracker, [1, 7, 7, 7, 7]) == [1, 7, 7, 5, 2, 5, 8, 8, 8, 9]
-    assert tracker.use.reasoning_budget_hit
+    assert tracker.use.reasoning_budget_hit and tracker.use.action_budget_hit
+
+
+def test_the_forced_end_always_fits_and_is_counted():
+    """max_new_tokens leaves room for the forced end: a cut action is seen as cut."""
+    tracker = BudgetTracker(Budget(6, 4), [1], [2], [5, 2, 5], 9, reasoning=True)
+    generated = _drive(tracker, [7] * 100)
+    assert generated[-1] == 9 and len(generated) == tracker.budget.max_new_tokens(4) - 1
+    assert tracker.use.action_budget_hit and tracker.use.action_tokens == 4
+
+
+def test_reasoning_reopened_after_a_forced_close_is_not_closed_again_forever():
+    # The model writes <think> (1) right after the forced close, then keeps writing 7.
+    tracker = BudgetTracker(Budget(2, 3), [1], [2], [5, 2, 5], 9, reasoning=True)
+    generated = _drive(tracker, [7, 7, 0, 0, 0, 1, 7, 7, 7, 7, 7, 7])
+    assert generated == [7, 7, 5, 2, 5, 1, 7, 7, 9]  # the <think> counts as action text
+    assert generated.count(2) == 1 and tracker.use.action_budget_hit
+
+
+def test_a_reply_that_does_not_reason_may_spend_the_whole_budget_on_its_action():
+    """An Instruct model's long instruction is not cut at the budget meant for after reasoning."""
+    tracker = BudgetTracker(Budget(4, 2), [1], [2], [5, 2, 5], 9, reasoning=False)
+    generated = _drive(tracker, [7] * 100)
+    assert generated == [7] * 6 + [9]
+    assert tracker.use.action_tokens == 6 and not tracker.use.reasoning_budget_hit
+
+
+def test_padding_after_the_stop_token_is_not_counted():
+    """A batched runtime keeps feeding a finished row padding; the reply ended at its stop."""
+    tracker = BudgetTracker(Budget(4, 3), [1], [2], [5, 2, 5], 9, reasoning=False, stop_ids=(9, 0))
+    tracker.observe([7, 7, 9])
+    assert tracker.forced() is None
+    tracker.observe([7, 7, 9, 0, 0, 0, 0, 0, 0, 0])
+    assert tracker.forced() is None
+    assert tracker.use.action_tokens == 2 and not tracker.use.action_budget_hit
 
 
 # --- the tiny models ---------------------------------------------------------------------------
@@ -164,6 +206,45 @@ def test_transformers_without_a_budget_leaves_the_reasoning_unfinished(thinking_
     [reply] = thinking_runtime.chat([_request()], max_new_tokens=6)
     assert "</think>" not in reply.text
     assert parse_assistant_message(reply.text).action == ProtocolError(REASONING_NOT_FINISHED)
+
+
+def test_a_budgeted_row_in_a_batch_counts_only_its_own_reply(tmp_path_factory):
+    """The other row is forced to write 40 tokens, so the budgeted row, cut after 2, is fed
+    padding for the rest of the batch: none of it counts."""
+    from appliance.vlm.transformers_runtime import QwenTransformersRuntime, TransformersVLMConfig
+
+    runtime = QwenTransformersRuntime(TransformersVLMConfig(tiny_qwen_hf(tmp_path_factory),
+                                                            do_sample=False))
+    try:
+        long = format_tool_call("x " * 15, "prompt_gen", CALL["arguments"])
+        cut, forced = runtime.chat([_request(), replace(_request(), forced=long)],
+                                   budget=Budget(reasoning=0, action=2))
+        assert forced.text == long
+        assert cut.use.action_tokens == 2 and cut.use.action_budget_hit
+        assert not cut.use.reasoning_budget_hit and cut.use.reasoning_tokens == 0
+    finally:
+        runtime.close()
+
+
+def test_a_sampling_setting_the_runtime_would_refuse_stops_the_engine_build(tmp_path_factory, tmp_path):
+    """temperature = 0 with sampling on would raise in every generate() of a nightly batch."""
+    import shutil
+
+    from appliance.engine import EngineConfig, EngineError
+    from appliance.models.bundle import describe_folder
+    from appliance.models.manifest import Manifest, ModelEntry, write_manifest
+
+    models = tmp_path / "models"
+    folder = models / "qwen"
+    shutil.copytree(tiny_qwen_hf(tmp_path_factory), folder)
+    for settings, words in (({"temperature": 0.0}, "temperature must be a number above 0"),
+                            ({"roles": {"policy": {"top_p": 1.5}}}, "settings.roles.policy: top_p")):
+        entry = ModelEntry("qwen", "org/qwen", "a" * 40, "MIT", "transformers",
+                           {"policy": "qwen-transformers"}, describe_folder(folder),
+                           settings={"quantization": "none", **settings})
+        write_manifest(Manifest([entry]), models)
+        with pytest.raises(EngineError, match=words):
+            build_engine(replace(EngineConfig(), name="t", models_dir=models, policy="qwen-transformers"))
 
 
 def test_an_unguided_policy_records_its_budget_use_in_the_trajectory(tmp_path_factory, tile_paths):
@@ -321,9 +402,6 @@ def test_role_settings_reach_each_role(tmp_path):
     with pytest.raises(EngineError, match="settings.roles.policy: unknown sampling setting"):
         _role_options(bad, "policy")
 
-
-def test_the_close_is_what_thinking_templates_write():
-    assert CLOSE_REASONING == "\n</think>\n\n"
 
 
 # --- selftest --real tells the truth -----------------------------------------------------------

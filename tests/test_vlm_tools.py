@@ -51,11 +51,13 @@ class Recorder:
         self.name = inner.name
         self.batches: list[list] = []
         self.replies: list[list[str]] = []
+        self.uses: list[list] = []  # what each reply spent (BudgetUse)
 
     def chat(self, requests, **kwargs):
         self.batches.append(list(requests))
         replies = self.inner.chat(requests, **kwargs)
         self.replies.append([reply.text for reply in replies])
+        self.uses.append([reply.use for reply in replies])
         return replies
 
     def close(self):
@@ -184,8 +186,9 @@ def test_unguided_tools_run_on_the_random_model(runtime, pair, engine):
     recorder, fallback = Recorder(runtime), KnowledgePromptGenerator(engine.knowledge_base)
     tool = VLMPromptGenerator(recorder, fallback=fallback, budget=Budget(0, 12))
     [prompt] = tool.generate_prompts([request])
-    [[reply]] = recorder.replies  # one call, one reply
-    cleaned = clean_instruction(reply)
+    [[reply]], [[use]] = recorder.replies, recorder.uses  # one call, one reply
+    # A usable instruction is a cleaned one the budget did not cut (half an instruction is not).
+    cleaned = None if use.action_budget_hit else clean_instruction(reply)
     # The model's instruction when it wrote a usable one, else the knowledge fallback, counted.
     assert prompt == (cleaned if cleaned is not None else fallback.generate_prompts([request])[0])
     assert tool.fallbacks_used == (1 if cleaned is None else 0)

@@ -88,7 +88,14 @@ def build_engine(config: EngineConfig | None = None) -> Engine:
     knowledge_base = load_knowledge_base(config.knowledge_base)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     ctx = BuildContext(config, knowledge_base, cache_dir)
-    built = {role: BACKENDS[role][name](ctx) for role, name in config.backend_names().items()}
+    built = {}
+    for role, name in config.backend_names().items():
+        try:
+            built[role] = BACKENDS[role][name](ctx)
+        except EngineError:
+            raise
+        except (TypeError, ValueError) as exc:  # a setting a backend refuses: say which backend
+            raise EngineError(f"{role} backend {name!r}: {exc}") from exc
     tools = Toolbox(prompt_gen=built["prompt_gen"], image_gen=built["image_gen"],
                     quality_eval=built["quality_eval"], knowledge=built["knowledge"],
                     mask_gen=built["mask_gen"])

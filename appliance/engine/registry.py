@@ -123,25 +123,21 @@ def _settings_and_guide(entry) -> tuple[dict, bool]:
     return settings, guide is not None
 
 
-_BUDGET_KEYS = {"reasoning_budget": "reasoning", "action_budget": "action"}
-
-
 def _role_options(entry, role: str):
-    """The role's reasoning budget and sampling overrides: the defaults of
-    ``appliance.vlm.budget.ROLE_BUDGETS``, replaced by the entry's ``settings.roles.<role>``
-    table (``reasoning_budget``, ``action_budget`` and the fields of ``Sampling``)."""
-    from appliance.vlm.budget import ROLE_BUDGETS
+    """The role's reasoning budget and sampling overrides: ``appliance.vlm.budget.role_budget``
+    and the fields of ``Sampling`` from the entry's ``settings.roles.<role>`` table."""
+    from appliance.vlm.budget import BUDGET_KEYS, role_budget
     from appliance.vlm.sampling import Sampling
 
     table = dict(entry.settings.get("roles", {}).get(role, {}))
-    budget = replace(ROLE_BUDGETS[role], **{_BUDGET_KEYS[k]: table.pop(k) for k in list(table)
-                                           if k in _BUDGET_KEYS})
     try:
-        Sampling().updated(table)  # refuses unknown keys, naming the allowed ones
-    except ValueError as exc:
-        raise EngineError(f"{entry.name}: settings.roles.{role}: {exc} (or reasoning_budget, "
-                          "action_budget)") from None
-    return budget, table
+        budget = role_budget(role, table)
+        sampling = {k: v for k, v in table.items() if k not in BUDGET_KEYS}
+        Sampling().updated(sampling)  # refuses unknown keys and values, naming the allowed ones
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"{entry.name}: settings.roles.{role}: {exc} (keys: reasoning_budget, "
+                          "action_budget and the sampling settings)") from None
+    return budget, sampling
 
 
 def _diffusers_image_gen(ctx: BuildContext, backend: str):

@@ -17,8 +17,9 @@ Constants (bf16/fp16 unless said; ``bench/gpu_pipeline.py`` has the published co
 * Prefill activations of one Qwen3-VL decoder layer: 96 KiB per token; measured on CPU as peak
   RSS of a one-layer full-width model (~190 KiB/token in fp32, halved for bf16).
 * Prompt tokens per call (the benchmark's TokenPlan: a 3-attempt episode, 640x640 images at
-  ~402 tokens each): policy 6,150, prompt generation 850, quality evaluation 1,300; plus
-  ``max_new_tokens`` for the cache at the end of decoding.
+  ~402 tokens each): policy 6,150, prompt generation 850, quality evaluation 1,300; plus, for
+  the cache at the end of decoding, the longest reply: ``max_new_tokens`` or the role's budget
+  (reasoning + close + action + end, ``appliance.vlm.budget``), whichever is larger.
 * Kept prefixes (transformers with ``prefix_cache``, ``appliance.vlm.prefix_cache``): up to
   ``max_batch`` prefixes (system prompt, tools block and the first picture) stay resident, each
   ~2,400 tokens of KV (the system prompt and the tools block ~1.9k tokens by character count at
@@ -58,6 +59,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from appliance.models.manifest import FileEntry, ModelEntry
+from appliance.vlm.budget import ROLE_BUDGETS, role_budget
 from appliance.vlm.transformers_runtime import NF4_SKIP_MODULES
 
 GIB = 1024 ** 3
@@ -225,7 +227,11 @@ def estimate(entry: ModelEntry, roles: tuple[str, ...], overrides: Mapping | Non
         else:
             resident = params * run
         batch = setting(TransformersVLMConfig, settings, "max_batch")
-        new = setting(TransformersVLMConfig, settings, "max_new_tokens")
+        # A reply is capped by max_new_tokens without a budget and by its role's budget with one
+        # (appliance.vlm.budget; <think> and the forced close are 4 tokens on Qwen, 5 counted).
+        new = max([setting(TransformersVLMConfig, settings, "max_new_tokens")] + [
+            role_budget(role, settings.get("roles", {}).get(role)).max_new_tokens(5)
+            for role in roles if role in ROLE_BUDGETS])
         prompt = max(PROMPT_TOKENS.get(role, 0) for role in roles)
         kv, act = qwen_per_token(folder)
         working = batch * max(prompt * (kv + act), (prompt + new) * kv)

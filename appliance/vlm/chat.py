@@ -182,12 +182,27 @@ def split_reasoning(text: str) -> Reasoning:
     closes = list(_CLOSE.finditer(text))
     if closes:
         last = closes[-1]
-        reasoning = _CLOSE.sub(" ", _OPEN.sub("", text[:last.start()]))
-        return Reasoning(" ".join(reasoning.split()), text[last.end():], True)
+        reasoning = " ".join(_CLOSE.sub(" ", _OPEN.sub("", text[:last.start()])).split())
+        rest = text[last.end():]
+        reopened = _OPEN.search(rest)
+        if reopened:  # a new reasoning block after the last close, never closed
+            more = " ".join(rest[reopened.end():].split())
+            return Reasoning(f"{reasoning} {more}".strip(), "", False)
+        return Reasoning(reasoning, rest, True)
     opened = _OPEN.search(text)
     if opened:
         return Reasoning(" ".join(text[opened.end():].split()), "", False)
     return Reasoning("", text, True)
+
+
+_MARKUP = re.compile(r"</?(?:think|thinking|tool_call|answer|tool_response)>|<\|[a-z_]+\|>")
+
+
+def quote_reply(text: str, limit: int = 200) -> str:
+    """The end of a model reply, quoted for an error message another model will read: protocol
+    tags removed (they would read as its own reasoning or calls), whitespace collapsed."""
+    plain = " ".join(_MARKUP.sub(" ", text).split())
+    return repr(plain[-limit:])
 
 
 def final_answer(text: str) -> str | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -38,6 +37,10 @@ from appliance.vlm.resident import shared_runtime
 from appliance.vlm.sampling import resolve_sampling
 
 IMAGE_OMITTED = "[an earlier picture was left out here to fit the model's context]"
+
+
+def _raise_exception(message: str):
+    raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,7 @@ class QwenLlamaCppRuntime:
         self.markers = {name: self._tokens(text) for name, text in (
             ("open", "<think>"), ("close", "</think>"), ("close_text", CLOSE_REASONING))}
         self.template = handler._get_chat_template(self.llm)
+        self._compile_template()
         self.sampling = resolve_sampling(Path(config.model_path).parent, {
             key: getattr(config, key) for key in ("do_sample", "temperature", "top_p", "top_k",
                                                   "presence_penalty")})
@@ -274,20 +278,34 @@ class QwenLlamaCppRuntime:
     # The prompt, as the chat handler will render it -------------------------------------------
 
     def render(self, request: ChatRequest) -> str:
-        """The conversation through the model's chat template, with the tools block."""
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.filters["tojson"] = lambda value, indent=None: json.dumps(
-            value, ensure_ascii=False, indent=indent)
-
-        def raise_exception(message: str):
-            raise ValueError(message)
-
-        return environment.from_string(self.template).render(
+        """The conversation through the model's chat template, with the tools block, in the
+        environment llama-cpp-python's multimodal handler renders it in (same extensions,
+        filters and globals), so the two agree on what the model reads."""
+        return self._compiled.render(
             messages=openai_messages(request, data_uris=False), tools=request.tools,
-            add_generation_prompt=True, bos_token="", eos_token="<|im_end|>",
-            raise_exception=raise_exception)
+            add_generation_prompt=True, bos_token=self._bos, eos_token=self._eos,
+            raise_exception=_raise_exception, strftime_now=self._formatter.strftime_now)
+
+    def _compile_template(self):
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._formatter = Jinja2ChatFormatter
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True,
+            extensions=[Jinja2ChatFormatter.IgnoreGenerationTags, jinja2.ext.loopcontrols])
+        environment.filters["tojson"] = Jinja2ChatFormatter.tojson
+        handler = self.llm.chat_handler
+        self._bos = handler._decode_token_piece(self.llm.detokenize([self.llm.token_bos()]))
+        self._eos = handler._decode_token_piece(self.llm.detokenize([self.llm.token_eos()]))
+        self._compiled = environment.from_string(self.template)
+        try:  # a template that cannot render fails here, at load, not in the middle of a batch
+            self.render(ChatRequest([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+                                    [], tools=[]))
+        except Exception as exc:  # noqa: BLE001 - any template error
+            raise ValueError(f"the chat template of {Path(self.config.model_path).name} cannot "
+                             f"be rendered: {type(exc).__name__}: {exc}") from exc
 
     def prompt_tokens(self, request: ChatRequest) -> int:
         """The context the prompt takes: its text tokens plus each picture's visual tokens."""
@@ -334,9 +352,10 @@ class QwenLlamaCppRuntime:
         elif budget is not None:
             tracker = BudgetTracker(budget, self.markers["open"], self.markers["close"],
                                     self.markers["close_text"], self.end_id,
-                                    reasoning=prompt_opens_reasoning(self.render(request)))
+                                    reasoning=prompt_opens_reasoning(self.render(request)),
+                                    stop_ids=(self.end_id,))
             processors = LogitsProcessorList([BudgetTokens(tracker)])
-            max_new_tokens = budget.max_new_tokens(len(self.markers["close_text"]))
+            max_new_tokens = budget.max_new_tokens(len(self.markers["open"]) + len(self.markers["close_text"]))
         else:
             processors = None
         request, needed, problem = self.fit_context(request, max_new_tokens)

@@ -29,6 +29,22 @@ class Sampling:
     presence_penalty: float = 0.0
     do_sample: bool = True
 
+    def __post_init__(self) -> None:
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be true or false, not {self.do_sample!r}")
+        if not number(self.temperature) or (self.do_sample and self.temperature <= 0):
+            raise ValueError(f"temperature must be a number above 0 when sampling, not "
+                             f"{self.temperature!r} (for greedy decoding set do_sample = false)")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number >= 0 (0: off), not {self.top_k!r}")
+        if not number(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
+            raise ValueError(f"presence_penalty must be between -2 and 2, not {self.presence_penalty!r}")
+
     def updated(self, overrides: dict | None) -> "Sampling":
         """These settings with ``overrides`` (field -> value; None values ignored)."""
         if not overrides:

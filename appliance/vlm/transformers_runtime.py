@@ -294,9 +294,10 @@ class QwenTransformersRuntime:
                    if r.forced is not None else None for r in requests]
         trackers = [None if budget is None or target is not None else BudgetTracker(
             budget, self.markers["open"], self.markers["close"], self.markers["close_text"],
-            self.end_id, reasoning=opens) for target, opens in zip(targets, opened)]
+            self.end_id, reasoning=opens, stop_ids=self.stop_ids)
+            for target, opens in zip(targets, opened)]
         if budget is not None:
-            max_new_tokens = budget.max_new_tokens(len(self.markers["close_text"]))
+            max_new_tokens = budget.max_new_tokens(len(self.markers["open"]) + len(self.markers["close_text"]))
         if any(t is not None for t in targets):
             longest = max(len(t) for t in targets if t is not None)
             max_new_tokens = max(max_new_tokens, longest + 1)

@@ -18,7 +18,8 @@ from appliance.tools.interfaces import KnowledgeEntry, PromptGenerator, PromptRe
 from appliance.tools.knowledge.base import KnowledgeBase
 from appliance.tools.interfaces import ToolFailure
 from appliance.vlm.budget import ROLE_BUDGETS, Budget
-from appliance.vlm.chat import ChatRequest, VLMRuntime, final_answer, guided_name, pil_image
+from appliance.vlm.chat import (ChatReply, ChatRequest, VLMRuntime, final_answer, guided_name,
+                                pil_image, quote_reply)
 from appliance.vlm.resident import release_runtime
 
 SYSTEM_PROMPT = """\
@@ -93,8 +94,12 @@ def clean_instruction(text: str) -> str | None:
     return text
 
 
-def _unusable(reply: str) -> str:
-    if final_answer(reply) is None:
+def _unusable(reply: ChatReply) -> str:
+    if reply.error:
+        return reply.error
+    if reply.use.action_budget_hit:
+        return "it was cut at the action budget"
+    if final_answer(reply.text) is None:
         return "its reasoning was not finished"
     return "too short, or only reasoning"
 
@@ -136,9 +141,11 @@ class VLMPromptGenerator:
         if self.guide is not None:
             chats = [replace(chat, forced=text)
                      for chat, text in zip(chats, self.guide.generate_prompts(requests))]
-        replies = [reply.text for reply in
-                   self.runtime.chat(chats, budget=self.budget, sampling=self.sampling)]
-        prompts: list[str | ToolFailure | None] = [clean_instruction(reply) for reply in replies]
+        replies = self.runtime.chat(chats, budget=self.budget, sampling=self.sampling)
+        # An instruction cut at the budget is half an instruction: not usable either.
+        prompts: list[str | ToolFailure | None] = [
+            None if reply.error or reply.use.action_budget_hit else clean_instruction(reply.text)
+            for reply in replies]
         missing = [i for i, p in enumerate(prompts) if p is None]
         if missing and self.fallback is not None:
             self.fallbacks_used += len(missing)
@@ -147,7 +154,7 @@ class VLMPromptGenerator:
         elif missing:
             for i in missing:
                 prompts[i] = ToolFailure(f"the model wrote no usable instruction "
-                                         f"({_unusable(replies[i])}): {replies[i][-200:]!r}")
+                                         f"({_unusable(replies[i])}): {quote_reply(replies[i].text)}")
         return prompts
 
     def close(self) -> None:

@@ -18,7 +18,8 @@ from typing import Sequence
 from appliance.tools.interfaces import (Issue, QualityEvaluator, QualityReport, QualityRequest,
                                         ToolFailure)
 from appliance.vlm.budget import ROLE_BUDGETS, Budget
-from appliance.vlm.chat import ChatRequest, VLMRuntime, final_answer, guided_name, pil_image
+from appliance.vlm.chat import (ChatRequest, VLMRuntime, final_answer, guided_name, pil_image,
+                                quote_reply)
 from appliance.vlm.resident import release_runtime
 
 SYSTEM_PROMPT = """\
@@ -178,29 +179,35 @@ class VLMQualityEvaluator:
                      for chat, report in zip(chats, self.guide.evaluate(requests))]
         replies: list[list[str]] = [[] for _ in requests]
         judgements: list[Judgement | None] = [None] * len(requests)
+        errors: dict[int, str] = {}
         pending = list(range(len(requests)))
         for _attempt in range(1 + self.retries):
             if not pending:
                 break
-            texts = [reply.text for reply in self.runtime.chat(
-                [chats[i] for i in pending], budget=self.budget, sampling=self.sampling)]
-            for i, text in zip(pending, texts):
+            answers = self.runtime.chat([chats[i] for i in pending], budget=self.budget,
+                                        sampling=self.sampling)
+            for i, answer in zip(pending, answers):
+                text = answer.text
                 replies[i].append(text)
+                if answer.error:  # not run (the conversation does not fit): asking again won't help
+                    errors[i] = answer.error
+                    continue
                 judgements[i] = parse_judgement(text)
                 # The retry sees its own unreadable reply and a short correction.
                 chats[i] = ChatRequest(chats[i].messages + [
                     {"role": "assistant", "content": [{"type": "text", "text": text}]},
                     {"role": "user", "content": [{"type": "text", "text": RETRY_PROMPT}]}],
                     chats[i].images)
-            pending = [i for i in pending if judgements[i] is None]
+            pending = [i for i in pending if judgements[i] is None and i not in errors]
+        unjudged = [i for i in range(len(requests)) if judgements[i] is None]
         fallback_reports = {}
-        if pending and self.fallback is not None:
-            fallback_reports = dict(zip(pending, self.fallback.evaluate([requests[i] for i in pending])))
-        return [self._report(judgements[i], replies[i], fallback_reports.get(i))
+        if unjudged and self.fallback is not None:
+            fallback_reports = dict(zip(unjudged, self.fallback.evaluate([requests[i] for i in unjudged])))
+        return [self._report(judgements[i], replies[i], fallback_reports.get(i), errors.get(i))
                 for i in range(len(requests))]
 
     def _report(self, judgement: Judgement | None, replies: list[str],
-                fallback: QualityReport | None) -> QualityReport | ToolFailure:
+                fallback: QualityReport | None, error: str | None = None) -> QualityReport | ToolFailure:
         measurements = {"judge": self.runtime.name, "replies": len(replies),
                         "raw_reply": replies[-1][:2000] if replies else ""}
         if judgement is None:
@@ -208,11 +215,13 @@ class VLMQualityEvaluator:
                 fallback.measurements = {**fallback.measurements, **measurements,
                                          "fallback": getattr(self.fallback, "name", "fallback")}
                 return fallback
+            if error:
+                return ToolFailure(f"the judge could not run: {error}")
             last = replies[-1] if replies else ""
             why = "its reasoning was not finished" if final_answer(last) is None else \
                 "no JSON object with integer location_score and quality_score after the reasoning"
             return ToolFailure(f"the judge's {len(replies)} replies held no grade ({why}); "
-                               f"last reply: {last[-200:]!r}")
+                               f"last reply: {quote_reply(last)}")
         issues = judgement.issues if judgement.issues is not None else issues_from_review(judgement.review)
         return QualityReport(judgement.location_score, judgement.quality_score, judgement.review,
                              issues, measurements)
