@@ -344,6 +344,9 @@ class QwenLlamaCppRuntime:
         request = replace(request, images=[fit_pixels(image, self.config.min_pixels,
                                                       self.config.max_pixels)
                                            for image in request.images])
+        # The template decides whether its generation prompt opens the reasoning; leaving
+        # pictures out to fit the context does not change that.
+        opened = prompt_opens_reasoning(self.render(request))
         tracker = None
         if request.forced is not None:
             target = self._tokens(request.forced)
@@ -352,16 +355,15 @@ class QwenLlamaCppRuntime:
         elif budget is not None:
             tracker = BudgetTracker(budget, self.markers["open"], self.markers["close"],
                                     self.markers["close_text"], self.end_id,
-                                    reasoning=prompt_opens_reasoning(self.render(request)),
-                                    stop_ids=(self.end_id,))
+                                    reasoning=opened, stop_ids=(self.end_id,))
             processors = LogitsProcessorList([BudgetTokens(tracker)])
-            max_new_tokens = budget.max_new_tokens(len(self.markers["open"]) + len(self.markers["close_text"]))
+            markers = len(self.markers["open"]) + len(self.markers["close_text"])
+            max_new_tokens = budget.max_new_tokens(markers)
         else:
             processors = None
         request, needed, problem = self.fit_context(request, max_new_tokens)
         if problem:
             return ChatReply("", BudgetUse(prompt_tokens=needed), error=problem)
-        opened = prompt_opens_reasoning(self.render(request))
         temperature = sampling.temperature if sampling.do_sample else 0.0  # 0: greedy in llama.cpp
         with self._lock:
             try:

@@ -297,7 +297,8 @@ class QwenTransformersRuntime:
             self.end_id, reasoning=opens, stop_ids=self.stop_ids)
             for target, opens in zip(targets, opened)]
         if budget is not None:
-            max_new_tokens = budget.max_new_tokens(len(self.markers["open"]) + len(self.markers["close_text"]))
+            markers = len(self.markers["open"]) + len(self.markers["close_text"])
+            max_new_tokens = budget.max_new_tokens(markers)
         if any(t is not None for t in targets):
             longest = max(len(t) for t in targets if t is not None)
             max_new_tokens = max(max_new_tokens, longest + 1)
