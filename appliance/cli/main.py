@@ -10,18 +10,8 @@ from pathlib import Path
 import click
 
 import appliance  # noqa: F401  (forces offline mode before any HF import)
+from appliance.cli.options import parse_backends
 from appliance.engine import EngineConfig, EngineError, resolve_engine_config
-
-
-def _parse_backends(values: tuple[str, ...]) -> dict[str, str]:
-    overrides = {}
-    for value in values:
-        role, sep, backend = value.partition("=")
-        if not sep or not role.strip() or not backend.strip():
-            raise click.BadParameter(f"{value!r} is not ROLE=BACKEND (e.g. policy=qwen-llamacpp)",
-                                     param_hint="--backend")
-        overrides[role.strip().replace("-", "_")] = backend.strip()
-    return overrides
 
 
 def _engine_config(engine: str, knowledge_base: Path | None, max_attempts: int | None,
@@ -32,7 +22,7 @@ def _engine_config(engine: str, knowledge_base: Path | None, max_attempts: int |
     from appliance.engine import model_roles, plan_gpu_memory
 
     try:
-        base, reasons = resolve_engine_config(engine, overrides=_parse_backends(backends))
+        base, reasons = resolve_engine_config(engine, overrides=parse_backends(backends))
     except EngineError as exc:
         raise click.BadParameter(str(exc), param_hint="--engine/--backend") from exc
     env = replace(base.env, max_image_gen=max_attempts or base.env.max_image_gen)
@@ -275,11 +265,13 @@ def knowledge_search(category: str, defect: str, k: int) -> None:
 def _register_commands() -> None:
     """Commands that live in their own modules register here."""
     from appliance.cli.eval_command import eval_command
+    from appliance.cli.retrain_command import retrain_command
     from appliance.cli.models_command import models_group
     from appliance.cli.selftest_command import selftest_command
     from appliance.cli.service_commands import register as register_service_commands
 
     cli.add_command(eval_command, name="eval")
+    cli.add_command(retrain_command, name="retrain")
     cli.add_command(models_group, name="models")
     cli.add_command(selftest_command, name="selftest")
     register_service_commands(cli)

@@ -13,6 +13,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from appliance.agent.episode import EpisodeResult
 from appliance.imaging import save_png_atomic, to_pil, write_atomic
 from appliance.serialization import json_default
@@ -67,3 +69,24 @@ def save_trajectory(result: EpisodeResult, folder: Path) -> Path:
         episode_record(result), indent=1, ensure_ascii=False, default=json_default).encode())
     return folder
 
+
+
+def load_trajectory(folder: Path) -> tuple[list[dict], list[np.ndarray]]:
+    """The inverse of ``save_trajectory``: the environment's messages (image parts as
+    ``image_index``) and the episode's images in index order."""
+    from appliance.imaging import load_rgb
+
+    folder = Path(folder)
+    messages = json.loads((folder / "messages.json").read_text(encoding="utf-8"))
+    images: dict[int, np.ndarray] = {}
+    for message in messages:
+        for part in message["content"]:
+            if part.get("type") == "image" and "image" in part:
+                relative = part.pop("image")
+                index = int(Path(relative).stem)
+                if index not in images:
+                    images[index] = load_rgb(folder / relative)
+                part["image_index"] = index
+    if sorted(images) != list(range(1, len(images) + 1)):
+        raise ValueError(f"{folder}: images {sorted(images)} are not numbered 1..{len(images)}")
+    return messages, [images[i] for i in sorted(images)]

@@ -113,9 +113,10 @@ def _installed_model(ctx: BuildContext, role: str, backend: str):
 GUIDES = ("scripted",)
 
 
-def _settings_and_guide(entry) -> tuple[dict, bool]:
+def settings_and_guide(entry) -> tuple[dict, bool]:
     settings = dict(entry.settings)
-    settings.pop("roles", None)  # read per role by _role_options
+    settings.pop("roles", None)  # read per role by role_options
+    settings.pop("training", None)  # read by `appliance retrain`
     guide = settings.pop("guide", None)
     if guide is not None and guide not in GUIDES:
         raise EngineError(f"{entry.name}: unknown guide {guide!r} in its settings "
@@ -123,7 +124,7 @@ def _settings_and_guide(entry) -> tuple[dict, bool]:
     return settings, guide is not None
 
 
-def _role_options(entry, role: str):
+def role_options(entry, role: str):
     """The role's reasoning budget and sampling overrides: ``appliance.vlm.budget.role_budget``
     and the fields of ``Sampling`` from the entry's ``settings.roles.<role>`` table."""
     from appliance.vlm.budget import BUDGET_KEYS, role_budget
@@ -171,10 +172,19 @@ def _qwen_transformers_policy(ctx: BuildContext) -> Policy:
     from appliance.vlm.transformers_runtime import transformers_config
 
     entry, folder = _installed_model(ctx, "policy", "qwen-transformers")
-    settings, guided = _settings_and_guide(entry)
+    settings, guided = settings_and_guide(entry)
+    from appliance.models.adapters import AdapterError, active_adapters
+    from appliance.models.manifest import default_models_dir
+
     config, adapter_dir = transformers_config(folder, settings)
-    budget, sampling = _role_options(entry, "policy")
-    return QwenTransformersPolicy(config, adapter_dir=adapter_dir, budget=budget, sampling=sampling,
+    budget, sampling = role_options(entry, "policy")
+    try:  # what `appliance retrain` promoted, per category
+        promoted = {c: a.path for c, a in active_adapters(
+            ctx.config.models_dir or default_models_dir()).items()}
+    except AdapterError as exc:
+        raise EngineError(str(exc)) from None
+    return QwenTransformersPolicy(config, adapter_dir=adapter_dir, category_adapters=promoted,
+                                  budget=budget, sampling=sampling,
                                   guide=_scripted_policy(ctx) if guided else None)
 
 
@@ -183,8 +193,8 @@ def _qwen_llamacpp_policy(ctx: BuildContext) -> Policy:
     from appliance.vlm.llamacpp_runtime import llamacpp_config
 
     entry, folder = _installed_model(ctx, "policy", "qwen-llamacpp")
-    settings, guided = _settings_and_guide(entry)
-    budget, sampling = _role_options(entry, "policy")
+    settings, guided = settings_and_guide(entry)
+    budget, sampling = role_options(entry, "policy")
     return QwenLlamaCppPolicy(llamacpp_config(folder, settings), budget=budget, sampling=sampling,
                               guide=_scripted_policy(ctx) if guided else None)
 
@@ -200,9 +210,9 @@ class _ResidentVLM:
 def _vlm_runtime(ctx: BuildContext, role: str) -> _ResidentVLM:
     """The resident VLM serving PG or QE; the same weights as the policy load only once."""
     entry, folder = _installed_model(ctx, role, "vlm")
-    settings, guided = _settings_and_guide(entry)
+    settings, guided = settings_and_guide(entry)
     settings.pop("adapter", None)  # PG and QE run the base weights
-    budget, sampling = _role_options(entry, role)
+    budget, sampling = role_options(entry, role)
     if entry.format == "gguf":
         from appliance.vlm.llamacpp_runtime import llamacpp_config, llamacpp_runtime
 

@@ -117,32 +117,84 @@ def load_normals(paths: Sequence[Path], size: int) -> list[LabeledImage]:
     return [LabeledImage(resize_image(load_rgb(p), size), empty.copy(), GOOD, str(p)) for p in paths]
 
 
-def load_defect_folder(root: Path, size: int, exclude: Sequence[Path] = ()) -> list[LabeledImage]:
-    """Every sub-folder of ``root`` is one defect class; every photo needs a mask beside it.
+@dataclass
+class Skipped:
+    """A file a lenient read left out, and why (for the report)."""
 
-    ``exclude`` names folders to skip (the normal folder, when it sits among the classes).
+    path: str
+    reason: str
+
+
+def is_mvtec_category(root: Path) -> bool:
+    """An MVTec-AD category folder: ``test/<defect>/`` beside ``ground_truth/<defect>/``."""
+    return (Path(root) / "test").is_dir() and (Path(root) / "ground_truth").is_dir()
+
+
+def _labeled_defect(path: Path, mask_path: Path | None, defect: str, size: int,
+                    skipped: list[Skipped] | None, nonempty: bool) -> LabeledImage | None:
+    """One photo with its mask; a problem raises, or is listed in ``skipped`` when one is given."""
+    problem = None
+    if mask_path is None or not mask_path.is_file():
+        problem = (f"without a mask: {mask_path.name} is missing" if mask_path else
+                   "without a mask beside it (NAME.png next to NAME.jpg, or NAME_mask.png)")
+    else:
+        try:
+            image = resize_image(load_rgb(path), size)
+            mask = load_mask(mask_path, size)
+        except (OSError, ValueError) as exc:  # unreadable, truncated, not an image, too large
+            problem = f"unreadable ({type(exc).__name__}: {exc})"
+        else:
+            if nonempty and not mask.any():
+                problem = f"its mask {mask_path.name} is empty"
+            else:
+                return LabeledImage(image, mask, defect, str(path))
+    if skipped is None:
+        raise FileNotFoundError(f"defect image {path}: {problem}")
+    skipped.append(Skipped(str(path), problem))
+    return None
+
+
+def load_defect_folder(root: Path, size: int, exclude: Sequence[Path] = (),
+                       skipped: list[Skipped] | None = None, nonempty: bool = False
+                       ) -> list[LabeledImage]:
+    """Real defect photos with their masks, in either layout: one sub-folder per defect class
+    with each mask beside its photo, or an MVTec-AD category folder (``test/<defect>`` and
+    ``ground_truth/<defect>/NAME_mask.png``). ``appliance eval`` and ``appliance retrain`` read
+    defects through this one function.
+
+    ``exclude`` names folders to skip (the normal folder, when it sits among the classes). A photo
+    without a usable mask raises, unless ``skipped`` is given: then it is left out and listed
+    there with the reason. ``nonempty`` refuses masks without a defect pixel (an image-level
+    label is enough for evaluation, not for a trajectory that goes to the real mask).
     """
     root = Path(root)
-    skipped = {Path(e).resolve() for e in exclude}
-    if _is_single_class(root):
-        classes = [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"not a folder: {root}")
+    skip_dirs = {Path(e).resolve() for e in exclude}
+    if is_mvtec_category(root):
+        classes = [(d, lambda p, d=d: root / "ground_truth" / d.name / f"{p.stem}_mask.png")
+                   for d in sorted((root / "test").iterdir()) if d.is_dir() and d.name != GOOD]
+    elif _is_single_class(root):
+        classes = [(root, mask_path_for)]
     else:
-        classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        classes = [(d, mask_path_for) for d in sorted(root.iterdir())
+                   if d.is_dir() and not d.name.startswith(".")]
     items: list[LabeledImage] = []
-    for folder in classes:
-        if folder.resolve() in skipped or any(folder.resolve() in s.parents for s in skipped):
+    for folder, mask_of in classes:
+        if folder.resolve() in skip_dirs or any(folder.resolve() in s.parents for s in skip_dirs):
             continue
         defect = defect_class_name(folder.name)
         if defect in (GOOD, "free"):
             continue
         for path in find_images(folder):
-            mask_path = mask_path_for(path)
-            if mask_path is None:
-                raise FileNotFoundError(f"defect image without a mask beside it: {path}")
-            items.append(LabeledImage(resize_image(load_rgb(path), size), load_mask(mask_path, size),
-                                      defect, str(path)))
+            item = _labeled_defect(path, mask_of(path), defect, size, skipped, nonempty)
+            if item is not None:
+                items.append(item)
     if not items:
-        raise FileNotFoundError(f"no defect images with masks under {root}")
+        raise FileNotFoundError(
+            f"no defect photos with masks under {root}: expected one folder per defect type with "
+            "each photo's mask beside it (NAME.png next to NAME.jpg, or NAME_mask.png), or an "
+            "MVTec-AD category folder (test/<defect>/, ground_truth/<defect>/NAME_mask.png)")
     return items
 
 
@@ -186,14 +238,7 @@ def load_mvtec_category(category_dir: Path, size: int, seed: int, train_size: in
     order = np.random.default_rng(seed).permutation(len(train_paths))
     chosen = [train_paths[i] for i in order[:train_size]]
     test_good = find_images(root / "test" / "good") if (root / "test" / "good").is_dir() else []
-    defects: list[LabeledImage] = []
-    for folder in sorted(d for d in (root / "test").iterdir() if d.is_dir() and d.name != GOOD):
-        for path in find_images(folder):
-            mask_path = root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
-            if not mask_path.exists():
-                raise FileNotFoundError(f"no mask {mask_path} for {path}")
-            defects.append(LabeledImage(resize_image(load_rgb(path), size), load_mask(mask_path, size),
-                                        normalize_name(folder.name), str(path)))
+    defects = load_defect_folder(root, size)
     if not test_good:
         raise FileNotFoundError(f"{root}/test/good is empty: image-level metrics need normals")
     return EvalData(category=category or normalize_name(root.name),

@@ -44,6 +44,12 @@ TINY_ROLES = {role: {"reasoning_budget": 32, "action_budget": 32}
               for role in ("policy", "prompt_gen", "quality_eval")}
 
 
+# Random weights give near-uniform logits that a LoRA on the attention and MLP projections cannot
+# sharpen (the output head's rows are too short): `appliance retrain` also trains the head and
+# the embeddings of this model in full. A real checkpoint's bundle has no such setting.
+TINY_TRAINING = {"modules_to_save": ["lm_head", "embed_tokens"]}
+
+
 def _build_qwen(folder: Path, seed: int, gguf: bool) -> list[ModelEntry]:
     """The other half of the kit (``tiny_kit.py``), placed under our folder names."""
     from appliance.models.tiny_kit import build_tiny_kit
@@ -57,7 +63,8 @@ def _build_qwen(folder: Path, seed: int, gguf: bool) -> list[ModelEntry]:
         entries.append(_entry("qwen3-vl-tiny", hf, {
             "policy": QWEN_TRANSFORMERS_POLICY, "prompt_gen": VLM_PROMPT_GEN,
             "quality_eval": VLM_QUALITY_EVAL}, "transformers",
-            {"quantization": "none", "max_new_tokens": 64, "guide": GUIDE, "roles": TINY_ROLES},
+            {"quantization": "none", "max_new_tokens": 64, "guide": GUIDE, "roles": TINY_ROLES,
+             "training": TINY_TRAINING},
             "Random-weight Qwen3-VL: runs the real code; it cannot follow the protocol, so it "
             "is guided (made to write what the CPU backends would)."))
         if kit.gguf is not None and kit.mmproj is not None:

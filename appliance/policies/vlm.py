@@ -33,11 +33,14 @@ class VLMPolicy:
     """
 
     def __init__(self, runtime: VLMRuntime, backend: str, *, adapter: str | None = None,
+                 category_adapters: dict[str, str] | None = None,
                  budget: Budget = ROLE_BUDGETS["policy"], sampling: dict | None = None,
                  guide: Policy | None = None) -> None:
         self.runtime = runtime
         self.backend = backend
-        self.adapter = adapter
+        self.adapter = adapter  # for every category without one of its own
+        # category -> the loaded adapter ``appliance retrain`` promoted for it
+        self.category_adapters = dict(category_adapters or {})
         self.budget = budget
         self.sampling = sampling or {}
         self.guide = guide
@@ -46,7 +49,11 @@ class VLMPolicy:
     def name(self) -> str:
         """The backend, and the guide when there is one: a guided run must never pass for a
         model's own decisions in a manifest or a log."""
-        return guided_name(self.backend, self.guide)
+        name = guided_name(self.backend, self.guide)
+        if self.category_adapters:  # the adapter hashes go into every sample's provenance
+            name += " [adapters " + ", ".join(f"{c}={a}" for c, a in
+                                              sorted(self.category_adapters.items())) + "]"
+        return name
 
     def requests(self, states: Sequence[EpisodeState]) -> list[ChatRequest]:
         """Each episode's conversation, with the five tools for the template's tool block."""
@@ -58,8 +65,16 @@ class VLMPolicy:
         if self.guide is not None:
             scripted = [m.text if isinstance(m, PolicyReply) else m for m in self.guide.act(states)]
             requests = [replace(r, forced=text) for r, text in zip(requests, scripted)]
-        replies = self.runtime.chat(requests, budget=self.budget, adapter=self.adapter,
-                                    sampling=self.sampling)
+        replies: list = [None] * len(states)
+        groups: dict[str | None, list[int]] = {}
+        for row, state in enumerate(states):
+            adapter = self.category_adapters.get(state.spec.category, self.adapter)
+            groups.setdefault(adapter, []).append(row)
+        for adapter, rows in groups.items():
+            answered = self.runtime.chat([requests[r] for r in rows], budget=self.budget,
+                                         adapter=adapter, sampling=self.sampling)
+            for row, reply in zip(rows, answered):
+                replies[row] = reply
         return [PolicyReply(reply.text, {**reply.use.as_dict(), "guided": self.guide is not None},
                             abort=reply.error) for reply in replies]
 
@@ -71,12 +86,17 @@ class QwenTransformersPolicy(VLMPolicy):
     """The Qwen3-VL policy on transformers; ``adapter_dir`` adds a fine-tuned LoRA adapter."""
 
     def __init__(self, config: TransformersVLMConfig, adapter_dir: Path | None = None, *,
+                 category_adapters: dict[str, Path] | None = None,
                  budget: Budget = ROLE_BUDGETS["policy"], sampling: dict | None = None,
                  guide: Policy | None = None) -> None:
+        """``category_adapters``: category -> adapter folder (named by its hash), used for that
+        category's episodes instead of ``adapter_dir``."""
         runtime = transformers_runtime(config)
         adapter = runtime.load_adapter(adapter_dir) if adapter_dir is not None else None
-        super().__init__(runtime, "qwen-transformers", adapter=adapter, budget=budget,
-                         sampling=sampling, guide=guide)
+        loaded = {category: runtime.load_adapter(folder, name=f"{category}@{folder.name}")
+                  for category, folder in (category_adapters or {}).items()}
+        super().__init__(runtime, "qwen-transformers", adapter=adapter, category_adapters=loaded,
+                         budget=budget, sampling=sampling, guide=guide)
 
 
 class QwenLlamaCppPolicy(VLMPolicy):

@@ -109,6 +109,15 @@ def image_only_processor_class():
     return ImageOnlyQwen3VLProcessor
 
 
+def render_chat(processor, request: ChatRequest, generation_prompt: bool = True) -> str:
+    """The conversation exactly as the model reads it: the checkpoint's chat template with the
+    tools block (``request.tools``), and the generation prompt for a reply. Inference and
+    training (``appliance.training.sft``) both render through here, so what the policy learns
+    is token for token what it is later shown."""
+    return processor.apply_chat_template(template_messages(request.messages), tools=request.tools,
+                                         tokenize=False, add_generation_prompt=generation_prompt)
+
+
 def load_processor(model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None):
     """Tokenizer (left padding, for batched generation), PIL image processor and template."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
@@ -254,11 +263,7 @@ class QwenTransformersRuntime:
     # Generation --------------------------------------------------------------------------------
 
     def render(self, request: ChatRequest) -> str:
-        """The prompt exactly as the model reads it: the checkpoint's chat template with the
-        tools block (``request.tools``) and the generation prompt."""
-        return self.processor.apply_chat_template(template_messages(request.messages),
-                                                  tools=request.tools, tokenize=False,
-                                                  add_generation_prompt=True)
+        return render_chat(self.processor, request)
 
     def chat(self, requests: Sequence[ChatRequest], *, max_new_tokens: int | None = None,
              budget: Budget | None = None, adapter: str | None = None,

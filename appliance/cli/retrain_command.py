@@ -1,0 +1,119 @@
+"""``appliance retrain``: the plant's real defects train the policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from appliance.cli.options import parse_backends
+
+
+def _bar(total: int, label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="item", dynamic_ncols=True)
+
+
+@click.command("retrain")
+@click.argument("defects", required=False,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--category", required=True,
+              help="The part category the defects belong to (as the batch names it).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: ./retrain-CATEGORY). --resume continues the run there.")
+@click.option("--stage", type=click.Choice(["trajectories", "sft", "all"]), default="all",
+              show_default=True,
+              help="trajectories: build the expert trajectories only; sft: train on them (and "
+                   "run the gate); all: both.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out after a crash or a stop: finished stages are kept, "
+                   "training continues from its last checkpoint.")
+@click.option("--steps", default=400, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="SFT optimizer steps.")
+@click.option("--learning-rate", default=5e-3, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--lora-rank", default=32, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--holdout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of each defect type never trained on; the promotion gate runs on it.")
+@click.option("--margin", default=0.02, show_default=True, type=float,
+              help="Held-out reward the new adapter must gain over the active one to be promoted.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(64, 2048),
+              help="Square side the photos are brought to.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--engine", default="auto", show_default=True,
+              help="Engine whose tools build and judge the episodes ('auto': the installed models).")
+@click.option("--backend", "backends", multiple=True, metavar="ROLE=BACKEND",
+              help="Use this backend for one role (repeatable), as for `appliance batch`.")
+@click.option("--rollback", is_flag=True,
+              help="Make the adapter active before the current one active again (the base "
+                   "policy when there was none) and exit.")
+def retrain_command(defects: Path | None, category: str, out: Path | None, stage: str,
+                    resume: bool, steps: int, learning_rate: float, lora_rank: int,
+                    holdout: float, margin: float, size: int, seed: int, engine: str,
+                    backends: tuple[str, ...], rollback: bool) -> None:
+    """Adapt the Qwen3-VL policy to this plant from its real defect photos.
+
+    DEFECTS holds the photos with their masks, in the layouts `appliance eval --defects` reads:
+    one folder per defect type with each photo's mask beside it (NAME.png next to NAME.jpg, or
+    NAME_mask.png), or an MVTec-AD category folder. Files without a usable mask are left out
+    and listed in the report.
+
+    \b
+    Stages (see docs/retraining.md):
+      1. expert trajectories from the real defects (reverse synthesis, 1-3 image_gen steps,
+         the real judge, prompt generator and knowledge base, the real mask)
+      2. LoRA SFT of the policy on them (TRL SFTTrainer; QLoRA on a GPU, fp32 on CPU)
+      3. the gate: held-out defects, never trained on, run as episodes with the active
+         adapter and with the new one; the new one becomes active only if it gains --margin
+    Writes RUN/report.md and RUN/report.json.
+
+    \b
+    Example:
+      appliance retrain plant-defects/ --category magnetic_tile
+      appliance retrain --rollback --category magnetic_tile
+    """
+    from appliance.engine import EngineError, resolve_engine_config
+    from appliance.names import normalize_name
+    from appliance.training.retrain import run_retrain
+    from appliance.training.run import RetrainError, RetrainOptions
+    from appliance.training.sft import SFTSettings
+
+    try:
+        config, _ = resolve_engine_config(engine, overrides=parse_backends(backends))
+    except EngineError as exc:
+        raise click.BadParameter(str(exc), param_hint="--engine/--backend") from exc
+    name = normalize_name(category)
+    if not name:
+        raise click.BadParameter("is empty", param_hint="--category")
+    if rollback:
+        from appliance.models.adapters import AdapterError
+        from appliance.models.adapters import rollback as roll_back
+        from appliance.models.manifest import default_models_dir
+
+        try:
+            previous = roll_back(config.models_dir or default_models_dir(), name)
+        except AdapterError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"{name}: adapter {previous} is active again" if previous else
+                   f"{name}: no adapter is active; the base policy runs")
+        return
+    if defects is None:
+        raise click.UsageError("give the DEFECTS folder (or --rollback)")
+    stages = {"trajectories": ("trajectories",), "sft": ("sft", "gate"),
+              "all": ("trajectories", "sft", "gate")}[stage]
+    options = RetrainOptions(
+        defects=defects.resolve(), category=name, out=(out or Path(f"retrain-{name}")).resolve(),
+        stages=stages, seed=seed, size=size, holdout=holdout, margin=margin,
+        sft=SFTSettings(steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
+                        lora_alpha=2 * lora_rank, seed=seed))
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    try:
+        run_retrain(options, config, resume=resume, say=say, progress=_bar)
+    except RetrainError as exc:
+        raise click.ClickException(str(exc)) from exc
+    report = options.out / "report.md"
+    click.echo(report.read_text(encoding="utf-8"))
+    click.echo(f"written: {report}, {options.out / 'report.json'}", err=True)

@@ -1,0 +1,99 @@
+"""A retraining run: its options and its directory. ``appliance retrain``: the plant's real defects train the policy, stage by stage, in a run
+directory that survives a crash.
+
+    RUN/run.json             options, and each finished stage with its figures
+    RUN/trajectories/        stage 1: expert trajectories (the batch's format) + index.jsonl
+    RUN/sft/checkpoints/     stage 2: TRL checkpoints (``--resume`` continues from the last)
+    RUN/sft/adapter/         stage 2: the trained LoRA adapter
+    RUN/report.json, .md     the figures: data, trajectories, training, held-out gate
+
+A stage is recorded as finished in ``run.json`` (atomically) only after its outputs are
+complete, so ``--resume`` after ``kill -9`` redoes at most the unfinished stage, and training
+resumes from its last checkpoint. The active adapter changes only by the gate's atomic
+``promote`` (``appliance.models.adapters``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+from appliance.evaluation.data import Skipped, load_defect_folder
+from appliance.imaging import write_atomic
+from appliance.training.sft import SFTSettings
+
+STAGES = ("trajectories", "sft", "gate")
+
+
+class RetrainError(RuntimeError):
+    pass
+
+
+@dataclass
+class RetrainOptions:
+    defects: Path
+    category: str
+    out: Path
+    stages: tuple[str, ...] = STAGES
+    seed: int = 0
+    size: int = 256  # square side the photos are brought to (the engine works at this size)
+    holdout: float = 0.2  # share of each defect type never trained on
+    steps: tuple[int, ...] = (1, 2, 3)  # image_gen steps of the expert trajectories
+    margin: float = 0.02  # held-out reward a new adapter must gain over the active one
+    heldout_repeats: int = 1
+    sft: SFTSettings = field(default_factory=SFTSettings)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        return json.loads(json.dumps(data, default=str))
+
+
+@dataclass
+class RunState:
+    """``run.json``: the options the run started with and its finished stages."""
+
+    path: Path
+    options: dict
+    finished: dict[str, dict]
+
+    @classmethod
+    def open(cls, out: Path, options: RetrainOptions, resume: bool) -> "RunState":
+        path = Path(out) / "run.json"
+        if path.is_file():
+            if not resume:
+                raise RetrainError(f"{out} already holds a run; pass --resume to continue it, or "
+                                   "choose another --out")
+            data = json.loads(path.read_text(encoding="utf-8"))
+            mine = {k: v for k, v in options.as_dict().items() if k not in ("stages", "out")}
+            theirs = {k: v for k, v in data["options"].items() if k not in ("stages", "out")}
+            if mine != theirs:
+                changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+                raise RetrainError(f"--resume with other settings than the run started with "
+                                   f"({', '.join(changed)}); start a new run with another --out")
+            return cls(path, data["options"], data.get("finished", {}))
+        if resume:
+            raise RetrainError(f"nothing to resume: {path} does not exist")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        state = cls(path, options.as_dict(), {})
+        state.save()
+        return state
+
+    def save(self) -> None:
+        write_atomic(self.path, (json.dumps({"options": self.options, "finished": self.finished},
+                                            indent=1) + "\n").encode())
+
+    def finish(self, stage: str, figures: dict) -> None:
+        self.finished[stage] = figures
+        self.save()
+
+
+def read_defects(options: RetrainOptions):
+    """The plant's defects (one reader with ``appliance eval``) and what was left out."""
+    skipped: list[Skipped] = []
+    try:
+        items = load_defect_folder(options.defects, options.size, skipped=skipped, nonempty=True)
+    except FileNotFoundError as exc:
+        raise RetrainError(str(exc)) from None
+    return items, skipped

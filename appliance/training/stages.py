@@ -1,0 +1,278 @@
+"""The stages of ``appliance retrain`` (see ``retrain.py`` for the run directory)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from appliance.engine import Engine, EngineConfig, EngineError, build_engine
+from appliance.evaluation.data import LabeledImage, Skipped
+from appliance.imaging import write_atomic
+from appliance.training.heldout import heldout_specs, real_area_medians, run_heldout
+from appliance.training.run import RetrainError, RetrainOptions, RunState
+from appliance.training.trajectories import (
+    DefectExample,
+    build_trajectories,
+    example_from,
+    split_examples,
+)
+
+POLICY_BACKEND = "qwen-transformers"
+
+
+@dataclass
+class StageContext:
+    options: RetrainOptions
+    category: str
+    state: RunState
+    items: list[LabeledImage]
+    skipped: list[Skipped]
+    say: Callable[[str], None]
+    progress: Callable | None
+    engine_config: EngineConfig = field(default_factory=EngineConfig)
+    _engine: Engine | None = None
+    _split: tuple[list[DefectExample], list[DefectExample]] | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.options.out)
+
+    def bar(self, total: int, label: str):
+        return self.progress(total, label) if self.progress else nullcontext(None)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            try:
+                self._engine = build_engine(self.engine_config)
+            except EngineError as exc:
+                raise RetrainError(f"the engine could not be built: {exc}") from None
+        return self._engine
+
+    @property
+    def split(self) -> tuple[list[DefectExample], list[DefectExample]]:
+        """(train, held-out) examples with their reverse-synthesized normal counterparts."""
+        if self._split is None:
+            train, heldout = split_examples(self.items, self.options.seed, self.options.holdout)
+            stems = _unique_stems(self.items)
+            with self.bar(len(self.items), "reverse synthesis") as bar:
+                examples = []
+                for item, stem in zip(self.items, stems):
+                    examples.append(example_from(item, stem))
+                    if bar is not None:
+                        bar.update(1)
+            self._split = [examples[i] for i in train], [examples[i] for i in heldout]
+        return self._split
+
+
+def _unique_stems(items: list[LabeledImage]) -> list[str]:
+    seen: Counter = Counter()
+    stems = []
+    for item in items:
+        stem = Path(item.source).stem
+        key = (item.defect, stem)
+        seen[key] += 1
+        stems.append(stem if seen[key] == 1 else f"{stem}-{seen[key]}")
+    return stems
+
+
+# 1. Trajectories ---------------------------------------------------------------------------------
+
+def run_trajectories(ctx: StageContext) -> None:
+    train, heldout = ctx.split
+    if not train:
+        raise RetrainError("no defect photo is left for training after the held-out split")
+    started = time.perf_counter()
+    total = len(train) * len(ctx.options.steps)
+    with ctx.bar(total, "expert trajectories") as bar:
+        outcomes = build_trajectories(ctx.engine.environment, train, ctx.category,
+                                      ctx.out / "trajectories", ctx.options.seed,
+                                      ctx.options.steps, progress=bar)
+    kept = [o for o in outcomes if o.kept]
+    figures = {
+        "train_photos": len(train), "heldout_photos": len(heldout),
+        "heldout": [e.id for e in heldout],
+        "built": len(outcomes), "kept": len(kept),
+        "kept_by_steps": {str(n): sum(1 for o in kept if o.steps == n) for n in ctx.options.steps},
+        "not_kept": dict(Counter(o.reason.split(" (")[0] for o in outcomes if not o.kept)),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    ctx.say(f"trajectories: {len(kept)} of {len(outcomes)} kept "
+            f"({', '.join(f'N={n}: {c}' for n, c in figures['kept_by_steps'].items())})")
+    if not kept:
+        raise RetrainError("no expert trajectory could be kept: the judge rejected every real "
+                           f"defect or accepted every weakened attempt ({figures['not_kept']})")
+    ctx.state.finish("trajectories", figures)
+
+
+def kept_trajectories(out: Path) -> list[Path]:
+    index = Path(out) / "trajectories" / "index.jsonl"
+    rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    return [Path(out) / "trajectories" / r["folder"] for r in rows if r["kept"]]
+
+
+# 2. SFT ------------------------------------------------------------------------------------------
+
+def policy_model(config: EngineConfig):
+    """The installed Qwen3-VL policy (manifest entry, folder) that retraining adapts."""
+    from appliance.models.manifest import model_for
+
+    try:
+        return model_for(config.models_dir, "policy", POLICY_BACKEND)
+    except FileNotFoundError as exc:
+        raise RetrainError(f"retraining adapts the Qwen3-VL policy on transformers, and none is "
+                           f"usable: {exc}. Install a Qwen3-VL model bundle with "
+                           "`appliance models install BUNDLE`.") from None
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_sft(ctx: StageContext) -> None:
+    from appliance.engine.registry import settings_and_guide
+    from appliance.models.adapters import adapter_hash
+    from appliance.training.sft import train_sft
+    from appliance.vlm.transformers_runtime import transformers_config
+
+    if "trajectories" not in ctx.state.finished:
+        raise RetrainError("the trajectories stage has not finished; run --stage trajectories "
+                           "(or all) first")
+    entry, folder = policy_model(ctx.engine_config)
+    trajectories = kept_trajectories(ctx.out)
+    training = dict(entry.settings.get("training", {}))
+    settings = replace(ctx.options.sft, device=_device(),
+                       modules_to_save=tuple(training.get("modules_to_save", ())))
+    config, _ = transformers_config(folder, settings_and_guide(entry)[0])
+    ctx.say(f"sft: {len(trajectories)} trajectories, {settings.steps} steps on {settings.device} "
+            f"(LoRA rank {settings.lora_rank}, {entry.name})")
+    started = time.perf_counter()
+    result = train_sft(folder, trajectories, ctx.out / "sft", settings, config.min_pixels,
+                       config.max_pixels)
+    figures = {"model": entry.name, "trajectories": len(trajectories), "steps": settings.steps,
+               "device": settings.device, "first_loss": round(result.losses[0], 4),
+               "last_loss": round(result.losses[-1], 4), "loss_drop": round(result.loss_drop, 2),
+               "adapter": adapter_hash(result.adapter_dir),
+               "seconds": round(time.perf_counter() - started, 1)}
+    ctx.say(f"sft: loss {figures['first_loss']} -> {figures['last_loss']} "
+            f"({figures['loss_drop']}x lower)")
+    ctx.state.finish("sft", figures)
+
+
+# 3. Gate -----------------------------------------------------------------------------------------
+
+def _policy(ctx: StageContext, adapter_dir: Path | None, name: str):
+    """The installed policy, unguided, with one adapter (None: the base weights)."""
+    from appliance.engine.registry import role_options, settings_and_guide
+    from appliance.policies.vlm import VLMPolicy
+    from appliance.vlm.transformers_runtime import transformers_config, transformers_runtime
+
+    entry, folder = policy_model(ctx.engine_config)
+    config, _ = transformers_config(folder, settings_and_guide(entry)[0])
+    runtime = transformers_runtime(config)
+    adapter = runtime.load_adapter(adapter_dir, name=name) if adapter_dir is not None else None
+    budget, sampling = role_options(entry, "policy")
+    return VLMPolicy(runtime, POLICY_BACKEND, adapter=adapter, budget=budget, sampling=sampling)
+
+
+def measure(ctx: StageContext, adapter_dir: Path | None, label: str) -> dict:
+    _, heldout = ctx.split
+    if not heldout:
+        raise RetrainError("no held-out defect photos (each defect type needs two or more "
+                           "photos, and --holdout above 0): the gate cannot measure anything")
+    specs = heldout_specs(heldout, ctx.category, ctx.options.seed, ctx.options.heldout_repeats)
+    policy = _policy(ctx, adapter_dir, f"{label}@{adapter_dir.name if adapter_dir else 'base'}")
+    with ctx.bar(len(specs), f"held-out episodes ({label})") as bar:
+        figures, _ = run_heldout(ctx.engine.environment, policy, specs,
+                                 real_area_medians(ctx.split[0] + heldout), progress=bar)
+    return figures.as_dict()
+
+
+def run_gate(ctx: StageContext) -> None:
+    from appliance.models.adapters import AdapterError, active_adapter, promote, store_adapter
+
+    if "sft" not in ctx.state.finished:
+        raise RetrainError("no trained adapter to judge: the sft stage has not finished")
+    models_dir = ctx.engine_config.models_dir
+    candidate_dir = ctx.out / "sft" / "adapter"
+    try:
+        active = active_adapter(models_dir, ctx.category)
+    except AdapterError as exc:
+        raise RetrainError(str(exc)) from None
+    before = measure(ctx, active.path if active else None, "active" if active else "base")
+    after = measure(ctx, candidate_dir, "candidate")
+    gain = after["reward"] - before["reward"]
+    promoted = gain >= ctx.options.margin
+    figures = {"before": before, "before_adapter": active.hash if active else None,
+               "after": after, "gain": round(gain, 4), "margin": ctx.options.margin,
+               "promoted": promoted}
+    digest = store_adapter(models_dir, ctx.category, candidate_dir,
+                           {"heldout": after, "baseline": before, "run": str(ctx.out)})
+    figures["adapter"] = digest
+    if promoted:
+        promote(models_dir, ctx.category, digest)
+        ctx.say(f"gate: held-out reward {before['reward']:.3f} -> {after['reward']:.3f}; "
+                f"adapter {digest} is now active for {ctx.category}")
+    else:
+        ctx.say(f"gate: held-out reward {before['reward']:.3f} -> {after['reward']:.3f} "
+                f"(needs +{ctx.options.margin}); adapter {digest} kept on disk, NOT promoted")
+    ctx.state.finish("gate", figures)
+
+
+# Report ------------------------------------------------------------------------------------------
+
+def write_report(ctx: StageContext) -> dict:
+    report = {
+        "category": ctx.category, "defects": str(ctx.options.defects),
+        "photos": len(ctx.items),
+        "photos_by_type": dict(sorted(Counter(i.defect for i in ctx.items).items())),
+        "skipped": [{"path": s.path, "reason": s.reason} for s in ctx.skipped],
+        "stages": ctx.state.finished,
+    }
+    write_atomic(ctx.out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
+    write_atomic(ctx.out / "report.md", render_report(report).encode())
+    return report
+
+
+def render_report(report: dict) -> str:
+    stages = report["stages"]
+    lines = [f"# Retraining report: {report['category']}", "",
+             f"- {report['photos']} real defect photo(s) from `{report['defects']}`: "
+             + ", ".join(f"{k} {v}" for k, v in report["photos_by_type"].items())]
+    if report["skipped"]:
+        lines.append(f"- {len(report['skipped'])} file(s) left out:")
+        lines += [f"  - `{s['path']}`: {s['reason']}" for s in report["skipped"]]
+    if "trajectories" in stages:
+        t = stages["trajectories"]
+        lines += ["", "## Expert trajectories", "",
+                  f"- {t['train_photos']} photos for training, {t['heldout_photos']} held out",
+                  f"- {t['kept']} of {t['built']} trajectories kept: "
+                  + ", ".join(f"N={n}: {c}" for n, c in t["kept_by_steps"].items())]
+        lines += [f"- not kept, {count}: {reason}" for reason, count in t["not_kept"].items()]
+    if "sft" in stages:
+        s = stages["sft"]
+        lines += ["", "## LoRA SFT", "",
+                  f"- {s['steps']} steps on {s['device']} over {s['trajectories']} trajectories "
+                  f"({s['model']}), {s['seconds']} s",
+                  f"- loss {s['first_loss']} -> {s['last_loss']} ({s['loss_drop']}x lower)",
+                  f"- adapter {s['adapter']}"]
+    if "gate" in stages:
+        g = stages["gate"]
+        row = ("| {label} | {episodes} | {complete:.0%} | {accepted:.0%} | {reward:.3f} | "
+               "{task:.3f} | {reflection:.3f} | {behaviour:.3f} |")
+        lines += ["", "## Held-out gate", "",
+                  "| policy | episodes | protocol-complete | accepted | reward | task | "
+                  "reflection | behaviour |", "|---|---|---|---|---|---|---|---|",
+                  row.format(label=f"before ({g['before_adapter'] or 'base weights'})",
+                             **g["before"]),
+                  row.format(label=f"after ({g['adapter']})", **g["after"]), "",
+                  f"- gain {g['gain']:+.3f} against a required {g['margin']}: "
+                  + ("**promoted**" if g["promoted"] else "**refused** (kept on disk, not active)")]
+    return "\n".join(lines) + "\n"
