@@ -1,0 +1,129 @@
+"""The parts of retraining that need no training: rewards, the adapter registry, the SFT labels."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require_tiles
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from appliance.engine import EngineConfig, build_engine
+
+    built = build_engine(EngineConfig())
+    yield built
+    built.close()
+
+
+def _normal():
+    from appliance.evaluation.data import resize_image
+    from appliance.imaging import load_rgb
+
+    return resize_image(load_rgb(sorted(require_tiles("MT_Free", "Imgs").glob("*.jpg"))[0]), 256)
+
+
+class _Babbler:
+    name = "babbler"
+
+    def act(self, states):
+        return ["I am not sure what to do."] * len(states)
+
+
+def test_rewards_score_a_good_episode_above_a_broken_one(engine):
+    from appliance.agent.episode import EpisodeSpec
+    from appliance.policies.scripted import ScriptedPolicy
+    from appliance.training.rewards import area_plausibility, rewards
+
+    spec = EpisodeSpec(image=_normal(), category="magnetic_tile", defect="crack", seed=3)
+    good = engine.environment.run([spec], ScriptedPolicy())[0]
+    broken = engine.environment.run([spec], _Babbler())[0]
+    area = good.mask.area_ratio
+    scored = rewards([good, broken], engine.environment.config, {"crack": area * 2})
+    assert good.accepted and scored[0].complete and not scored[1].complete
+    assert scored[0].task == pytest.approx(good.report.score / 10 * 0.5)  # half the real median
+    assert scored[1].task == 0 and scored[1].reflection == 0
+    assert scored[1].behaviour < 0.2 < scored[0].behaviour  # every babbled message was refused
+    assert scored[0].total > scored[1].total
+    assert area_plausibility(0.01, 0.01) == 1 and area_plausibility(0.0, 0.01) == 0
+    assert area_plausibility(0.04, 0.01) == pytest.approx(math.exp(-math.log(4)))
+
+
+def test_adapter_registry_promotes_atomically_and_rolls_back(tmp_path):
+    from appliance.models.adapters import (AdapterError, active_adapter, active_adapters,
+                                           adapter_hash, promote, rollback, store_adapter)
+
+    def adapter(name: str, payload: bytes) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter_model.safetensors").write_bytes(payload)
+        return folder
+
+    models = tmp_path / "models"
+    first = store_adapter(models, "Magnetic Tile", adapter("a", b"one"), {"reward": 0.1})
+    second = store_adapter(models, "magnetic_tile", adapter("b", b"two"), {"reward": 0.2})
+    assert first != second and first == adapter_hash(tmp_path / "a")
+    assert active_adapter(models, "magnetic_tile") is None
+    promote(models, "magnetic_tile", first)
+    promote(models, "magnetic_tile", second)
+    active = active_adapters(models)["magnetic_tile"]
+    assert active.hash == second and active.figures == {"reward": 0.2}
+    assert rollback(models, "magnetic_tile") == first
+    assert rollback(models, "magnetic_tile") is None
+    with pytest.raises(AdapterError, match="nothing to roll back"):
+        rollback(models, "magnetic_tile")
+    with pytest.raises(AdapterError, match="no stored adapter"):
+        promote(models, "magnetic_tile", "0" * 16)
+    (models / "adapters" / "magnetic_tile" / "active.json").write_text("{broken")
+    with pytest.raises(AdapterError, match="unreadable"):
+        active_adapter(models, "magnetic_tile")
+
+
+def test_sft_labels_cover_exactly_the_assistant_turns(tmp_path_factory, engine):
+    from _tiny_qwen import tiny_qwen_hf
+
+    from appliance.agent.episode import EpisodeSpec
+    from appliance.dataset.trajectory import save_trajectory
+    from appliance.policies.scripted import ScriptedPolicy
+    from appliance.training.sft import IGNORE_INDEX, TrajectoryCollator
+    from appliance.vlm.transformers_runtime import load_processor
+
+    spec = EpisodeSpec(image=_normal(), category="magnetic_tile", defect="crack", seed=5)
+    result = engine.environment.run([spec], ScriptedPolicy())[0]
+    folder = save_trajectory(result, tmp_path_factory.mktemp("traj") / "t")
+    processor = load_processor(tiny_qwen_hf(tmp_path_factory))
+    batch = TrajectoryCollator(processor)([{"trajectory": str(folder)}])
+    labels = batch["labels"][0]
+    trained = processor.tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=False)
+    assistant = [m["content"][0]["text"] for m in json.loads((folder / "messages.json").read_text())
+                 if m["role"] == "assistant"]
+    assert trained == "".join(f"{text}<|im_end|>" for text in assistant)
+    assert "pixel_values" in batch and int((batch["input_ids"][0] ==
+            processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) > 0
+
+
+def test_reverse_synthesis_fills_only_the_defect(engine):
+    from appliance.training.reverse_synthesis import partial_defect, reverse_synthesize
+
+    image = _normal().copy()
+    mask = np.zeros(image.shape[:2], bool)
+    mask[100:110, 50:150] = True
+    image[mask] = 10  # a dark scratch
+    normal = reverse_synthesize(image, mask)
+    ring = np.zeros_like(mask)
+    ring[90:120, 40:160] = True
+    ring &= ~mask
+    # the scratch is gone: the hole looks like the surface around it
+    assert abs(float(normal[mask].mean()) - float(image[ring].mean())) < 8
+    far = np.ones_like(mask)
+    far[90:120, 40:160] = False
+    assert np.array_equal(normal[far], image[far])  # nothing else moved
+    half = partial_defect(normal, image, mask, 0.5)
+    assert np.array_equal(half[~mask], normal[~mask])
+    assert abs(int(half[mask].mean()) - (int(normal[mask].mean()) + 10) // 2) <= 2
