@@ -390,17 +390,17 @@ def test_sampling_comes_from_the_checkpoint_then_the_settings(tmp_path):
 
 
 def test_role_settings_reach_each_role(tmp_path):
-    from appliance.engine.registry import EngineError, _role_options
+    from appliance.engine.registry import EngineError, role_options
     from appliance.models.manifest import ModelEntry
 
     entry = ModelEntry("m", "org/m", "main", "MIT", "transformers", {"policy": "qwen-transformers"}, (),
                        settings={"roles": {"policy": {"reasoning_budget": 2048, "temperature": 0.5},
                                            "quality_eval": {"action_budget": 64}}})
-    assert _role_options(entry, "policy") == (Budget(2048, 256), {"temperature": 0.5})
-    assert _role_options(entry, "quality_eval") == (Budget(512, 64), {})
+    assert role_options(entry, "policy") == (Budget(2048, 256), {"temperature": 0.5})
+    assert role_options(entry, "quality_eval") == (Budget(512, 64), {})
     bad = replace(entry, settings={"roles": {"policy": {"temp": 1}}})
     with pytest.raises(EngineError, match="settings.roles.policy: unknown sampling setting"):
-        _role_options(bad, "policy")
+        role_options(bad, "policy")
 
 
 
