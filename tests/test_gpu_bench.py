@@ -104,3 +104,31 @@ def test_without_cuda_it_refuses_unless_tiny():
     done = subprocess.run([sys.executable, str(BENCH)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2 and "--tiny" in done.stderr
+
+
+TRAIN_BENCH = ROOT / "bench" / "train_gpu.py"
+
+
+def test_train_bench_runs_one_sft_and_one_grpo_step_in_tiny_mode(tmp_path):
+    """bench/train_gpu.py through the retrain code on the tiny model (the GPU run measures the
+    full-size one): one SFT step, one GRPO step with G = 8, figures in the JSON."""
+    for name in ("transformers", "trl", "peft"):
+        require_module(name)
+    out = tmp_path / "train.json"
+    done = subprocess.run([sys.executable, str(TRAIN_BENCH), "--tiny", "--reasoning", "16",
+                           "--action", "16", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    assert figures["tiny"] is True and figures["generations"] == 8
+    assert figures["sft"]["seconds_per_step"] > 0 and figures["grpo"]["seconds_per_step"] > 0
+    assert "SFT step" in done.stdout and "GRPO step (G = 8)" in done.stdout
+
+
+def test_train_bench_refuses_without_cuda_unless_tiny():
+    torch = require_module("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    done = subprocess.run([sys.executable, str(TRAIN_BENCH)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "--tiny" in done.stdout

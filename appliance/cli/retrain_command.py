@@ -24,15 +24,28 @@ def _bar(total: int, label: str):
               help="Run directory (default: ./retrain-CATEGORY). --resume continues the run there.")
 @click.option("--stage", type=click.Choice(["trajectories", "sft", "all"]), default="all",
               show_default=True,
-              help="trajectories: build the expert trajectories only; sft: train on them (and "
-                   "run the gate); all: both.")
+              help="How far to go: trajectories (build them only); sft (trajectories, SFT, then "
+                   "the gate on the SFT adapter); all (trajectories, SFT, GRPO, the gate).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out after a crash or a stop: finished stages are kept, "
                    "training continues from its last checkpoint.")
 @click.option("--steps", default=400, show_default=True, type=click.IntRange(1, 1_000_000),
               help="SFT optimizer steps.")
-@click.option("--learning-rate", default=5e-3, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--learning-rate", default=5e-3, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True), help="SFT learning rate.")
 @click.option("--lora-rank", default=32, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--grpo-steps", default=20, show_default=True, type=click.IntRange(1, 100_000),
+              help="GRPO optimizer steps (each runs G episodes per task).")
+@click.option("--generations", default=8, show_default=True, type=click.IntRange(2, 64),
+              help="G: rollouts per task in a GRPO group.")
+@click.option("--grpo-learning-rate", default=2e-4, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True))
+@click.option("--beta", default=0.04, show_default=True, type=click.FloatRange(0, 10),
+              help="Weight of the KL to the SFT adapter in GRPO.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0.05, 2),
+              help="Sampling temperature of the GRPO rollouts (the paper's 1.0).")
+@click.option("--heldout-runs", default=2, show_default=True, type=click.IntRange(1, 100),
+              help="Episodes per held-out photo in the gate (other seeds).")
 @click.option("--holdout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of each defect type never trained on; the promotion gate runs on it.")
 @click.option("--margin", default=0.02, show_default=True, type=float,
@@ -49,7 +62,8 @@ def _bar(total: int, label: str):
                    "policy when there was none) and exit.")
 def retrain_command(defects: Path | None, category: str, out: Path | None, stage: str,
                     resume: bool, steps: int, learning_rate: float, lora_rank: int,
-                    holdout: float, margin: float, size: int, seed: int, engine: str,
+                    grpo_steps: int, generations: int, grpo_learning_rate: float, beta: float,
+                    temperature: float, heldout_runs: int, holdout: float, margin: float, size: int, seed: int, engine: str,
                     backends: tuple[str, ...], rollback: bool) -> None:
     """Adapt the Qwen3-VL policy to this plant from its real defect photos.
 
@@ -63,7 +77,9 @@ def retrain_command(defects: Path | None, category: str, out: Path | None, stage
       1. expert trajectories from the real defects (reverse synthesis, 1-3 image_gen steps,
          the real judge, prompt generator and knowledge base, the real mask)
       2. LoRA SFT of the policy on them (TRL SFTTrainer; QLoRA on a GPU, fp32 on CPU)
-      3. the gate: held-out defects, never trained on, run as episodes with the active
+      3. LoRA GRPO from the SFT adapter (TRL GRPOTrainer), G episodes per task through the
+         same environment the batch runs, rewarded for task, reflection and behaviour
+      4. the gate: held-out defects, never trained on, run as episodes with the active
          adapter and with the new one; the new one becomes active only if it gains --margin
     Writes RUN/report.md and RUN/report.json.
 
@@ -76,6 +92,7 @@ def retrain_command(defects: Path | None, category: str, out: Path | None, stage
     from appliance.names import normalize_name
     from appliance.training.retrain import run_retrain
     from appliance.training.run import RetrainError, RetrainOptions
+    from appliance.training.grpo import GRPOSettings
     from appliance.training.sft import SFTSettings
 
     try:
@@ -99,13 +116,17 @@ def retrain_command(defects: Path | None, category: str, out: Path | None, stage
         return
     if defects is None:
         raise click.UsageError("give the DEFECTS folder (or --rollback)")
-    stages = {"trajectories": ("trajectories",), "sft": ("sft", "gate"),
-              "all": ("trajectories", "sft", "gate")}[stage]
+    stages = {"trajectories": ("trajectories",), "sft": ("trajectories", "sft", "gate"),
+              "all": ("trajectories", "sft", "grpo", "gate")}[stage]
     options = RetrainOptions(
         defects=defects.resolve(), category=name, out=(out or Path(f"retrain-{name}")).resolve(),
         stages=stages, seed=seed, size=size, holdout=holdout, margin=margin,
+        heldout_repeats=heldout_runs,
         sft=SFTSettings(steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
-                        lora_alpha=2 * lora_rank, seed=seed))
+                        lora_alpha=2 * lora_rank, seed=seed),
+        grpo=GRPOSettings(steps=grpo_steps, generations=generations,
+                          learning_rate=grpo_learning_rate, beta=beta, temperature=temperature,
+                          seed=seed))
 
     def say(line: str) -> None:
         click.echo(line, err=True)

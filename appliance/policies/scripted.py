@@ -149,14 +149,16 @@ class ScriptedPolicy:
                                 schemas.IMAGE_GEN, {"prompt": revised, "target_image": 1})
 
     def _answer(self, h: _History) -> str:
+        # Short on purpose: the scores and the mask's size are on record in the episode; the
+        # answer only closes the episode (and a policy trained on it need not copy numbers).
         index = h.mask["anomaly_image"]
         review = h.reviews[index]
         tries = len(h.images)
         status = "success" if review["passed"] else "rejected"
-        summary = (f"{tries} attempt{'s' if tries > 1 else ''}; final {_describe(review)}; "
-                   f"mask covers {100 * h.mask['area_ratio']:.2f}% of the image.")
+        summary = (f"{tries} attempt{'s' if tries > 1 else ''}; "
+                   f"{'accepted' if review['passed'] else 'none accepted, the best kept'}; mask made.")
         if h.knowledge is not None:
             summary += " Retrieved knowledge shaped the revision."
-        return format_answer(f"Done: {summary}", {
+        return format_answer("Mask made; I close the episode.", {
             "status": status, "final_image_index": index, "mask_generated": True,
             "summary": summary})

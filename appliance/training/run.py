@@ -5,6 +5,8 @@ directory that survives a crash.
     RUN/trajectories/        stage 1: expert trajectories (the batch's format) + index.jsonl
     RUN/sft/checkpoints/     stage 2: TRL checkpoints (``--resume`` continues from the last)
     RUN/sft/adapter/         stage 2: the trained LoRA adapter
+    RUN/grpo/checkpoints/    stage 3: TRL checkpoints of GRPO on top of the SFT adapter
+    RUN/grpo/adapter/        stage 3: the GRPO adapter
     RUN/report.json, .md     the figures: data, trajectories, training, held-out gate
 
 A stage is recorded as finished in ``run.json`` (atomically) only after its outputs are
@@ -22,9 +24,10 @@ from pathlib import Path
 
 from appliance.evaluation.data import Skipped, load_defect_folder
 from appliance.imaging import write_atomic
+from appliance.training.grpo import GRPOSettings
 from appliance.training.sft import SFTSettings
 
-STAGES = ("trajectories", "sft", "gate")
+STAGES = ("trajectories", "sft", "grpo", "gate")
 
 
 class RetrainError(RuntimeError):
@@ -42,8 +45,9 @@ class RetrainOptions:
     holdout: float = 0.2  # share of each defect type never trained on
     steps: tuple[int, ...] = (1, 2, 3)  # image_gen steps of the expert trajectories
     margin: float = 0.02  # held-out reward a new adapter must gain over the active one
-    heldout_repeats: int = 1
+    heldout_repeats: int = 2  # episodes per held-out photo (other seeds, other tool draws)
     sft: SFTSettings = field(default_factory=SFTSettings)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
     def as_dict(self) -> dict:
         data = asdict(self)

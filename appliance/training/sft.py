@@ -122,6 +122,7 @@ def last_checkpoint(folder: Path) -> str | None:
 class SFTResult:
     adapter_dir: Path
     losses: list[float]  # the training loss at every logged step
+    runtime_seconds: float = 0.0  # seconds per step, by the trainer's clock
 
     @property
     def loss_drop(self) -> float:
@@ -174,7 +175,15 @@ def train_sft(model_dir: Path, trajectories: Sequence[Path], out_dir: Path,
     adapter_dir = out_dir / "adapter"
     save_adapter(trainer.model, adapter_dir)
     (out_dir / "losses.json").write_text(json.dumps(losses))
-    return SFTResult(adapter_dir, losses)
+    return SFTResult(adapter_dir, losses, step_seconds(trainer))
+
+
+def step_seconds(trainer) -> float:
+    """Seconds per optimizer step by the trainer's own clock (meaningful for a run that was not
+    resumed: a resumed run's clock covers only its own steps)."""
+    summary = next((e for e in reversed(trainer.state.log_history) if "train_runtime" in e), {})
+    steps = max(1, trainer.state.global_step)
+    return float(summary.get("train_runtime", 0.0)) / steps
 
 
 def save_adapter(model, adapter_dir: Path) -> None:

@@ -166,7 +166,40 @@ def run_sft(ctx: StageContext) -> None:
     ctx.state.finish("sft", figures)
 
 
-# 3. Gate -----------------------------------------------------------------------------------------
+# 3. GRPO ----------------------------------------------------------------------------------------
+
+def run_grpo(ctx: StageContext) -> None:
+    from appliance.engine.registry import role_options, settings_and_guide
+    from appliance.models.adapters import adapter_hash
+    from appliance.training.grpo import EpisodeRollouts, train_grpo
+    from appliance.vlm.transformers_runtime import transformers_config
+
+    if "sft" not in ctx.state.finished:
+        raise RetrainError("GRPO starts from the SFT adapter: the sft stage has not finished")
+    entry, folder = policy_model(ctx.engine_config)
+    config, _ = transformers_config(folder, settings_and_guide(entry)[0])
+    budget, _ = role_options(entry, "policy")
+    train, heldout = ctx.split
+    settings = replace(ctx.options.grpo, device=_device())
+    # Rollouts start from the training photos' normal counterparts: held-out ones stay unseen.
+    rollouts = EpisodeRollouts(ctx.engine.environment, train, ctx.category, config, budget,
+                               ctx.options.seed, temperature=settings.temperature)
+    ctx.say(f"grpo: {settings.steps} steps, G = {settings.generations} rollouts per task, "
+            f"{settings.tasks_per_step} task(s) per step, temperature {settings.temperature}, "
+            f"beta {settings.beta}")
+    started = time.perf_counter()
+    result = train_grpo(folder, ctx.out / "sft" / "adapter", rollouts, ctx.out / "grpo", settings,
+                        ctx.engine.environment.config, real_area_medians(train + heldout))
+    figures = {"steps": settings.steps, "generations": settings.generations,
+               "rewards": [round(r, 4) for r in result.rewards],
+               "reward_gain": round(result.reward_gain, 4),
+               "adapter": adapter_hash(result.adapter_dir),
+               "seconds": round(time.perf_counter() - started, 1)}
+    ctx.say(f"grpo: rollout reward {figures['rewards'][:1]} -> {figures['rewards'][-1:]}")
+    ctx.state.finish("grpo", figures)
+
+
+# 4. Gate -----------------------------------------------------------------------------------------
 
 def _policy(ctx: StageContext, adapter_dir: Path | None, name: str):
     """The installed policy, unguided, with one adapter (None: the base weights)."""
@@ -198,28 +231,32 @@ def measure(ctx: StageContext, adapter_dir: Path | None, label: str) -> dict:
 def run_gate(ctx: StageContext) -> None:
     from appliance.models.adapters import AdapterError, active_adapter, promote, store_adapter
 
-    if "sft" not in ctx.state.finished:
+    trained = [stage for stage in ("sft", "grpo") if stage in ctx.state.finished]
+    if not trained:
         raise RetrainError("no trained adapter to judge: the sft stage has not finished")
     models_dir = ctx.engine_config.models_dir
-    candidate_dir = ctx.out / "sft" / "adapter"
     try:
         active = active_adapter(models_dir, ctx.category)
     except AdapterError as exc:
         raise RetrainError(str(exc)) from None
     before = measure(ctx, active.path if active else None, "active" if active else "base")
-    after = measure(ctx, candidate_dir, "candidate")
+    rows = {stage: measure(ctx, ctx.out / stage / "adapter", stage) for stage in trained}
+    final = trained[-1]  # GRPO's adapter when that stage ran, else SFT's
+    candidate_dir = ctx.out / final / "adapter"
+    after = rows[final]
     gain = after["reward"] - before["reward"]
     promoted = gain >= ctx.options.margin
     figures = {"before": before, "before_adapter": active.hash if active else None,
-               "after": after, "gain": round(gain, 4), "margin": ctx.options.margin,
-               "promoted": promoted}
+               "candidates": rows, "candidate": final, "after": after, "gain": round(gain, 4),
+               "margin": ctx.options.margin, "promoted": promoted}
     digest = store_adapter(models_dir, ctx.category, candidate_dir,
-                           {"heldout": after, "baseline": before, "run": str(ctx.out)})
+                           {"heldout": after, "baseline": before, "stage": final,
+                            "run": str(ctx.out)})
     figures["adapter"] = digest
     if promoted:
         promote(models_dir, ctx.category, digest)
         ctx.say(f"gate: held-out reward {before['reward']:.3f} -> {after['reward']:.3f}; "
-                f"adapter {digest} is now active for {ctx.category}")
+                f"adapter {digest} ({final}) is now active for {ctx.category}")
     else:
         ctx.say(f"gate: held-out reward {before['reward']:.3f} -> {after['reward']:.3f} "
                 f"(needs +{ctx.options.margin}); adapter {digest} kept on disk, NOT promoted")
@@ -263,6 +300,13 @@ def render_report(report: dict) -> str:
                   f"({s['model']}), {s['seconds']} s",
                   f"- loss {s['first_loss']} -> {s['last_loss']} ({s['loss_drop']}x lower)",
                   f"- adapter {s['adapter']}"]
+    if "grpo" in stages:
+        r = stages["grpo"]
+        lines += ["", "## LoRA GRPO", "",
+                  f"- {r['steps']} steps, G = {r['generations']}, {r['seconds']} s",
+                  f"- mean rollout reward per step: {', '.join(f'{x:.3f}' for x in r['rewards'])} "
+                  f"(second half minus first half: {r['reward_gain']:+.3f})",
+                  f"- adapter {r['adapter']}"]
     if "gate" in stages:
         g = stages["gate"]
         row = ("| {label} | {episodes} | {complete:.0%} | {accepted:.0%} | {reward:.3f} | "
@@ -272,7 +316,9 @@ def render_report(report: dict) -> str:
                   "reflection | behaviour |", "|---|---|---|---|---|---|---|---|",
                   row.format(label=f"before ({g['before_adapter'] or 'base weights'})",
                              **g["before"]),
-                  row.format(label=f"after ({g['adapter']})", **g["after"]), "",
+                  *[row.format(label=f"{stage} adapter" + (f" ({g['adapter']})" if stage ==
+                                                               g["candidate"] else ""), **figures)
+                    for stage, figures in g["candidates"].items()], "",
                   f"- gain {g['gain']:+.3f} against a required {g['margin']}: "
                   + ("**promoted**" if g["promoted"] else "**refused** (kept on disk, not active)")]
     return "\n".join(lines) + "\n"

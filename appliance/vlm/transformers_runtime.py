@@ -194,7 +194,9 @@ def _reply_length(tokens: list[int], stop_ids: Sequence[int], pad_id: int | None
 class QwenTransformersRuntime:
     """A resident Qwen3-VL model answering batches of chat requests."""
 
-    def __init__(self, config: TransformersVLMConfig) -> None:
+    def __init__(self, config: TransformersVLMConfig, model=None) -> None:
+        """Loads the model of ``config``; or, given ``model`` (a model being trained, whose
+        rollouts must come from its current weights), answers with that one as it is."""
         from transformers import Qwen3VLForConditionalGeneration
 
         self.config = config
@@ -217,10 +219,12 @@ class QwenTransformersRuntime:
             kwargs["device_map"] = {"": self.device}
         elif config.quantization != "none":
             raise ValueError(f"unknown quantization {config.quantization!r}; use 'none' or 'nf4'")
-        model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, **kwargs)
-        if config.quantization == "none":
-            model = model.to(self.device)
-        self.model = model.eval()
+        if model is None:
+            model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, **kwargs)
+            if config.quantization == "none":
+                model = model.to(self.device)
+            model = model.eval()
+        self.model = model
         self.adapters: dict[str, Path] = {}
         self._lock = threading.Lock()  # one generate() at a time; adapters switch per call
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
