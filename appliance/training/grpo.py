@@ -18,8 +18,6 @@ the paper drops them.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ from appliance.agent.environment import AgentEnvironment
 from appliance.agent.episode import EpisodeResult, EpisodeSpec
 from appliance.agent.schemas import TOOL_SCHEMAS
 from appliance.training.rewards import behaviour_reward, reflection_reward, task_reward
-from appliance.training.sft import assistant_labels, last_checkpoint, save_adapter, step_seconds
+from appliance.training.sft import assistant_labels, step_seconds, train_and_save
 from appliance.training.trajectories import DefectExample
 from appliance.vlm.budget import Budget
 from appliance.vlm.chat import ChatRequest, to_chat_request
@@ -228,10 +226,5 @@ def train_grpo(model_dir: Path, sft_adapter: Path, rollouts: EpisodeRollouts, ou
         model=model, processing_class=processor, args=args, train_dataset=dataset,
         reward_funcs=reward_functions(config, real_areas), rollouts=rollouts)
     with torch.random.fork_rng():
-        trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
-    rewards = [entry["reward"] for entry in trainer.state.log_history
-               if "reward" in entry and math.isfinite(entry["reward"])]
-    adapter_dir = out_dir / "adapter"
-    save_adapter(trainer.model, adapter_dir)
-    (out_dir / "rewards.json").write_text(json.dumps(rewards))
+        adapter_dir, rewards = train_and_save(trainer, out_dir, "reward", "rewards.json")
     return GRPOResult(adapter_dir, rewards, step_seconds(trainer))

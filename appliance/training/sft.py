@@ -169,13 +169,21 @@ def train_sft(model_dir: Path, trajectories: Sequence[Path], out_dir: Path,
     trainer = SFTTrainer(model=load_base_model(model_dir, settings.device), args=args,
                          train_dataset=dataset, data_collator=TrajectoryCollator(processor),
                          processing_class=processor.tokenizer, peft_config=lora)
+    adapter_dir, losses = train_and_save(trainer, out_dir, "loss", "losses.json")
+    return SFTResult(adapter_dir, losses, step_seconds(trainer))
+
+
+def train_and_save(trainer, out_dir: Path, metric: str, log_name: str) -> tuple[Path, list[float]]:
+    """Train (from the newest complete checkpoint in ``out_dir/checkpoints`` when there is one),
+    write the adapter to ``out_dir/adapter`` atomically and the logged ``metric`` of every step
+    to ``out_dir/log_name``; returns the adapter folder and those values."""
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
-    losses = [entry["loss"] for entry in trainer.state.log_history
-              if "loss" in entry and math.isfinite(entry["loss"])]
+    values = [entry[metric] for entry in trainer.state.log_history
+              if metric in entry and math.isfinite(entry[metric])]
     adapter_dir = out_dir / "adapter"
     save_adapter(trainer.model, adapter_dir)
-    (out_dir / "losses.json").write_text(json.dumps(losses))
-    return SFTResult(adapter_dir, losses, step_seconds(trainer))
+    (out_dir / log_name).write_text(json.dumps(values))
+    return adapter_dir, values
 
 
 def step_seconds(trainer) -> float:
