@@ -156,7 +156,7 @@ class ScriptedPolicy:
         tries = len(h.images)
         status = "success" if review["passed"] else "rejected"
         summary = (f"{tries} attempt{'s' if tries > 1 else ''}; "
-                   f"{'accepted' if review['passed'] else 'none accepted, the best kept'}; mask made.")
+                   f"{'accepted' if review['passed'] else 'none accepted, the best kept'}.")
         if h.knowledge is not None:
             summary += " Retrieved knowledge shaped the revision."
         return format_answer("Mask made; I close the episode.", {
