@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--action", type=int, default=64)
     args = parser.parse_args(argv)
 
+    import numpy as np
     import torch
 
     from gpu_pipeline import write_qwen_folder
@@ -106,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                           "peak_gb": peak(device), "loss": round(result.losses[0], 4)}
         print(f"SFT step: {figures['sft']}", flush=True)
         photos = sample_photos(2)
-        tasks = [DefectExample(f"scratch/{p.stem}", LabeledImage(image, image[..., 0] > 255,
-                                                                "scratch", str(p)), image)
-                 for p, image in photos]
+        # A GRPO task needs the normal photo and the defect's name; with no real defect behind
+        # it, its mask is empty (the task reward's area prior is off: no real areas are given).
+        tasks = [DefectExample(f"scratch/{p.stem}", LabeledImage(
+            image, np.zeros(image.shape[:2], bool), "scratch", str(p)), image)
+            for p, image in photos]
         config = TransformersVLMConfig(work / "qwen", device=device,
                                        quantization="none" if args.tiny else "nf4")
         rollouts = EpisodeRollouts(engine.environment, tasks, photos[0][0].parent.name, config,

@@ -110,6 +110,7 @@ class EpisodeRollouts:
                  temperature: float = 1.0) -> None:
         self.environment = environment
         self.temperature = temperature
+        self._runtime = None
         self.tasks = list(tasks)
         self.category = category
         self.runtime_config = runtime_config
@@ -121,7 +122,10 @@ class EpisodeRollouts:
         from appliance.policies.vlm import VLMPolicy
         from appliance.vlm.transformers_runtime import QwenTransformersRuntime
 
-        runtime = QwenTransformersRuntime(self.runtime_config, model=trainer.model)
+        if self._runtime is None or self._runtime.model is not trainer.model:
+            # Built once: the processor loads from disk, the weights are the trainer's own.
+            self._runtime = QwenTransformersRuntime(self.runtime_config, model=trainer.model)
+        runtime = self._runtime
         policy = VLMPolicy(runtime, "qwen-transformers (GRPO rollout)", budget=self.budget,
                            sampling={**ROLLOUT_SAMPLING, "temperature": self.temperature})
         self.calls += 1

@@ -1,7 +1,7 @@
 """The GRPO reward (paper eq. 3-6), as plain batched functions of finished episodes.
 
 Each function takes the episodes of one batch and returns one float per episode, like the
-functions in ``trl/rewards``; ``total_reward`` weighs them. All read only what the environment
+functions in ``trl/rewards``; ``rewards`` weighs them. All read only what the environment
 recorded (judge reports, tool sequence, errors, turns), so a reward can be recomputed from a saved
 trajectory's ``episode.json`` at any time.
 
@@ -122,8 +122,3 @@ def rewards(episodes: Sequence[EpisodeResult], config: EnvConfig,
     return [RewardBreakdown(t, r, b, WEIGHTS["task"] * t + WEIGHTS["reflection"] * r
                             + WEIGHTS["behaviour"] * b, e.end_reason == "answered")
             for t, r, b, e in zip(task, reflection, behaviour, episodes)]
-
-
-def total_reward(episodes: Sequence[EpisodeResult], config: EnvConfig,
-                 real_areas: Mapping[str, float] | None = None) -> list[float]:
-    return [r.total for r in rewards(episodes, config, real_areas)]
