@@ -24,6 +24,8 @@ import io
 import json
 import logging
 import multiprocessing
+import os
+import stat
 import shutil
 import statistics
 import time
@@ -40,13 +42,14 @@ from appliance.agent.episode import EpisodeResult, EpisodeSpec
 from appliance.config import CategorySection, ConfigError, parse_category_spec
 from appliance.engine import Engine, EngineConfig, build_engine
 from appliance.imaging import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, load_rgb
-from appliance.names import normalize_name
+from appliance.names import InvalidName, Name, printable, unique_names
 from appliance.storage import DiskFullError, EpisodePlan, JobStore, is_disk_full
 from appliance.tools.knowledge.base import KnowledgeBase
 
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.toml"
+MAX_SPEC_BYTES = 64_000
 DEFAULT_MAX_TRIES = 5
 
 
@@ -132,10 +135,22 @@ def read_spec(folder: Path) -> CategorySection:
     """The category folder's ``spec.toml`` (the schema of a ``[categories.NAME]`` config table);
     an empty spec when the folder has none."""
     path = folder / SPEC_FILE
-    if not path.exists():
-        return CategorySection()
     try:
-        text = path.read_text(encoding="utf-8")
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return CategorySection()
+    except OSError as exc:
+        raise InboxError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    # Read only a small regular file: a link could point anywhere, a named pipe would block.
+    if not stat.S_ISREG(info.st_mode):
+        raise InboxError(f"{path}: must be a plain file, not a link, folder or pipe")
+    if info.st_size > MAX_SPEC_BYTES:
+        raise InboxError(f"{path}: {info.st_size} bytes; a spec is at most "
+                         f"{MAX_SPEC_BYTES // 1000} kB")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            text = handle.read(MAX_SPEC_BYTES + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InboxError(f"{path}: cannot read: {exc}") from None
     try:
@@ -145,15 +160,38 @@ def read_spec(folder: Path) -> CategorySection:
 
 
 def resolve_defects(category: str, knowledge_base: KnowledgeBase, spec: CategorySection,
-                    defects: Sequence[str] | None = None) -> list[str]:
-    """Defect types for a category: given, else the spec's, else the knowledge base's."""
+                    defects: Sequence[str] | None = None) -> list[Name]:
+    """Defect types for a category: given, else the spec's, else the knowledge base's.
+    InvalidName if one of them cannot be a folder of the dataset."""
     chosen = list(defects) if defects else spec.defects
     if not chosen:
         chosen = knowledge_base.defects_for(category)
     if not chosen and spec.material:
         material = knowledge_base.subject(spec.material)
         chosen = list(material.defects) if material else []
-    return [normalize_name(d) for d in chosen or []]
+    return unique_names(chosen or [], "defect")
+
+
+def inbox_category(inbox: Path, folder: str) -> Name:
+    """The category an inbox folder stands for; InvalidName if the folder's name cannot be one,
+    or if another folder of the inbox is a second spelling of it ("Bottle" and "bottle")."""
+    category = Name(folder, "category")
+    try:
+        others = [entry.name for entry in os.scandir(inbox) if entry.name != folder
+                  and entry.is_dir(follow_symlinks=False) and _same_category(entry.name, category)]
+    except OSError:
+        others = []
+    if others:
+        raise InvalidName(f"inbox folders '{printable(folder)}' and '{printable(others[0])}' are "
+                          f"both category {category!r}; move the photos into one of them")
+    return category
+
+
+def _same_category(name: str, category: str) -> bool:
+    try:
+        return Name(name, "category") == category
+    except InvalidName:
+        return False
 
 
 def plan_inbox(inbox: Path, knowledge_base: KnowledgeBase, per_image: int,
@@ -164,13 +202,13 @@ def plan_inbox(inbox: Path, knowledge_base: KnowledgeBase, per_image: int,
         raise InboxError(f"inbox {inbox} is not a folder")
     plans, skipped = [], []
     for folder in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        category = normalize_name(folder.name)
         try:
+            category = inbox_category(inbox, folder.name)
             spec = read_spec(folder)
-        except InboxError as exc:
-            skipped.append((folder.name, str(exc)))
+            chosen = resolve_defects(category, knowledge_base, spec, defects)
+        except (InboxError, InvalidName) as exc:
+            skipped.append((printable(folder.name), str(exc)))
             continue
-        chosen = resolve_defects(category, knowledge_base, spec, defects)
         if not chosen:
             skipped.append((folder.name, f"the knowledge base has no defect list for {category!r}; "
                                          f"add {folder / SPEC_FILE} with defects = [...]"))
@@ -374,7 +412,20 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
                 log.error("a chunk of %d episode(s) failed: %s", len(jobs), exc)
                 continue
             for job, result in zip(jobs, results):
-                written = writer.write(result, episode_id=job.episode_id, batch=batch)
+                try:
+                    written = writer.write(result, episode_id=job.episode_id, batch=batch)
+                except Exception as exc:
+                    if is_disk_full(exc):
+                        raise
+                    # Counted as a try: an episode the writer refuses (a name from an older
+                    # store, a bug) ends failed instead of stopping the queue on every start.
+                    failed = store.retry_or_fail([job.episode_id], f"write error: "
+                                                 f"{type(exc).__name__}: {exc}", max_tries)
+                    unwritten.remove(job.episode_id)
+                    summary.failed += len(failed)
+                    summary.episodes += len(failed)
+                    log.error("episode %d could not be written: %s", job.episode_id, exc)
+                    continue
                 unwritten.remove(job.episode_id)
                 _count(summary, result, written is not None)
             if progress is not None:
@@ -486,10 +537,11 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
         for plan in plans:
             for path in plan.images:
                 try:
+                    Name(path.name, "file")
                     data = path.read_bytes()
                     image = decode_image(data)
-                except (ImageReadError, OSError) as exc:
-                    summary.unreadable.append((str(path), str(exc)))
+                except (ImageReadError, OSError, InvalidName) as exc:
+                    summary.unreadable.append((printable(str(path)), str(exc)))
                     continue
                 _, finished = intake_image(writer, plan.category, image,
                                            hashlib.sha256(data).hexdigest(), str(path), len(data),

@@ -19,6 +19,7 @@ from datetime import time as clock
 from pathlib import Path
 from typing import Any
 
+from appliance.names import InvalidName, Name, unique_names
 from appliance.serialization import parse_toml, toml_value
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
@@ -120,18 +121,31 @@ class ServiceSection:
                                        min=0.01, max=86400)
 
 
+# Work one photo may ask for: at most MAX_DEFECTS x MAX_PER_IMAGE episodes, so a spec dropped
+# into the inbox can never make intake allocate without bound.
+MAX_PER_IMAGE = 100
+MAX_DEFECTS = 32
+
+
 @dataclass
 class DefaultsSection:
-    per_image: int = _opt(1, "samples per (photo, defect type)", min=1, max=1000)
+    per_image: int = _opt(1, "samples per (photo, defect type)", min=1, max=MAX_PER_IMAGE)
     defects: list[str] = _opt([], "defect types for every category (default: the knowledge "
-                                  "base's list for the category)")
+                                  "base's list for the category)", name="defect",
+                              max_items=MAX_DEFECTS)
 
 
 @dataclass
 class CategorySection:
-    defects: list[str] = _opt([], "defect types for this category")
-    per_image: int | None = _opt(None, "samples per (photo, defect type)", min=1, max=1000)
-    material: str | None = _opt(None, "material, for a part the knowledge base does not know")
+    """A ``[categories.NAME]`` table of the config, and a category's ``spec.toml`` in the inbox:
+    one schema, one set of bounds, wherever a spec is read."""
+
+    defects: list[str] = _opt([], "defect types for this category", name="defect",
+                              max_items=MAX_DEFECTS)
+    per_image: int | None = _opt(None, "samples per (photo, defect type)", min=1,
+                                 max=MAX_PER_IMAGE)
+    material: str | None = _opt(None, "material, for a part the knowledge base does not know",
+                                name="material")
 
 
 @dataclass
@@ -289,12 +303,26 @@ def _convert(hint: Any, value: Any, dotted: str, rules: dict, error) -> Any:
         if not isinstance(value, dict):
             error(dotted, f"must be a table, not {_kind(value)}")
             return _INVALID
-        return {_normal(k): _build(args[1], v, f"{dotted}.{k}.", error) for k, v in value.items()}
+        try:
+            names = unique_names(value, "category")
+        except InvalidName as exc:
+            error(dotted, str(exc))
+            return _INVALID
+        return {name: _build(args[1], v, f"{dotted}.{k}.", error)
+                for name, (k, v) in zip(names, value.items())}
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
             error(dotted, "must be a list of non-empty strings")
             return _INVALID
-        return [_normal(v) for v in value]
+        limit = rules.get("max_items")
+        if limit is not None and len(value) > limit:
+            error(dotted, f"has {len(value)} items; at most {limit}")
+            return _INVALID
+        try:
+            return [str(n) for n in unique_names(value, rules.get("name", "category"))]
+        except InvalidName as exc:
+            error(dotted, str(exc))
+            return _INVALID
     if hint is bool:
         if not isinstance(value, bool):
             error(dotted, f"must be true or false, not {_kind(value)}")
@@ -324,6 +352,12 @@ def _convert(hint: Any, value: Any, dotted: str, rules: dict, error) -> Any:
                 return None
             error(dotted, "must not be empty")
             return _INVALID
+        if rules.get("name"):
+            try:
+                return str(Name(value, rules["name"]))
+            except InvalidName as exc:
+                error(dotted, str(exc))
+                return _INVALID
         return Path(value).expanduser() if hint is Path else value
     raise TypeError(f"unsupported config type {hint!r} for {dotted}")  # pragma: no cover
 
@@ -344,11 +378,81 @@ def _check_semantics(config: Config, error) -> None:
         parse_window(config.schedule.window)
     except ValueError as exc:
         error("schedule.window", str(exc))
+    _check_paths(config, error)
     if config.intake.min_side > config.intake.max_side:
         error("intake.min_side", f"must not exceed intake.max_side ({config.intake.max_side})")
     for name, spec in config.categories.items():
         if not spec.defects and not spec.material:
             error(f"categories.{name}", "needs defects = [...] or material = \"...\"")
+
+
+# Folders the appliance must never write into (nor be rooted at): the system's own.
+SYSTEM_FOLDERS = tuple(Path(p) for p in (
+    "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+    "/root", "/run", "/sbin", "/sys", "/usr", "/var", "/var/lib", "/var/log", "/home", "/tmp",
+    "/opt", "/srv", "/mnt", "/media"))
+# Folders that may lie inside a system folder's tree but not *be* one, e.g. /var/lib/appliance.
+_SYSTEM_TREES = tuple(Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32",
+                                          "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr"))
+# The folders the service writes and moves files between: none may lie inside another.
+SEPARATE = ("inbox", "done", "quarantine", "dataset")
+
+
+def _check_paths(config: Config, error) -> None:
+    """Paths are absolute once resolved against the root, never '..', never a system folder,
+    and the inbox, done/, quarantine/ and the dataset (with its store) are kept apart: a
+    dataset inside the inbox would be taken in as input, a done/ inside it taken twice."""
+    raw = {f.name: getattr(config.paths, f.name) for f in fields(PathsSection)}
+    for name, value in raw.items():
+        if value is not None and ".." in Path(value).parts:
+            error(f"paths.{name}", f"must not contain '..' ({value}); write the folder itself")
+    root = config.root
+    if not root.is_absolute():
+        error("paths.root", f"must be an absolute path, not {root}")
+        return
+    resolved = {}
+    for name in [f.name for f in fields(PathsSection) if f.name not in ("root", "knowledge_base")]:
+        path = config.path(name)
+        resolved[name] = path
+        if _is_system(path):
+            error(f"paths.{name}", f"{path} is a system folder (or inside one); use a folder of "
+                                  f"its own such as /var/lib/appliance/{name}")
+    if _is_system(root):
+        error("paths.root", f"{root} is a system folder; use a folder of its own such as "
+                            f"{DEFAULT_ROOT}")
+    for first in SEPARATE:
+        for second in SEPARATE:
+            a, b = resolved[first], resolved[second]
+            if first < second and a == b:
+                error(f"paths.{second}", f"is the same folder as paths.{first} ({a})")
+            elif first != second and b != a and b.is_relative_to(a):
+                error(f"paths.{second}", f"{b} lies inside paths.{first} ({a}); keep them apart")
+    for name in ("models", "cache"):
+        if resolved[name].is_relative_to(resolved["inbox"]):
+            error(f"paths.{name}", f"{resolved[name]} lies inside the inbox; keep them apart")
+
+
+def _is_system(path: Path) -> bool:
+    """A system folder or inside one, as written or once symbolic links are resolved."""
+    return any(p in SYSTEM_FOLDERS or any(p.is_relative_to(t) for t in _SYSTEM_TREES)
+               for p in {path, path.resolve()})
+
+
+def check_writable(config: Config) -> list[str]:
+    """The folders the service writes, created if missing; a problem per folder that cannot be
+    written (checked where the service runs, not where the config is only read)."""
+    problems = []
+    for name in (*SEPARATE, "cache"):
+        path = config.path(name)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problems.append(f"paths.{name}: cannot create {path}: {exc.strerror or exc}")
+            continue
+        if not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"paths.{name}: {path} is not writable by this user "
+                            f"(uid {os.geteuid()})")
+    return problems
 
 
 def parse_window(text: str) -> tuple[clock, clock] | None:
@@ -364,12 +468,6 @@ def parse_window(text: str) -> tuple[clock, clock] | None:
     if (h1, m1) == (h2, m2):
         raise ValueError(f"{text!r} is empty: start and end are the same")
     return clock(h1, m1), clock(h2, m2)
-
-
-def _normal(name: str) -> str:
-    from appliance.names import normalize_name
-
-    return normalize_name(name)
 
 
 def _kind(value: Any) -> str:

@@ -91,3 +91,11 @@ def engine():
     built = build_engine()
     yield built
     built.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 3 MB tmpfs: a real filesystem that runs out of space (root only; skipped elsewhere)."""
+    from _disks import mount_tiny_disk
+
+    yield from mount_tiny_disk(tmp_path)

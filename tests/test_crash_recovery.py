@@ -13,9 +13,10 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
+
+from _disks import fill
 
 import pytest
 
@@ -66,30 +67,6 @@ def test_the_crash_checker_finds_real_damage(tmp_path):
 
 
 # A full disk -------------------------------------------------------------------------------------
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 3 MB tmpfs: a real filesystem that runs out of space."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path, leave_bytes: int) -> Path:
-    """Fill the disk up to ``leave_bytes`` of free space with one file."""
-    filler = disk / f"filler-{uuid.uuid4().hex[:6]}"
-    free = shutil.disk_usage(disk).free
-    with open(filler, "wb") as handle:
-        handle.write(b"\0" * max(0, free - leave_bytes))
-    return filler
-
 
 def one_try(engine) -> AgentEnvironment:
     """The engine's tools with a single image_gen attempt: fast, and no knowledge retrieval."""

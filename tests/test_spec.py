@@ -9,8 +9,18 @@ from appliance.config import ConfigError, parse_config
 
 
 @pytest.mark.parametrize("body, message", [
-    ("per_image = 1000000000\n", "per_image: must be between 1 and 1000, not 1000000000"),
-    ("per_image = 0\n", "per_image: must be between 1 and 1000, not 0"),
+    ("per_image = 1000000000\n", "per_image: must be between 1 and 100, not 1000000000"),
+    ("per_image = 0\n", "per_image: must be between 1 and 100, not 0"),
+    ('defects = ["../../etc"]\n', "defects: '../../etc' contains /: a defect name is one folder"),
+    ('defects = ["/tmp/x"]\n', "defects: '/tmp/x' contains /"),
+    ('defects = ["_.."]\n', "defects: '_..' starts with '.' or '-' (as '..')"),
+    ('defects = ["good"]\n', "defects: 'good' is reserved"),
+    ('defects = ["Crack", "crack"]\n', "defects: 'Crack' and 'crack' are the same defect name"),
+    ('defects = ["a\u202eb"]\n', "defects: 'a\\u202eb' contains characters that print nothing"),
+    ('defects = ["' + "x" * 65 + '"]\n', "defects: '" + "x" * 40 + "...' is 65 characters long; at most 64"),
+    ("defects = [" + ", ".join(f'"d{i}"' for i in range(33)) + "]\n",
+     "defects: has 33 items; at most 32"),
+    ('material = "../glass"\n', "material: '../glass' contains /"),
     ("per_image = 2.5\n", "per_image: must be an integer, not a number"),
     ('defects = ["crack", ""]\n', "defects: must be a list of non-empty strings"),
     ('defectz = ["crack"]\n', "defectz: unknown key (allowed: defects, material, per_image)"),

@@ -52,24 +52,26 @@ def plans(n: int, category: str = "magnetic_tile") -> list[EpisodePlan]:
 
 def test_migrations_are_tracked_once_and_new_ones_apply_alone(tmp_path, monkeypatch):
     store = JobStore(tmp_path)
-    assert store.migrations_run == ["m001_initial"]
+    assert store.migrations_run == ["m001_initial", "m002_intake_tries"]
     assert store.db.journal_mode == "wal"
-    assert {"inputs", "normals", "episodes", "samples", "batches", "control"} <= set(
+    assert {"inputs", "normals", "episodes", "samples", "batches", "control",
+            "intake_tries"} <= set(
         store.db.table_names())
     store.close()
     again = JobStore(tmp_path)
     assert again.migrations_run == []
     again.close()
 
-    def m002_add_note(db):
+    def m099_add_note(db):
         db["episodes"].add_column("note", str)
 
     monkeypatch.setattr(migrations_module, "MIGRATIONS",
-                        [*migrations_module.MIGRATIONS, ("m002_add_note", m002_add_note)])
+                        [*migrations_module.MIGRATIONS, ("m099_add_note", m099_add_note)])
     third = JobStore(tmp_path)
-    assert third.migrations_run == ["m002_add_note"]
+    assert third.migrations_run == ["m099_add_note"]
     assert "note" in third.db["episodes"].columns_dict
-    assert [r["name"] for r in third.db["_migrations"].rows] == ["m001_initial", "m002_add_note"]
+    assert [r["name"] for r in third.db["_migrations"].rows] == [
+        "m001_initial", "m002_intake_tries", "m099_add_note"]
     third.close()
 
 

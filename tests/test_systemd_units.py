@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import socket
 import stat
@@ -13,7 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from appliance.cli.service_commands import UNIT_BINARY, UNITS, install_service_command
+from appliance.cli import service_commands
+from appliance.cli.service_commands import (INBOX_GROUP, MAX_EXPOSURE, UNIT_BINARY, UNITS,
+                                            install_service_command, plan_install)
 from appliance.config import load_config
 from appliance.service.notify import Notifier, sd_notify
 
@@ -81,6 +85,44 @@ def test_the_watcher_unit_is_a_hardened_notify_service():
     assert unit("appliance-watch.service")["Install"] == [("WantedBy", "multi-user.target")]
 
 
+SERVICES = [name for name in UNITS if name.endswith(".service")]
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_the_services_are_sandboxed(name):
+    service = unit(name)["Service"]
+    assert one(service, "PrivateNetwork") == "yes" and one(service, "IPAddressDeny") == "any"
+    assert one(service, "RestrictAddressFamilies") == "AF_UNIX"  # journald, sd_notify
+    assert one(service, "CapabilityBoundingSet") == "" and one(service, "AmbientCapabilities") == ""
+    assert values(service, "SystemCallFilter") == ["@system-service", "~@privileged"]
+    assert one(service, "SystemCallErrorNumber") == "EPERM"  # fail softly, never kill
+    assert one(service, "SystemCallArchitectures") == "native"
+    assert one(service, "ProtectProc") == "invisible" and one(service, "RemoveIPC") == "yes"
+    assert one(service, "ProtectHome") == "yes" and one(service, "PrivateTmp") == "yes"
+    assert one(service, "RestrictNamespaces") == "yes" and one(service, "LockPersonality") == "yes"
+    # JIT code (oneDNN, llama.cpp, CUDA) needs W+X memory; PrivateUsers= would unmap the
+    # droppers' group; ProcSubset=pid would hide /proc/driver/nvidia.
+    for key in ("MemoryDenyWriteExecute", "PrivateUsers", "ProcSubset", "PrivateDevices"):
+        assert values(service, key) in ([], ["no"]), key
+    allowed = " ".join(values(service, "DeviceAllow")) + " "
+    for device in ("char-nvidia ", "char-nvidiactl", "char-nvidia-uvm"):
+        assert device in allowed
+    assert one(service, "DevicePolicy") == "closed"
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_the_droppers_group_cannot_write_service_files(name):
+    service = unit(name)["Service"]
+    # Created files: at most group-readable (0640, folders 0750).
+    assert one(service, "UMask") == "0027"
+    # Member of the droppers' group only to take files out of their inbox sub-folders.
+    assert one(service, "SupplementaryGroups") == INBOX_GROUP
+    assert one(service, "Group") == "appliance" != INBOX_GROUP
+    # systemd applies this mode at every start: it must be the one install-service sets.
+    assert one(service, "StateDirectoryMode") == "0751"
+    assert one(service, "ReadWritePaths") == "/var/lib/appliance"
+
+
 def test_the_nightly_batch_is_bounded_and_caught_up():
     service = unit("appliance-batch.service")["Service"]
     # RuntimeMaxSec= has no effect on Type=oneshot: the bound must be on a running service.
@@ -126,6 +168,27 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert done.returncode == 0 and not complaints, output
 
 
+_EXPOSURE = re.compile(r"Overall exposure level for (\S+): ([0-9.]+)")
+
+
+def _exposure(analyze: str, path: Path) -> float:
+    done = subprocess.run([analyze, "security", "--offline=true", str(path)],
+                          capture_output=True, text=True)
+    found = _EXPOSURE.search(done.stdout)
+    assert found and found.group(1) == path.name, done.stdout[-2000:] + done.stderr
+    return float(found.group(2))
+
+
+def test_services_rate_an_exposure_of_at_most_2_5(tmp_path):
+    analyze = _systemd_analyze()
+    for name in SERVICES:
+        path = tmp_path / name
+        path.write_text((SYSTEMD / name).read_text().replace(UNIT_BINARY,
+                                                             str(_appliance_binary())))
+        exposure = _exposure(analyze, path)
+        assert exposure <= MAX_EXPOSURE == 2.5, (name, exposure)
+
+
 def test_verify_would_catch_a_broken_unit(tmp_path):
     analyze = _systemd_analyze()
     text = (SYSTEMD / "appliance-watch.service").read_text().replace(
@@ -143,8 +206,10 @@ def test_install_service_lays_out_a_prefix(tmp_path):
     state = tmp_path / "var/lib/appliance"
     for name in ("inbox", "done", "quarantine", "dataset", "models", "cache"):
         assert (state / name).is_dir()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o751
     assert stat.S_IMODE((state / "inbox").stat().st_mode) == 0o2770
-    assert stat.S_IMODE((state / "dataset").stat().st_mode) == 0o750
+    for name in ("done", "quarantine", "dataset", "models", "cache"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o750
     config = tmp_path / "etc/appliance/config.toml"
     loaded = load_config(config)  # the template is a valid config
     assert loaded.inbox == state / "inbox" and loaded.schedule.window == "22:00-06:00"
@@ -165,7 +230,104 @@ def test_install_service_dry_run_changes_nothing(tmp_path):
     result = CliRunner().invoke(install_service_command, ["--dry-run", "--prefix", str(tmp_path)])
     assert result.exit_code == 0
     assert "would create" in result.output and "would install" in result.output
+    assert "would check" in result.output and "systemd-analyze security" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_install_service_plans_the_droppers_group():
+    # The plan for the real system, never run: a service user and a droppers' group.
+    plan = [text for text, _ in plan_install(Path("/"), "appliance-test-nobody",
+                                             Path("/usr/bin/appliance-x"))]
+    assert any("useradd --system --user-group" in text for text in plan)
+    if not service_commands._group_exists(INBOX_GROUP):
+        assert f"create the droppers' group: groupadd --system {INBOX_GROUP}" in plan
+    inbox = next(text for text in plan if text.startswith("create /var/lib/appliance/inbox "))
+    assert "mode 2770" in inbox and f"appliance-test-nobody:{INBOX_GROUP}" in inbox
+    dataset = next(text for text in plan if text.startswith("create /var/lib/appliance/dataset "))
+    assert "mode 750" in dataset and "appliance-test-nobody:appliance-test-nobody" in dataset
+    assert "create /var/lib/appliance (mode 751, appliance-test-nobody:appliance-test-nobody)" \
+        in plan
+
+
+def test_install_service_inbox_keeps_droppers_folders_usable(tmp_path):
+    """Whatever a dropper's umask, what they create in the inbox stays group rwx (default ACL,
+    setgid), so the service (in the droppers' group) can take files out of it."""
+    assert CliRunner().invoke(install_service_command, ["--prefix", str(tmp_path)]).exit_code == 0
+    inbox = tmp_path / "var/lib/appliance/inbox"
+    try:
+        os.getxattr(inbox, "system.posix_acl_default")
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA):
+            pytest.skip(f"no POSIX ACLs on {tmp_path}'s file system")
+        raise
+    old = os.umask(0o077)  # the most unhelpful dropper
+    try:
+        (inbox / "bottle" / "batch-1").mkdir(parents=True)
+        (inbox / "bottle" / "batch-1" / "a.png").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    for folder in (inbox / "bottle", inbox / "bottle" / "batch-1"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o2770, folder
+    assert stat.S_IMODE((inbox / "bottle" / "batch-1" / "a.png").stat().st_mode) == 0o660
+
+
+def test_install_service_takes_group_write_from_older_files(tmp_path):
+    """An install from before UMask=0027 left group-writable samples and store: fixed."""
+    dataset = tmp_path / "var/lib/appliance/dataset"
+    (dataset / ".appliance").mkdir(parents=True)
+    store = dataset / ".appliance" / "jobs.db"
+    store.write_bytes(b"")
+    os.chmod(store, 0o666)
+    os.chmod(dataset / ".appliance", 0o777)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"")
+    os.chmod(outside, 0o666)
+    (dataset / "link").symlink_to(outside)  # not followed
+    assert CliRunner().invoke(install_service_command, ["--prefix", str(tmp_path)]).exit_code == 0
+    assert stat.S_IMODE(store.stat().st_mode) == 0o644
+    assert stat.S_IMODE((dataset / ".appliance").stat().st_mode) == 0o755
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o666
+
+
+def test_install_service_rates_the_installed_services(tmp_path):
+    _systemd_analyze()
+    result = CliRunner().invoke(install_service_command,
+                                ["--prefix", str(tmp_path), "--binary", str(_appliance_binary())])
+    assert result.exit_code == 0, result.output
+    for name in SERVICES:
+        found = re.search(rf"security: Overall exposure level for {re.escape(name)}: "
+                          rf"([0-9.]+) \w+ \(at most 2.5 allowed\)", result.output)
+        assert found and float(found.group(1)) <= 2.5, result.output
+
+
+def test_install_service_refuses_an_exposed_service(tmp_path, monkeypatch):
+    _systemd_analyze()
+    # A checkout whose watcher unit lost its sandbox.
+    checkout = tmp_path / "checkout"
+    (checkout / "systemd").mkdir(parents=True)
+    sandbox = re.compile(r"^(Private|Protect|Restrict|SystemCall|Capability|Ambient|NoNew|"
+                         r"Lock|RemoveIPC|IPAddress|Device|ReadWrite|UMask|ProcSubset)")
+    for name in UNITS:
+        lines = (SYSTEMD / name).read_text().splitlines()
+        if name == "appliance-watch.service":
+            lines = [line for line in lines if not sandbox.match(line)]
+        (checkout / "systemd" / name).write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(service_commands, "REPO", checkout)
+    result = CliRunner().invoke(install_service_command,
+                                ["--prefix", str(tmp_path / "root"), "--binary",
+                                 str(_appliance_binary())])
+    assert result.exit_code != 0
+    assert re.search(r"appliance-watch\.service rates [0-9.]+ \w+: above the allowed exposure "
+                     r"of 2\.5", result.output), result.output
+    assert "appliance-batch.service rates" not in result.output
+    assert "systemctl enable" not in result.output
+
+
+def test_install_service_without_systemd_analyze_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(service_commands, "find_systemd_analyze", lambda: None)
+    result = CliRunner().invoke(install_service_command, ["--prefix", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "note: systemd-analyze not found: the services' sandbox was not rated" in result.output
 
 
 # sd_notify ---------------------------------------------------------------------------------------

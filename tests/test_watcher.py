@@ -11,15 +11,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +23,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from _live_watcher import OLD, Watcher, jpeg_bytes, notes_have_files, photo, png_bytes, png_header, reasons
 from appliance.cli.service_commands import service_cli
-from appliance.service.intake import REASON_SUFFIX
 from appliance.service.watcher import InboxScanner
 
 CONFIG = """\
@@ -55,41 +51,6 @@ min_free_mb = 1
 [categories.magnetic_tile]
 defects = ["crack"]
 """
-OLD = time.time() - 3600  # mtime of a file copied with its timestamp kept (cp -p, rsync -t)
-
-
-def photo(seed: int, size: tuple[int, int] = (96, 96)) -> np.ndarray:
-    """A small real photo: a crop of scikit-image's brick texture, shifted per seed."""
-    from skimage import data
-
-    brick = data.brick()
-    top, left = (seed * 37) % 200, (seed * 53) % 200
-    crop = brick[top:top + 96, left:left + 96]
-    return np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR))
-
-
-def png_bytes(array: np.ndarray, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", **kwargs)
-    return buffer.getvalue()
-
-
-def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", **kwargs)
-    return buffer.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height and whose data is a few bytes."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
-
-
 def fuzz_corpus(stage: Path, inbox: Path) -> dict[str, str]:
     """Write > 30 bad inputs; returns {marker in the file name: expected words of its reason}."""
     good = png_bytes(photo(1))
@@ -133,9 +94,9 @@ def fuzz_corpus(stage: Path, inbox: Path) -> dict[str, str]:
         "f21": (f"{tile}/f21_bad.webp", b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 40,
                 "truncated or corrupt|not an image"),
         "f22": (f"{tile}/f22_huge.png", big_noise, "above the limit of 1 MB"),
-        "f23": (f"{tile}/-rf f23 --no-preserve-root.png", b"rm", "not an image"),
+        "f23": (f"{tile}/-rf f23 --no-preserve-root.png", b"rm", "starts with '.' or '-'"),
         "f24": (f"{tile}/f24_{'x' * 230}.png", b"long name", "not an image"),
-        "f25": (f"{tile}/f25_line\nbreak.png", good, "control characters"),
+        "f25": (f"{tile}/f25_line\nbreak.png", good, "print nothing or reorder text"),
         "f26": ("f26_loose.png", good, "not in a category folder"),
         "f27": ("gizmo_nobody_knows/f27_part.png", good, "unknown category"),
         "f28": ("broken_spec_part/f28_part.png", good, "spec.toml is unusable"),
@@ -206,107 +167,16 @@ def odd_but_valid(inbox: Path) -> dict[str, tuple[int, int]]:
 
 # The live watcher ---------------------------------------------------------------------------------
 
-class NotifyListener:
-    """A datagram socket playing systemd's part: collects READY/STATUS/WATCHDOG messages."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-        self._stop = False
-        self.thread = threading.Thread(target=self._listen, daemon=True)
-        self.thread.start()
-
-    def _listen(self) -> None:
-        while not self._stop:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except (socket.timeout, OSError):
-                continue
-
-    def close(self) -> None:
-        self._stop = True
-        self.thread.join(2)
-        self.sock.close()
-
-
-class Watcher:
-    def __init__(self, root: Path):
-        self.root = root
-        self.config = root / "config.toml"
-        self.config.write_text(CONFIG.format(root=root))
-        self.listener = NotifyListener(root / "notify.sock")
-        self.log = open(root / "watch.log", "w+")
-        env = {**os.environ, "APPLIANCE_CONFIG": str(self.config), "PYTHONUNBUFFERED": "1",
-               "NOTIFY_SOCKET": str(self.listener.path), "WATCHDOG_USEC": "1000000"}
-        env.pop("WATCHDOG_PID", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli.service_commands", "watch"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def output(self) -> str:
-        return (self.root / "watch.log").read_text(errors="replace")
-
-    def wait_for(self, condition, timeout: float = 60.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"watcher died:\n{self.output()[-3000:]}"
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}\n{self.output()[-3000:]}")
-
-    def store_counts(self) -> dict:
-        import sqlite3
-
-        db = sqlite3.connect(f"file:{self.root / 'dataset' / '.appliance' / 'jobs.db'}?mode=ro",
-                             uri=True, timeout=10)
-        try:
-            return dict(db.execute("select status, count(*) from episodes group by status"))
-        finally:
-            db.close()
-
-    def idle(self) -> bool:
-        counts = self.store_counts()
-        return not any(counts.get(s) for s in ("queued", "running", "writing"))
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        finally:
-            self.listener.close()
-            self.log.close()
-
-
 @pytest.fixture(scope="module")
 def watcher(tmp_path_factory):
     root = tmp_path_factory.mktemp("appliance")
     (root / "inbox" / "magnetic_tile").mkdir(parents=True)
-    live = Watcher(root)
+    live = Watcher(root, CONFIG)
     live.wait_for(lambda: "READY=1" in "".join(live.listener.messages), timeout=120,
                   what="READY=1")
     yield live
     if live.process.poll() is None:
         live.stop()
-
-
-def reasons(quarantine: Path) -> dict[str, str]:
-    """{the 'file:' line: the 'reason:' line} of every .reason.txt."""
-    found = {}
-    for note in quarantine.rglob(f"*{REASON_SUFFIX}"):
-        fields = dict(line.split(":", 1) for line in note.read_text().splitlines() if ":" in line)
-        found[fields["file"].strip()] = fields["reason"].strip()
-    return found
-
-
-def notes_have_files(quarantine: Path) -> bool:
-    """The note is written just before its file is moved in: both, once settled."""
-    return all(os.path.lexists(note.parent / note.name[: -len(REASON_SUFFIX)])
-               for note in quarantine.rglob(f"*{REASON_SUFFIX}"))
 
 
 def test_fuzz_corpus_is_quarantined_and_good_files_are_processed(watcher):

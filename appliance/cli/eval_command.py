@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from appliance.cli.options import CATEGORY
+
 
 def _default_threads() -> int:
     try:
@@ -37,7 +39,7 @@ def _generators(value: str) -> tuple[str, ...]:
                    "(train/good, test/<defect>, ground_truth/<defect>).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for report.json, report.md and the PNG figures.")
-@click.option("--category", default=None,
+@click.option("--category", default=None, type=CATEGORY,
               help="Part category for our engine (default: the name of the folder above "
                    "--normal, or the --category-dir folder name).")
 @click.option("--seed", default=0, show_default=True, type=int)

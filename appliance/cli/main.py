@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 import appliance  # noqa: F401  (forces offline mode before any HF import)
-from appliance.cli.options import parse_backends
+from appliance.cli.options import CATEGORY, DEFECT, parse_backends
+from appliance.config import MAX_PER_IMAGE
 from appliance.engine import EngineConfig, EngineError, resolve_engine_config
 
 
@@ -93,8 +94,10 @@ def print_trajectory(messages: list[dict], width: int = 100) -> None:
 
 @cli.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--category", required=True, help="Part category, e.g. bottle, magnetic_tile.")
-@click.option("--defect", required=True, help="Defect type, e.g. crack, scratch, broken_large.")
+@click.option("--category", required=True, type=CATEGORY,
+              help="Part category, e.g. bottle, magnetic_tile.")
+@click.option("--defect", required=True, type=DEFECT,
+              help="Defect type, e.g. crack, scratch, broken_large.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for defect.png, mask.png and the trajectory.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -107,8 +110,6 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
     from appliance.dataset.trajectory import save_trajectory
     from appliance.engine import build_engine
     from appliance.imaging import ImageReadError, load_rgb, mask_to_pil, save_png_atomic, sha256_file, to_pil
-    from appliance.names import normalize_name
-
     try:
         normal = load_rgb(image)
     except ImageReadError as exc:
@@ -119,7 +120,7 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
     except EngineError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_engine(built.describe())
-    spec = EpisodeSpec(image=normal, category=normalize_name(category), defect=normalize_name(defect),
+    spec = EpisodeSpec(image=normal, category=category, defect=defect,
                        seed=seed, source=str(image), source_sha256=sha256_file(image))
     result = built.environment.run([spec], built.policy)[0]
     print_trajectory(result.messages)
@@ -139,9 +140,9 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
 @click.argument("inbox", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Dataset folder (created; re-running adds only missing samples).")
-@click.option("--per-image", default=1, show_default=True, type=click.IntRange(1, 1000),
+@click.option("--per-image", default=1, show_default=True, type=click.IntRange(1, MAX_PER_IMAGE),
               help="Samples per (image, defect type), unless a category's spec.toml says otherwise.")
-@click.option("--defect", "defects", multiple=True,
+@click.option("--defect", "defects", multiple=True, type=DEFECT,
               help="Only these defect types (repeatable); default: spec.toml or the knowledge base.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Base seed of the run.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from appliance.names import InvalidName, Name
+
 
 def parse_backends(values: tuple[str, ...]) -> dict[str, str]:
     overrides = {}
@@ -14,3 +16,23 @@ def parse_backends(values: tuple[str, ...]) -> dict[str, str]:
                                      param_hint="--backend")
         overrides[role.strip().replace("-", "_")] = backend.strip()
     return overrides
+
+
+class NameParam(click.ParamType):
+    """A category or defect name on the command line: the same validated ``Name`` as everywhere."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.name = kind
+
+    def convert(self, value, param, ctx) -> Name:
+        if isinstance(value, Name):
+            return value
+        try:
+            return Name(value, self.kind)
+        except InvalidName as exc:
+            self.fail(str(exc), param, ctx)
+
+
+CATEGORY = NameParam("category")
+DEFECT = NameParam("defect")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.options import parse_backends
+from appliance.cli.options import CATEGORY, parse_backends
 
 
 def _bar(total: int, label: str):
@@ -18,7 +18,7 @@ def _bar(total: int, label: str):
 @click.command("retrain")
 @click.argument("defects", required=False,
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--category", required=True,
+@click.option("--category", required=True, type=CATEGORY,
               help="The part category the defects belong to (as the batch names it).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: ./retrain-CATEGORY). --resume continues the run there.")
@@ -89,7 +89,6 @@ def retrain_command(defects: Path | None, category: str, out: Path | None, stage
       appliance retrain --rollback --category magnetic_tile
     """
     from appliance.engine import EngineError, resolve_engine_config
-    from appliance.names import normalize_name
     from appliance.training.retrain import run_retrain
     from appliance.training.run import RetrainError, RetrainOptions
     from appliance.training.grpo import GRPOSettings
@@ -99,9 +98,7 @@ def retrain_command(defects: Path | None, category: str, out: Path | None, stage
         config, _ = resolve_engine_config(engine, overrides=parse_backends(backends))
     except EngineError as exc:
         raise click.BadParameter(str(exc), param_hint="--engine/--backend") from exc
-    name = normalize_name(category)
-    if not name:
-        raise click.BadParameter("is empty", param_hint="--category")
+    name = category
     if rollback:
         from appliance.models.adapters import AdapterError
         from appliance.models.adapters import rollback as roll_back

@@ -6,10 +6,14 @@ Register them on the main group with ``register(cli)``. Until then (and in tests
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
+import re
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 from datetime import datetime
@@ -17,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import click
+
+from appliance.cli.options import CATEGORY, DEFECT
 
 import appliance  # noqa: F401  (forces offline mode before any HF import)
 from appliance.config import CONFIG_ENV, Config, ConfigError, load_config, render
@@ -83,7 +89,7 @@ def watch_command(config_file: Path | None, intake_only: bool, verbose: bool) ->
     Runs queued episodes while the configured time window is open and the queue is not
     paused. Stops cleanly on SIGTERM after the chunk in progress.
     """
-    from appliance.service.daemon import Service, configure_logging
+    from appliance.service.daemon import EXIT_CONFIG, Service, ServiceError, configure_logging
 
     configure_logging(verbose)
     config = _load(config_file)
@@ -91,6 +97,9 @@ def watch_command(config_file: Path | None, intake_only: bool, verbose: bool) ->
     service.install_signals()
     try:
         code = service.watch()
+    except ServiceError as exc:
+        click.echo(str(exc), err=True)
+        code = EXIT_CONFIG
     finally:
         service.close()
     sys.exit(code)
@@ -108,7 +117,7 @@ def run_command(config_file: Path | None, until_text: str | None, verbose: bool)
     This is what the nightly timer starts. Outside the configured window (and without
     --until) it does nothing. Exit status 75 means the disk stayed full; the work is queued.
     """
-    from appliance.service.daemon import Service, configure_logging
+    from appliance.service.daemon import EXIT_CONFIG, Service, ServiceError, configure_logging
     from appliance.service.schedule import parse_until
 
     configure_logging(verbose)
@@ -123,6 +132,9 @@ def run_command(config_file: Path | None, until_text: str | None, verbose: bool)
     service.install_signals()
     try:
         result = service.run(until)
+    except ServiceError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_CONFIG)
     finally:
         service.close()
     for line in result.summary.lines():
@@ -158,8 +170,8 @@ def resume_command(config_file: Path | None) -> None:
 @click.option("--rejected", "include_rejected", is_flag=True,
               help="Also retry episodes the judge rejected (worth it after changing the engine "
                    "or the thresholds; the same engine and seed reject them again).")
-@click.option("--category", default=None, help="Only this category.")
-@click.option("--defect", default=None, help="Only this defect type.")
+@click.option("--category", default=None, type=CATEGORY, help="Only this category.")
+@click.option("--defect", default=None, type=DEFECT, help="Only this defect type.")
 @click.option("--dry-run", is_flag=True, help="Only list what would be retried.")
 def retry_command(config_file: Path | None, dataset_dir: Path | None, include_rejected: bool,
                   category: str | None, defect: str | None, dry_run: bool) -> None:
@@ -276,12 +288,22 @@ min_free_mb = 2000            # no new work below this much free disk space
 @click.option("--dry-run", is_flag=True, help="Print what would be done, change nothing.")
 def install_service_command(prefix: Path, user: str, binary: Path | None, no_enable: bool,
                             dry_run: bool) -> None:
-    """Create the service user, lay out /var/lib/appliance, install and enable the units."""
+    """Create the service user, lay out /var/lib/appliance, install and enable the units.
+
+    The installed services are rated with `systemd-analyze security --offline=true` (where it
+    exists); one above an exposure of 2.5 stops the command before anything is enabled.
+    """
     actions = plan_install(prefix, user, binary or default_binary())
     for description, action in actions:
         click.echo(("would " if dry_run else "") + description)
         if not dry_run:
             action()
+    services = [unit_dir(prefix) / unit for unit in UNITS if unit.endswith(".service")]
+    if dry_run:
+        click.echo(f"would check {', '.join(map(str, services))} with systemd-analyze security "
+                   f"--offline=true (exposure at most {MAX_EXPOSURE})")
+    else:
+        check_exposure(services)
     if prefix == Path("/") and not no_enable:
         for command in (["systemctl", "daemon-reload"],
                         ["systemctl", "enable", "--now", "appliance-watch.service",
@@ -303,6 +325,21 @@ def default_binary() -> Path:
     return Path(found) if found else own
 
 
+def unit_dir(prefix: Path) -> Path:
+    return prefix / "etc/systemd/system"
+
+
+# Who may write where (docs/service.md, "Users, groups and permissions"):
+#   /var/lib/appliance  appliance:appliance  0751  others may traverse to inbox/, not list
+#   inbox/              appliance:INBOX_GROUP 2770 + default ACL group rwx: droppers create
+#   everything else     appliance:appliance  0750, files 0640 (UMask=0027): group reads only
+INBOX_GROUP = "appliance-inbox"  # the droppers; also SupplementaryGroups= of both services
+STATE_MODE = 0o751
+INBOX_MODE = 0o2770
+DATA_MODE = 0o750
+MAX_EXPOSURE = 2.5  # systemd-analyze security's overall exposure (0 safe .. 10 unsafe)
+
+
 def plan_install(prefix: Path, user: str, binary: Path) -> list[tuple[str, Callable[[], object]]]:
     """(description, action) pairs; nothing happens until the actions are called."""
     actions: list[tuple[str, Callable[[], object]]] = []
@@ -316,17 +353,31 @@ def plan_install(prefix: Path, user: str, binary: Path) -> list[tuple[str, Calla
                    "--shell", "/usr/sbin/nologin", user]
         actions.append((f"create user: {' '.join(command)}",
                         lambda: subprocess.run(command, check=True)))
+    if system and not _group_exists(INBOX_GROUP):
+        group_command = ["groupadd", "--system", INBOX_GROUP]
+        actions.append((f"create the droppers' group: {' '.join(group_command)}",
+                        lambda: subprocess.run(group_command, check=True)))
     state = prefix / "var/lib/appliance"
+    actions.append((f"create {state} (mode {STATE_MODE:o}, {user}:{user})",
+                    lambda: _make_dir(state, STATE_MODE, user, user, system)))
     for name in DATA_DIRS:
         folder = state / name
-        # The inbox is group-writable and setgid: add factory IT accounts to the group.
-        mode = 0o2770 if name == "inbox" else 0o750
-        actions.append((f"create {folder} (mode {mode:o})",
-                        lambda folder=folder, mode=mode: _make_dir(folder, mode, user, system)))
+        if name == "inbox":
+            # Droppers (INBOX_GROUP) create files here and nowhere else. setgid keeps the group
+            # on their sub-folders; the default ACL gives the group rwx on them whatever the
+            # dropper's umask, so the service (a member) can move files out of them.
+            actions.append((f"create {folder} (mode {INBOX_MODE:o}, {user}:{INBOX_GROUP}, "
+                            f"default ACL group rwx, other none)",
+                            lambda folder=folder: _make_inbox(folder, user, system)))
+        else:
+            actions.append((f"create {folder} (mode {DATA_MODE:o}, {user}:{user}, no group "
+                            f"or other write below it)",
+                            lambda folder=folder: _make_dir(folder, DATA_MODE, user, user, system,
+                                                            tighten=True)))
     config = prefix / "etc/appliance/config.toml"
     actions.append((f"write {config} unless it exists",
                     lambda: _write_config(config, state if not system else None)))
-    target = prefix / "etc/systemd/system"
+    target = unit_dir(prefix)
     for unit in UNITS:
         text = (units_src / unit).read_text().replace(UNIT_BINARY, str(binary))
         if not system:
@@ -345,12 +396,109 @@ def _user_exists(user: str) -> bool:
         return False
 
 
-def _make_dir(folder: Path, mode: int, user: str, chown: bool) -> None:
+def _group_exists(group: str) -> bool:
+    try:
+        grp.getgrnam(group)
+        return True
+    except KeyError:
+        return False
+
+
+def _make_dir(folder: Path, mode: int, user: str, group: str, chown: bool,
+              tighten: bool = False) -> None:
+    """Create ``folder`` with ``mode``; as root, owned by user:group. ``tighten``: take group
+    and other write away from everything already below it (left by an older install whose
+    UMask=0007 let the group rewrite samples and the store)."""
     folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, mode)
-    if chown and os.geteuid() == 0 and _user_exists(user):
-        shutil.chown(folder, user, user)
-        shutil.chown(folder.parent, user, user)
+    if chown and os.geteuid() == 0 and _user_exists(user) and _group_exists(group):
+        shutil.chown(folder, user, group)
+    os.chmod(folder, mode)  # after chown, which may clear setgid
+    if tighten:
+        _drop_shared_write(folder)
+
+
+def _drop_shared_write(folder: Path) -> None:
+    failed = 0
+    for top, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            path = os.path.join(top, name)
+            try:
+                info = os.lstat(path)
+                if not stat.S_ISLNK(info.st_mode) and info.st_mode & 0o022:
+                    os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o022)
+            except OSError:
+                failed += 1
+    if failed:
+        click.echo(f"warning: {failed} file(s) below {folder} are still group- or "
+                   f"other-writable (not ours to change): chmod -R g-w,o-w {folder}", err=True)
+
+
+def _make_inbox(folder: Path, user: str, chown: bool) -> None:
+    _make_dir(folder, INBOX_MODE, user, INBOX_GROUP, chown)
+    for top, dirs, _files in os.walk(folder):
+        for path in (top, *(os.path.join(top, d) for d in dirs)):
+            problem = _set_default_acl(Path(path))
+            if problem:
+                click.echo(f"note: no default ACL on {path} ({problem}): droppers must "
+                           f"create folders with umask 002 so that the service can take "
+                           f"files out of them", err=True)
+                return
+
+
+# A POSIX default ACL in the kernel's xattr format (no setfacl needed): user::rwx, group::rwx,
+# other::---. Entries created below get group rwx (the create mode permitting) and nothing for
+# others, whatever the creator's umask; sub-folders inherit the default ACL.
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+_DEFAULT_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, _ACL_UNDEFINED_ID)
+    for tag, perm in ((0x01, 0o7), (0x04, 0o7), (0x20, 0o0)))  # USER_OBJ, GROUP_OBJ, OTHER
+
+
+def _set_default_acl(folder: Path) -> str | None:
+    """Set the inbox's default ACL on ``folder``; why not, or None once it is set."""
+    try:
+        os.setxattr(folder, "system.posix_acl_default", _DEFAULT_ACL)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def find_systemd_analyze() -> str | None:
+    return shutil.which("systemd-analyze")
+
+
+_EXPOSURE = re.compile(r"Overall exposure level for (\S+): ([0-9]+(?:\.[0-9]+)?) ?(\w*)")
+
+
+def check_exposure(services: list[Path]) -> None:
+    """Rate installed services with `systemd-analyze security --offline=true`; print each
+    overall exposure line; fail if one rates above MAX_EXPOSURE. Without systemd-analyze (or
+    one too old for --offline, before systemd 250) say so and go on."""
+    analyze = find_systemd_analyze()
+    if analyze is None:
+        click.echo("note: systemd-analyze not found: the services' sandbox was not rated "
+                   f"(it should be at most {MAX_EXPOSURE}: systemd-analyze security "
+                   "--offline=true UNIT)")
+        return
+    too_exposed = []
+    for path in services:
+        done = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(path)],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "SYSTEMD_COLORS": "0"})
+        found = _EXPOSURE.search(done.stdout)
+        if found is None:
+            last = (done.stderr.strip().splitlines() or ["no exposure line in its output"])[-1]
+            click.echo(f"note: systemd-analyze could not rate {path}: {last}")
+            continue
+        exposure = float(found.group(2))
+        click.echo(f"security: {found.group(0).strip()} (at most {MAX_EXPOSURE} allowed)")
+        if exposure > MAX_EXPOSURE:
+            too_exposed.append(f"{path.name} rates {exposure} {found.group(3)}".rstrip())
+    if too_exposed:
+        raise click.ClickException(
+            f"{'; '.join(too_exposed)}: above the allowed exposure of {MAX_EXPOSURE}. The unit "
+            f"files were installed but nothing was enabled; restore the sandbox from the "
+            f"shipped units (systemd-analyze security --offline=true UNIT lists every setting).")
 
 
 def _write_config(path: Path, root: Path | None) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 
 from appliance.agent.episode import EpisodeResult
 from appliance.dataset.trajectory import save_trajectory
+from appliance.names import Name, path_under
 from appliance.imaging import is_grayscale, mask_to_pil, save_png_atomic, to_pil
 from appliance.serialization import json_default
 from appliance.storage.exports import append_jsonl, read_jsonl
@@ -98,7 +99,7 @@ class DatasetWriter:
         from appliance.storage.exports import normal_record
 
         store = self.store
-        folder = self.root / category / "train" / "good"
+        folder = path_under(self.root, Name(category, "category"), "train", "good")
         known = store.normal(sha256, category)
         if known is not None and known["status"] == "ok":
             return self.root / known["path"]
@@ -146,8 +147,10 @@ class DatasetWriter:
                     batch=batch, error=record["reason"])
                 self._export(REJECTED, record)
             return None
-        image_folder = self.root / spec.category / "test" / spec.defect
-        mask_folder = self.root / spec.category / "ground_truth" / spec.defect
+        category, defect = Name(spec.category, "category"), Name(spec.defect, "defect")
+        image_folder = path_under(self.root, category, "test", defect)
+        mask_folder = path_under(self.root, category, "ground_truth", defect)
+        trajectory_folder = path_under(self.root, "trajectories", category, defect)
         grayscale = is_grayscale(spec.image)
         final = next(a for a in result.attempts if a.image_index == result.final_image_index)
 
@@ -167,8 +170,7 @@ class DatasetWriter:
                 "knowledge_retrieved": "knowledge_retrieval" in result.tool_sequence,
                 "mask_area_ratio": round(result.mask.area_ratio, 6),
                 "mask_confidence": round(float(result.mask.confidence), 4),
-                "trajectory": _rel(self.root / "trajectories" / spec.category / spec.defect / name,
-                                   self.root),
+                "trajectory": _rel(trajectory_folder / name, self.root),
                 "seconds": round(result.seconds, 4), "batch": batch,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.imaging import write_atomic
-from appliance.names import normalize_name
+from appliance.names import Name, path_under
 
 ACTIVE = "active.json"
 
@@ -46,7 +46,7 @@ def adapter_hash(folder: Path) -> str:
 
 
 def _category_dir(models_dir: Path, category: str) -> Path:
-    return Path(models_dir) / "adapters" / normalize_name(category)
+    return path_under(Path(models_dir) / "adapters", Name(category, "category"))
 
 
 def _state(models_dir: Path, category: str) -> dict:
@@ -77,7 +77,7 @@ def active_adapter(models_dir: Path, category: str) -> ActiveAdapter | None:
                            f"--rollback --category {category}`")
     figures_file = path / "figures.json"
     figures = json.loads(figures_file.read_text()) if figures_file.is_file() else {}
-    return ActiveAdapter(normalize_name(category), state["active"], path, figures)
+    return ActiveAdapter(Name(category, "category"), state["active"], path, figures)
 
 
 def active_adapters(models_dir: Path) -> dict[str, ActiveAdapter]:

@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 
 from appliance.batch import BatchSummary, EpisodeRunner, finish_batch, process_queue
-from appliance.config import Config
+from appliance.config import Config, check_writable
+from appliance.names import printable
 from appliance.service.intake import Intake
 from appliance.service.notify import Notifier
 from appliance.service.schedule import Window
@@ -59,24 +60,20 @@ class Service:
         self.state = "starting"
         self._last_beat = 0.0
         self._last_scan = 0.0
-        for folder in ("inbox", "done", "quarantine", "dataset"):
-            config.path(folder).mkdir(parents=True, exist_ok=True)
-        self.store = JobStore.for_dataset(config.dataset)
+        self.store: JobStore | None = None  # opened by start(), which waits out a full disk
+        self.writer = None
         self.runner: EpisodeRunner | None = None
-        from appliance.dataset.writer import DatasetWriter
-
-        self.writer = DatasetWriter(config.dataset, store=self.store)
         self.scanner = InboxScanner(config.inbox, config.intake.stable_polls,
                                     config.intake.settle_seconds,
                                     config.intake.quarantine_after_seconds)
 
     # Start and stop -----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Recover from any crash, build the engine, and load what intake needs."""
-        with self.store.dataset_lock():
-            for line in reconcile(self.store, self.config.service.max_tries).lines():
-                log.warning("recovered: %s", line)
+    def start(self) -> bool:
+        """Open the store (waiting while the disk is full), recover from any crash, build the
+        engine and load what intake needs. False if a signal came first."""
+        if not self._open_store():
+            return False
         engine_config = self.config.engine_config()
         if self.process:
             self.runner = EpisodeRunner(config=engine_config, workers=self.config.engine.workers)
@@ -93,6 +90,34 @@ class Service:
         log.info("engine %s", self.engine_line)
         log.info("inbox %s -> dataset %s; window %s%s", self.config.inbox, self.config.dataset,
                  self.window, "" if self.process else "; intake only")
+        return True
+
+    def _open_store(self) -> bool:
+        """Folders, store and crash recovery; on a full disk, wait and try again rather than
+        exit (under systemd an exit would only restart into the same full disk)."""
+        from appliance.dataset.writer import DatasetWriter
+
+        while self.stop_signal is None:
+            try:
+                problems = check_writable(self.config)
+                if problems:
+                    raise ServiceError("cannot write where the config says:\n  "
+                                       + "\n  ".join(problems))
+                if self.store is None:
+                    self.store = JobStore.for_dataset(self.config.dataset)
+                    self.writer = DatasetWriter(self.config.dataset, store=self.store)
+                with self.store.dataset_lock():
+                    for line in reconcile(self.store, self.config.service.max_tries).lines():
+                        log.warning("recovered: %s", line)
+                return True
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._disk_full(exc)
+                if self._past_deadline():
+                    return False
+                self._sleep(min(self.backoff_until - time.time(), self._left()))
+        return False
 
     def install_signals(self) -> None:
         def handler(signum, _frame):
@@ -104,6 +129,8 @@ class Service:
         signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
+        if self.store is None:
+            return
         if self.batch_id is not None:
             self._finish_batch()
         self._beat(force=True, state="stopped")
@@ -114,7 +141,9 @@ class Service:
     # appliance watch ----------------------------------------------------------------------------
 
     def watch(self) -> int:
-        self.start()
+        if not self.start():
+            self.notifier.stopping(f"stopping ({self.stop_signal})")
+            return EXIT_OK
         self.notifier.ready(self._status_line())
         last_sweep = time.monotonic()
         while self.stop_signal is None:
@@ -156,7 +185,11 @@ class Service:
                 return RunResult(EXIT_OK, self.summary, message)
             until = self.window.closes_at(now)
         self.deadline = until
-        self.start()
+        if not self.start():
+            message = self.stop_signal and f"signal {self.stop_signal}" or "disk full"
+            self.summary.stopped = message
+            return RunResult(EXIT_OK if self.stop_signal else EXIT_DISK_FULL, self.summary,
+                             message)
         self.notifier.ready(self._status_line())
         for _ in range(self.config.intake.stable_polls):  # establish which files are complete
             self._take_ready_files()
@@ -269,7 +302,7 @@ class Service:
         wait = self.config.service.disk_backoff_seconds
         detail = str(exc)
         if not detail.startswith(("no space left", "only ")):
-            free = shutil.disk_usage(self.config.dataset).free
+            free = shutil.disk_usage(_existing(self.config.dataset)).free
             detail = (f"no space left on the device of {self.config.dataset} "
                       f"({free / 1e6:.1f} MB free; {exc}); the work stays queued")
         message = f"disk full: {detail}. Free space on that disk; retrying in {wait:g} s"
@@ -280,6 +313,8 @@ class Service:
         self._beat(force=True, state="waiting for disk space")
 
     def store_safe_set(self, key: str, value) -> None:
+        if self.store is None:
+            return
         try:
             self.store.set(key, value)
         except Exception as exc:  # noqa: BLE001 - the store may be on the full disk
@@ -294,22 +329,79 @@ class Service:
                 return
             self.notifier.ping()
             try:
-                outcome = self.intake.take(path)
+                self._take(path)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the service
                 if is_disk_full(exc):
                     self._disk_full(exc)  # the file stays in the inbox for later
                     return
-                log.exception("intake of %s failed unexpectedly: %s", path, exc)
+                # The try was counted before it began: the file cannot loop forever.
+                log.exception("intake of inbox/%s failed: %s",
+                              printable(str(path.relative_to(self.config.inbox))), exc)
                 self.scanner.defer(path)
-                continue
-            if outcome.status in ("wait", "error"):
-                if outcome.status == "wait":
-                    log.info("%s: not taken yet (%s)", outcome.source, outcome.reason)
-                self.scanner.defer(path)
-            else:
-                self.scanner.forget(path)
         # Measured from the end of the pass: a long intake must not starve the queue.
         self._last_scan = time.monotonic()
+
+    def _take(self, path: Path) -> None:
+        """One try at one inbox file. Every try is counted in the store before it is made, so
+        one that crashes the process counts too; after ``service.max_tries`` failed tries the
+        file goes to quarantine/ with the last error, and one that cannot even be moved there
+        is left alone until it changes, with the reason in the log and in ``appliance status``.
+        """
+        key = os.fsencode(path.relative_to(self.config.inbox)).hex()
+        shown = printable(str(path.relative_to(self.config.inbox)))
+        row = self.store.begin_intake_try(key, shown)
+        max_tries = self.config.service.max_tries
+        if row["tries"] > max_tries:
+            reason = (f"taking it in failed {row['tries'] - 1} times "
+                      f"(service.max_tries = {max_tries}); last error: "
+                      f"{row['error'] or 'the service stopped while taking it (crash or kill)'}")
+            outcome = self.intake.give_up(path, reason)
+            if outcome.status == "quarantined":
+                self.store.end_intake_try(key)
+                self.scanner.forget(path)
+            else:
+                self.store.end_intake_try(key, error=outcome.reason)
+                log.error("inbox/%s is left in the inbox until it changes: %s", shown,
+                          outcome.reason)
+                self.scanner.hold(path)
+            return
+        ahead = self.scanner.future(path)
+        if ahead > 60:
+            log.warning("inbox/%s: its modification time is %.0f s in the future (the clock of "
+                        "the machine that wrote it?); judged by when it was first seen", shown,
+                        ahead)
+        try:
+            outcome = self.intake.take(path, age=self.scanner.age(path))
+        except Exception as exc:
+            if is_disk_full(exc):
+                self.store_safe_set_try(key, counted=False)
+                raise
+            log.exception("intake of inbox/%s failed (try %d of %d): %s", shown, row["tries"],
+                          max_tries, exc)
+            self.store.end_intake_try(key, error=f"{type(exc).__name__}: {exc}")
+            self.scanner.defer(path)
+            return
+        if outcome.status == "wait":
+            log.info("%s: not taken yet (%s)", outcome.source, outcome.reason)
+            self.store.end_intake_try(key, counted=False)
+            self.scanner.defer(path)
+        elif outcome.status == "error":
+            self.store.end_intake_try(key, error=outcome.reason)
+            self.scanner.defer(path)
+        elif outcome.status == "left":
+            log.error("inbox/%s is left in the inbox until it changes: %s", shown,
+                      outcome.reason)
+            self.store.end_intake_try(key, error=outcome.reason)
+            self.scanner.hold(path)
+        else:
+            self.store.end_intake_try(key)
+            self.scanner.forget(path)
+
+    def store_safe_set_try(self, key: str, counted: bool) -> None:
+        try:
+            self.store.end_intake_try(key, counted=counted)
+        except Exception as exc:  # noqa: BLE001 - the store may be on the full disk
+            log.debug("could not take back the try at %s: %s", key, exc)
 
     def _progress(self, done: int, total: int, summary: BatchSummary) -> None:
         self.notifier.ping()
@@ -328,6 +420,8 @@ class Service:
     # Status -------------------------------------------------------------------------------------
 
     def _status_line(self) -> str:
+        if self.store is None:
+            return self._state()
         counts = self.store.counts()
         state = self._state()
         return (f"{state}; queue {counts['queued'] + counts['running']}, "
@@ -337,6 +431,8 @@ class Service:
     def _state(self) -> str:
         if time.time() < self.backoff_until:
             return "waiting for disk space"
+        if self.store is None:
+            return "starting"
         if self.store.paused:
             return "paused"
         if not self.window.contains(datetime.now()):
@@ -353,8 +449,20 @@ class Service:
         self.store_safe_set(self.role, {
             "pid": os.getpid(), "state": self.state, "engine": getattr(self, "engine_line", ""),
             "window": str(self.window), "inbox": str(self.config.inbox),
-            "pending_files": self.scanner.pending(), "batch": self.batch_id,
-            "poll_seconds": self.config.intake.poll_seconds})
+            "pending_files": self.scanner.pending(), "held_files": self.scanner.held(),
+            "unreadable_folders": sorted(printable(f) for f in self.scanner.unreadable),
+            "batch": self.batch_id, "poll_seconds": self.config.intake.poll_seconds})
+
+
+class ServiceError(RuntimeError):
+    """The service cannot run as configured (e.g. a folder it must write is not writable)."""
+
+
+def _existing(path: Path) -> Path:
+    """The path, or its nearest existing parent (disk usage of a folder not made yet)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _load_kb(engine_config):

@@ -25,10 +25,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from appliance.batch import SPEC_FILE, InboxError, intake_image, read_spec, resolve_defects
+from appliance.batch import (SPEC_FILE, InboxError, inbox_category, intake_image, read_spec,
+                             resolve_defects)
 from appliance.config import Config
-from appliance.imaging import to_rgb_array
-from appliance.names import normalize_name
+from appliance.imaging import to_rgb_array, write_atomic
+from appliance.names import InvalidName, Name, printable
 from appliance.tools.knowledge.base import KnowledgeBase
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TIFF": "TIFF",
                     "WEBP": "WebP"}
 REASON_SUFFIX = ".reason.txt"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Refused(Exception):
@@ -49,18 +49,11 @@ class NotReady(Exception):
 
 @dataclass
 class Outcome:
-    status: str  # "queued" | "known" | "quarantined" | "wait" | "error"
+    status: str  # "queued" | "known" | "quarantined" | "wait" | "error" | "left"
     source: str  # the inbox-relative name, printable
     reason: str = ""
     moved_to: Path | None = None
     episodes: int = 0
-
-
-def printable(name: str) -> str:
-    """A file name safe to log and write: undecodable bytes and control characters escaped."""
-    raw = os.fsencode(name)
-    text = raw.decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def safe_name(name: str, limit: int = 120) -> str:
@@ -81,17 +74,25 @@ class Intake:
 
     # The one entry point -----------------------------------------------------------------------
 
-    def take(self, path: Path, now: float | None = None) -> Outcome:
+    def take(self, path: Path, now: float | None = None, age: float | None = None) -> Outcome:
         """Check ``path`` and either queue it (moved to done/) or quarantine it.
 
+        ``age`` is how long the file has been as it is now (default: from its mtime; the
+        scanner passes the time since it first saw it, which a future mtime cannot fool).
         Raises DiskFullError (the file stays in the inbox) when the dataset's disk is full.
         """
         now = time.time() if now is None else now
         relative = path.relative_to(self.inbox)
         shown = printable(str(relative))
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            # Neither done/ nor quarantine/ could take it: say so once, leave it be.
+            return Outcome("left", shown, f"the service may not move files out of "
+                                          f"inbox/{printable(str(relative.parent))} (no write "
+                                          f"permission on that folder); make the folder "
+                                          f"writable by the service's group")
         try:
             category, defects, per_image = self._category(relative)
-            image, data, original = self._read(path, now)
+            image, data, original = self._read(path, now, age)
         except NotReady as exc:
             return Outcome("wait", shown, str(exc))
         except Refused as exc:
@@ -107,20 +108,25 @@ class Intake:
                  f", {len(finished)} already done" if finished else "")
         return Outcome(status, shown, moved_to=target, episodes=added)
 
+    def give_up(self, path: Path, reason: str) -> Outcome:
+        """Move a file to quarantine/ with its reason, whatever it is (e.g. after N failed tries)."""
+        return self._quarantine(path, path.relative_to(self.inbox), reason)
+
     # Checks -------------------------------------------------------------------------------------
 
     def _category(self, relative: Path) -> tuple[str, list[str], int]:
-        name = str(relative)
-        # os.fsdecode turns bytes that are not UTF-8 into lone surrogates U+DC80..U+DCFF.
-        if any("\udc80" <= ch <= "\udcff" for ch in name):
-            raise Refused("the file name is not valid UTF-8; rename it and drop it again")
-        if _CONTROL.search(name):
-            raise Refused("the file name contains control characters (a newline, tab or "
-                          "similar); rename it and drop it again")
+        for part in relative.parts:
+            try:
+                Name(part, "file")
+            except InvalidName as exc:
+                raise Refused(f"unusable name: {exc}; rename it and drop it again") from None
         if len(relative.parts) < 2:
             raise Refused("not in a category folder: put photos in inbox/<category>/")
         folder = relative.parts[0]
-        category = normalize_name(folder)
+        try:
+            category = inbox_category(self.inbox, folder)
+        except InvalidName as exc:
+            raise Refused(f"the folder cannot be a category: {exc}") from None
         configured = self.config.category_spec(category)
         try:
             spec = read_spec(self.inbox / folder)
@@ -133,14 +139,18 @@ class Intake:
         if not spec.defects and self.config.defaults.defects:
             spec = replace(spec, defects=self.config.defaults.defects)
         # The category's own settings, then its spec.toml, then [defaults], then the knowledge base.
-        defects = resolve_defects(category, self.knowledge_base, spec)
+        try:
+            defects = resolve_defects(category, self.knowledge_base, spec)
+        except InvalidName as exc:
+            raise Refused(f"a defect type cannot be used: {exc}") from None
         if not defects:
             raise Refused(f"unknown category {folder!r}: the knowledge base and the config have "
                           f"no defect types for it; add [categories.{category}] defects = [...] "
                           f"to the config or inbox/{folder}/{SPEC_FILE}")
         return category, defects, int(spec.per_image or self.config.defaults.per_image)
 
-    def _read(self, path: Path, now: float) -> tuple[np.ndarray, bytes, tuple[int, int]]:
+    def _read(self, path: Path, now: float,
+              age: float | None = None) -> tuple[np.ndarray, bytes, tuple[int, int]]:
         limits = self.config.intake
         info = os.lstat(path)
         if stat.S_ISLNK(info.st_mode):
@@ -150,7 +160,7 @@ class Intake:
                           f"to {printable(target)}); copy the file itself instead")
         if not stat.S_ISREG(info.st_mode):
             raise Refused(f"not a regular file ({_file_kind(info.st_mode)})")
-        young = now - info.st_mtime < limits.quarantine_after_seconds
+        young = (now - info.st_mtime if age is None else age) < limits.quarantine_after_seconds
         if info.st_size == 0:
             if young:
                 raise NotReady("empty so far")
@@ -158,7 +168,14 @@ class Intake:
         if info.st_size > limits.max_file_mb * 1e6:
             raise Refused(f"file is {info.st_size / 1e6:.1f} MB, above the limit of "
                           f"{limits.max_file_mb:g} MB (intake.max_file_mb)")
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except PermissionError:
+            if young:  # a copy tool may set the mode last
+                raise NotReady("not readable yet (permission denied)") from None
+            raise Refused(f"the service cannot read it (permission denied: mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid}); make it "
+                          f"readable by the service's group and drop it again") from None
         with os.fdopen(fd, "rb") as handle:
             data = handle.read(int(limits.max_file_mb * 1e6) + 1)
         try:
@@ -223,8 +240,6 @@ class Intake:
                 f"action:  fix or replace the file, then drop it into the inbox again; "
                 f"this copy is kept here only for inspection\n")
         try:
-            from appliance.imaging import write_atomic
-
             write_atomic(target.with_name(target.name + REASON_SUFFIX), note.encode("utf-8"))
             _move_file(path, target)
         except OSError as exc:

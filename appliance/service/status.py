@@ -31,7 +31,8 @@ def collect_status(config: Config) -> dict:
         counts = store.counts()
         recent = store.recent_finished(now - RATE_WINDOW_SECONDS)
         report: dict = {"dataset": str(config.dataset), "counts": counts,
-                        "paused": store.paused, "last_error": store.get("last_error")}
+                        "paused": store.paused, "last_error": store.get("last_error"),
+                        "intake_failures": store.intake_failures()}
         for role in ("watcher", "runner"):
             beat, updated = store.get_with_time(role)
             report[role] = {"alive": _alive(beat, updated, now), "heartbeat": beat,
@@ -106,6 +107,13 @@ def status_lines(report: dict) -> list[str]:
     lines.append(text)
     lines.append(f"inbox       {report['inbox_files']} file(s) not yet taken")
     lines.append(f"quarantine  {report['quarantined_files']} file(s)")
+    for failure in report.get("intake_failures", []):
+        lines.append(f"inbox file  {failure['file']}: {failure['tries']} tr"
+                     f"{'y' if failure['tries'] == 1 else 'ies'}, {failure['error']}")
+    beat = (report["watcher"]["heartbeat"] or {}) if report["watcher"]["alive"] else {}
+    for folder in beat.get("unreadable_folders", []):
+        lines.append(f"inbox folder {folder}: cannot be listed by the service (permission "
+                     f"denied); its files wait")
     disk = report["disk"]
     low = " (LOW: no new work starts)" if disk["free_bytes"] < disk["min_free_bytes"] else ""
     lines.append(f"disk        {disk['free_bytes'] / 1e9:.1f} GB free of "

@@ -84,3 +84,13 @@ def m001_initial(db: sqlite_utils.Database) -> None:
                           "summary": str}, pk="id")
     # Small shared state: pause flag, last error, heartbeat, engine in use.
     db["control"].create({"key": str, "value": str, "updated": float}, pk="key")
+
+
+@migration
+def m002_intake_tries(db: sqlite_utils.Database) -> None:
+    # Tries at taking one inbox file, counted before each try so that a crash counts too;
+    # keyed by the file's inbox-relative path as bytes (hex), which need not be UTF-8.
+    db["intake_tries"].create({
+        "key": str, "file": str, "tries": int, "first_try": float, "last_try": float,
+        "error": str,
+    }, pk="key", not_null={"key", "file", "tries"}, defaults={"tries": 0})

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
+from appliance.names import Name
 from appliance.serialization import json_default
 from appliance.storage.layout import DB_NAME, STATE_DIR
 from appliance.storage.locks import FileLock, Owner, owner_alive
@@ -187,7 +188,11 @@ class JobStore:
     # Episodes -----------------------------------------------------------------------------------
 
     def enqueue(self, plans: list[EpisodePlan]) -> tuple[int, list[str]]:
-        """Queue the plans not seen before; returns (added, keys already finished)."""
+        """Queue the plans not seen before; returns (added, keys already finished).
+        InvalidName, before anything is queued, if a category or defect could not be a folder."""
+        for plan in plans:
+            Name(plan.category, "category")
+            Name(plan.defect, "defect")
         added, finished = 0, []
         now = time.time()
         with self.transaction():
@@ -437,6 +442,38 @@ class JobStore:
         with self.transaction():
             self.db.execute("update batches set finished_at = ?, summary = ? where id = ?",
                             [time.time(), json.dumps(summary, default=json_default), batch_id])
+
+    # Tries at taking inbox files --------------------------------------------------------------
+
+    def begin_intake_try(self, key: str, file: str) -> dict:
+        """Count one more try at an inbox file before it is made (so a crash counts); returns
+        its row, with the error of the try before."""
+        now = time.time()
+        with self.transaction():
+            self.db.execute(
+                "insert into intake_tries (key, file, tries, first_try, last_try) "
+                "values (?, ?, 1, ?, ?) on conflict(key) do update set "
+                "tries = tries + 1, last_try = excluded.last_try, file = excluded.file",
+                [key, file, now, now])
+        return self.db["intake_tries"].get(key)
+
+    def end_intake_try(self, key: str, error: str | None = None, counted: bool = True) -> None:
+        """The try ended: with an ``error`` it stays counted; a try that ``counted=False`` (the
+        file was not ready yet) is taken back; otherwise the file is settled and forgotten."""
+        with self.transaction():
+            if error is not None:
+                self.db.execute("update intake_tries set error = ? where key = ?",
+                                [error[:2000], key])
+            elif not counted:
+                self.db.execute("update intake_tries set tries = tries - 1 where key = ?", [key])
+                self.db.execute("delete from intake_tries where key = ? and tries <= 0", [key])
+            else:
+                self.db.execute("delete from intake_tries where key = ?", [key])
+
+    def intake_failures(self) -> list[dict]:
+        """Inbox files whose last try failed, most tried first (for ``appliance status``)."""
+        return list(self.db.query("select file, tries, error, last_try from intake_tries "
+                                  "where error is not null order by tries desc, last_try"))
 
     def set(self, key: str, value: Any) -> None:
         with self.transaction():
