@@ -41,7 +41,7 @@ import numpy as np
 from appliance.agent.episode import EpisodeResult, EpisodeSpec
 from appliance.config import CategorySection, ConfigError, parse_category_spec
 from appliance.engine import Engine, EngineConfig, build_engine
-from appliance.imaging import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, load_rgb
+from appliance.imaging import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, load_rgb, read_plain_file
 from appliance.names import InvalidName, Name, printable, unique_names
 from appliance.storage import DiskFullError, EpisodePlan, JobStore, is_disk_full
 from appliance.tools.knowledge.base import KnowledgeBase
@@ -49,6 +49,7 @@ from appliance.tools.knowledge.base import KnowledgeBase
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.toml"
+MAX_INPUT_BYTES = 512_000_000  # a photo above this is not read (the service's intake.max_file_mb)
 MAX_SPEC_BYTES = 64_000
 DEFAULT_MAX_TRIES = 5
 
@@ -203,18 +204,20 @@ def plan_inbox(inbox: Path, knowledge_base: KnowledgeBase, per_image: int,
     plans, skipped = [], []
     for folder in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
+            if folder.is_symlink():
+                raise InboxError("a symbolic link; put the photos in a folder of the inbox")
             category = inbox_category(inbox, folder.name)
             spec = read_spec(folder)
             chosen = resolve_defects(category, knowledge_base, spec, defects)
-        except (InboxError, InvalidName) as exc:
+            images = sorted(p for p in folder.iterdir()
+                            if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        except (InboxError, InvalidName, OSError) as exc:
             skipped.append((printable(folder.name), str(exc)))
             continue
         if not chosen:
             skipped.append((folder.name, f"the knowledge base has no defect list for {category!r}; "
                                          f"add {folder / SPEC_FILE} with defects = [...]"))
             continue
-        images = sorted(p for p in folder.iterdir()
-                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             skipped.append((folder.name, "no image files"))
             continue
@@ -274,8 +277,14 @@ _WORKER_ENGINE: Engine | None = None
 
 def _init_worker(config: EngineConfig) -> None:
     global _WORKER_ENGINE
+    import signal
+
     import torch
 
+    # A stop is the main process's to handle: it finishes the chunks in flight, which needs
+    # its workers alive (systemd's KillMode=mixed signals the main process alone).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     _WORKER_ENGINE = build_engine(config)
 
@@ -538,7 +547,7 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
             for path in plan.images:
                 try:
                     Name(path.name, "file")
-                    data = path.read_bytes()
+                    data = read_plain_file(path, MAX_INPUT_BYTES)
                     image = decode_image(data)
                 except (ImageReadError, OSError, InvalidName) as exc:
                     summary.unreadable.append((printable(str(path)), str(exc)))

@@ -10,6 +10,7 @@ Relative paths are taken from ``paths.root`` (default ``$APPLIANCE_HOME``, else
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import types
@@ -73,7 +74,8 @@ class EngineSection:
                                        max=1024)
     workers: int = _opt(1, "worker processes, each with the engine resident", min=1, max=64)
     chunk: int = _opt(4, "episodes that step together (one batched call per tool)", min=1, max=256)
-    seed: int = _opt(0, "base seed; episode seeds derive from it and the photo's content", min=0)
+    seed: int = _opt(0, "base seed; episode seeds derive from it and the photo's content", min=0,
+                     max=2**31 - 1)
 
 
 @dataclass
@@ -95,9 +97,10 @@ class IntakeSection:
     quarantine_after_seconds: float = _opt(
         60.0, "an unreadable file is only quarantined once unchanged this long (it may still be "
               "copying)", min=0, max=86400)
-    max_file_mb: float = _opt(512.0, "larger files are quarantined unread", min=0.001)
+    max_file_mb: float = _opt(512.0, "larger files are quarantined unread", min=0.001,
+                              max=16_000)
     max_pixels: int = _opt(64_000_000, "decompression-bomb guard: refuse images above this",
-                           min=1)
+                           min=1, max=1_000_000_000)
     min_side: int = _opt(32, "refuse images with a side shorter than this", min=1)
     max_side: int = _opt(4096, "images with a longer side are downscaled (or refused)", min=16)
     oversize: str = _opt("downscale", "what to do above max_side", choices=("downscale", "reject"))
@@ -116,7 +119,7 @@ class ServiceSection:
     max_tries: int = _opt(3, "an episode started this often without finishing (crash, engine "
                              "error) is marked failed", min=1, max=100)
     min_free_mb: float = _opt(500.0, "below this much free disk space no new work starts",
-                              min=0)
+                              min=0, max=10_000_000)
     disk_backoff_seconds: float = _opt(300.0, "wait after a full disk before trying again",
                                        min=0.01, max=86400)
 
@@ -333,6 +336,9 @@ def _convert(hint: Any, value: Any, dotted: str, rules: dict, error) -> Any:
                 hint is int and not isinstance(value, int)):
             error(dotted, f"must be {'an integer' if hint is int else 'a number'}, not {_kind(value)}")
             return _INVALID
+        if not math.isfinite(value):
+            error(dotted, f"must be a finite number, not {value}")
+            return _INVALID
         low, high = rules.get("min"), rules.get("max")
         if (low is not None and value < low) or (high is not None and value > high):
             span = f"between {low} and {high}" if high is not None else f"at least {low}"
@@ -413,7 +419,7 @@ def _check_paths(config: Config, error) -> None:
     resolved = {}
     for name in [f.name for f in fields(PathsSection) if f.name not in ("root", "knowledge_base")]:
         path = config.path(name)
-        resolved[name] = path
+        resolved[name] = path.resolve()  # a link must not join what the names keep apart
         if _is_system(path):
             error(f"paths.{name}", f"{path} is a system folder (or inside one); use a folder of "
                                   f"its own such as /var/lib/appliance/{name}")

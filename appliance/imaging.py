@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,27 @@ CHANGE_THRESHOLD = 8
 
 class ImageReadError(ValueError):
     """The file is not a usable image; the message says why, for the quarantine note."""
+
+
+def read_plain_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of an input file that is a plain file of at most ``max_bytes``: never follows a
+    symbolic link, never blocks on a pipe swapped in after a check. ImageReadError otherwise;
+    PermissionError passes through (the caller decides whether the file may still change)."""
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise ImageReadError(f"{kind}; copy the file itself instead")
+    if info.st_size > max_bytes:
+        raise ImageReadError(f"file is {info.st_size / 1e6:.1f} MB, above the limit of "
+                             f"{max_bytes / 1e6:g} MB")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ImageReadError("not a regular file")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageReadError(f"file grew above the limit of {max_bytes / 1e6:g} MB while read")
+    return data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

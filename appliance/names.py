@@ -15,13 +15,15 @@ from pathlib import Path
 MAX_NAME_LENGTH = 64  # categories and defect types: a folder name, readable in a report
 MAX_FILE_NAME_BYTES = 240  # input files: below the 255-byte limit with room for "-2" suffixes
 
-# Folders at the dataset root that are not categories (``storage.layout`` adds its state dir).
+# Folders at the dataset root that are not categories (``storage.layout`` adds its state dir),
+# and the files there: a category may be called neither.
 DATASET_FOLDERS = frozenset({"trajectories", "contact_sheet", "batches"})
+DATASET_FILES = frozenset({"manifest.jsonl", "rejected.jsonl", "normals.jsonl", "index.html"})
 # Windows device names: a dataset on an SMB share cannot hold a folder called so.
 _DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
                       *(f"lpt{i}" for i in range(10))})
 RESERVED = {
-    "category": DATASET_FOLDERS | _DEVICES,
+    "category": DATASET_FOLDERS | DATASET_FILES | _DEVICES,
     # test/good holds the normal test photos in the MVTec layout: no defect may be called so.
     "defect": frozenset({"good"}) | _DEVICES,
     "material": _DEVICES,
@@ -36,6 +38,9 @@ _FORBIDDEN["file"] = set("/\\\0")
 # bidirectional overrides, zero-width joiners), surrogates (undecodable bytes), private use,
 # unassigned, and the line and paragraph separators.
 _UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+# Letters and marks that draw nothing (Hangul fillers, braille blank, combining grapheme joiner):
+# two names that differ only by them would look the same in every report.
+_INVISIBLE = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800", "\u034f"}
 
 
 class InvalidName(ValueError):
@@ -45,7 +50,9 @@ class InvalidName(ValueError):
 def normalize_name(name: str) -> str:
     """Folder names, user input and KB keys meet in one spelling: NFC, lower_snake_case."""
     text = unicodedata.normalize("NFC", name).casefold()
-    return "_".join(text.strip().replace("-", " ").replace("_", " ").split())
+    # casefold can decompose (U+01F0 becomes j + caron): compose again.
+    return unicodedata.normalize("NFC", "_".join(
+        text.strip().replace("-", " ").replace("_", " ").split()))
 
 
 def printable(name: str) -> str:
@@ -112,7 +119,8 @@ def _checked(raw: str, kind: str) -> str:
     shown = printable(raw)
     if any("\udc80" <= ch <= "\udcff" for ch in raw):  # os.fsdecode of bytes that are not UTF-8
         raise InvalidName(f"'{shown}' is not valid UTF-8")
-    bad = sorted({ch for ch in raw if unicodedata.category(ch) in _UNPRINTABLE})
+    bad = sorted({ch for ch in raw
+                  if unicodedata.category(ch) in _UNPRINTABLE or ch in _INVISIBLE})
     if bad:
         codes = ", ".join(f"U+{ord(ch):04X}" for ch in bad)
         raise InvalidName(f"'{shown}' contains characters that print nothing or reorder text "
@@ -131,6 +139,9 @@ def _checked(raw: str, kind: str) -> str:
         spelled = "" if name == raw else f" (as {name!r})"
         raise InvalidName(f"'{shown}' starts with '.' or '-'{spelled}; a {kind} name must "
                           f"start with a letter, digit or '_'")
+    if kind != "file" and unicodedata.category(name[0])[0] not in "LN" and name[0] != "_":
+        raise InvalidName(f"'{shown}' starts with {name[0]!r}; a {kind} name must start with a "
+                          f"letter, digit or '_'")
     if name.endswith((".", " ")):
         raise InvalidName(f"'{shown}' ends with '.' or a space, which Windows shares drop")
     limit = MAX_FILE_NAME_BYTES if kind == "file" else MAX_NAME_LENGTH

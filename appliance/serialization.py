@@ -28,6 +28,8 @@ def parse_toml(text: str, where: str, error: ErrorFactory = TomlError) -> dict[s
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{where}: not valid TOML: {exc}") from None
+    except RecursionError:  # thousands of nested arrays or tables
+        raise error(f"{where}: not valid TOML: nested too deeply") from None
 
 
 def load_toml(path: Path, error: ErrorFactory = TomlError, where: str | None = None) -> dict[str, Any]:

@@ -94,11 +94,31 @@ def test_relative_root_is_taken_from_the_file_location(tmp_path):
     ("[categories.bottle]\nper_image = 2\n", "categories.bottle: needs defects = [...] or material"),
     ("paths = 3\n", "paths: must be a table, not an integer"),
     ("[engine\n", "not valid TOML"),
+    ("[intake]\npoll_seconds = nan\n", "intake.poll_seconds: must be a finite number, not nan"),
+    ("[service]\nmin_free_mb = inf\n", "service.min_free_mb: must be a finite number, not inf"),
+    ("[engine]\nseed = 99999999999\n", "engine.seed: must be between 0 and 2147483647"),
+    ("[paths]\nroot = \"/\"\n", "paths.root: / is a system folder"),
+    ("[paths]\nroot = \"/srv/a\"\ninbox = \"/etc/in\"\n", "paths.inbox: /etc/in is a system folder"),
+    ("[paths]\nroot = \"/srv/a\"\ninbox = \"../x\"\n", "paths.inbox: must not contain '..'"),
+    ("[paths]\nroot = \"/srv/a\"\ndataset = \"inbox/d\"\n",
+     "paths.dataset: /srv/a/inbox/d lies inside paths.inbox (/srv/a/inbox)"),
+    ("[paths]\nroot = \"/srv/a\"\ndone = \"inbox\"\n", "paths.inbox: is the same folder as paths.done"),
+    ("[categories.\"_..\"]\ndefects = [\"crack\"]\n", "categories: '_..' starts with '.' or '-'"),
+    ("[categories.Bottle]\ndefects = [\"crack\"]\n[categories.bottle]\ndefects = [\"x\"]\n",
+     "'Bottle' and 'bottle' are the same category name"),
 ])
 def test_errors_name_the_key_and_line(text, expected):
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
     assert any(expected in error for error in caught.value.errors), caught.value.errors
+
+
+def test_a_link_cannot_put_the_dataset_inside_the_inbox(tmp_path):
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "ds").symlink_to(tmp_path / "inbox")
+    with pytest.raises(ConfigError, match="paths.dataset: .* is the same folder as paths.inbox|"
+                                          "paths.inbox: is the same folder as paths.dataset"):
+        parse_config(f'[paths]\nroot = "{tmp_path}"\ndataset = "ds"\n')
 
 
 def test_every_problem_is_reported_at_once():

@@ -152,6 +152,7 @@ def build_corpus(corpus: Corpus) -> None:
         ('defectz = ["crack"]\n', "unknown key"),
         (b"\xff\xfe\x00garbage\x00", "cannot read|not valid TOML"),
         ("# " + "x" * 100_000 + "\n", "a spec is at most 64 kB"),
+        ("a = " + "[" * 20_000 + "]" * 20_000 + "\n", "not valid TOML"),
     ]
     for n, (text, words) in enumerate(specs):
         c.spec(f"spec_{n:02d}", text, words)
@@ -207,6 +208,9 @@ def build_corpus(corpus: Corpus) -> None:
     c.drop(f"{tile}/taken_as_folder.png", data=png_bytes(photo(6)), outcome="processed")
     c.folder = c.done / tile / f"h{c.count:02d}_taken_as_folder.png"
     c.folder.mkdir()
+    # A folder of the inbox whose name is a file in done/ (inbox/c/x taken, then inbox/c/x/y).
+    (c.done / tile / "sub_as_file").write_text("an earlier photo called sub_as_file")
+    c.drop(f"{tile}/sub_as_file/p.png", data=png_bytes(photo(10)), outcome="processed")
     # done/<category> is a file: moving there fails on every try, so the tries are counted and
     # the photo ends in quarantine with the last error after service.max_tries.
     (c.inbox / "blocked").mkdir()
@@ -373,3 +377,30 @@ def test_reason_files_sit_beside_their_files(hostile):
     quarantine = hostile[0].root / "quarantine"
     for note in quarantine.rglob(f"*{REASON_SUFFIX}"):
         assert os.path.lexists(note.parent / note.name[: -len(REASON_SUFFIX)]), note
+
+
+def test_appliance_batch_reads_inputs_with_the_same_guards(tmp_path):
+    """`appliance batch` reads a folder it was pointed at, not the watched inbox, but a link, a
+    pipe or a huge file there must not make it read elsewhere, block or allocate without bound."""
+    from appliance.batch import plan_inbox
+    from appliance.imaging import ImageReadError, read_plain_file
+    from appliance.tools.knowledge.base import load_knowledge_base
+
+    inbox = tmp_path / "inbox"
+    (inbox / "magnetic_tile").mkdir(parents=True)
+    (inbox / "magnetic_tile" / "a.png").write_bytes(png_bytes(photo(1)))
+    (inbox / "linked").symlink_to(inbox / "magnetic_tile", target_is_directory=True)
+    (inbox / "Trajectories").mkdir()
+    (inbox / "Trajectories" / "b.png").write_bytes(png_bytes(photo(2)))
+    plans, skipped = plan_inbox(inbox, load_knowledge_base(), 1, ["crack"])
+    assert [p.category for p in plans] == ["magnetic_tile"]
+    reasons_by_folder = dict(skipped)
+    assert "symbolic link" in reasons_by_folder["linked"]
+    assert "is reserved" in reasons_by_folder["Trajectories"]
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to(inbox / "magnetic_tile" / "a.png")
+    for name, words in (("pipe.png", "not a regular file"), ("link.png", "symbolic link")):
+        with pytest.raises(ImageReadError, match=words):
+            read_plain_file(tmp_path / name, 1_000_000)
+    with pytest.raises(ImageReadError, match="above the limit"):
+        read_plain_file(inbox / "magnetic_tile" / "a.png", 100)

@@ -324,7 +324,15 @@ class Service:
         self._last_scan = time.monotonic()
         if time.time() < self.backoff_until:
             return
-        for path in self.scanner.poll():
+        ready = self.scanner.poll()
+        try:
+            self.store.forget_intake_tries({self._try_key(p) for p in self.scanner.seen()})
+        except Exception as exc:  # noqa: BLE001 - bookkeeping; the next poll tries again
+            if is_disk_full(exc):
+                self._disk_full(exc)
+                return
+            log.warning("could not forget the tries of files gone from the inbox: %s", exc)
+        for path in ready:
             if self.stop_signal:
                 return
             self.notifier.ping()
@@ -347,7 +355,7 @@ class Service:
         file goes to quarantine/ with the last error, and one that cannot even be moved there
         is left alone until it changes, with the reason in the log and in ``appliance status``.
         """
-        key = os.fsencode(path.relative_to(self.config.inbox)).hex()
+        key = self._try_key(path)
         shown = printable(str(path.relative_to(self.config.inbox)))
         row = self.store.begin_intake_try(key, shown)
         max_tries = self.config.service.max_tries
@@ -396,6 +404,9 @@ class Service:
         else:
             self.store.end_intake_try(key)
             self.scanner.forget(path)
+
+    def _try_key(self, path: Path) -> str:
+        return os.fsencode(path.relative_to(self.config.inbox)).hex()
 
     def store_safe_set_try(self, key: str, counted: bool) -> None:
         try:

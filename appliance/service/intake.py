@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from appliance.batch import (SPEC_FILE, InboxError, inbox_category, intake_image, read_spec,
                              resolve_defects)
 from appliance.config import Config
-from appliance.imaging import to_rgb_array, write_atomic
+from appliance.imaging import ImageReadError, read_plain_file, to_rgb_array, write_atomic
 from appliance.names import InvalidName, Name, printable
 from appliance.tools.knowledge.base import KnowledgeBase
 
@@ -102,7 +102,7 @@ class Intake:
         added, finished = intake_image(self.writer, category, image, sha, str(relative),
                                        len(data), defects, per_image, self.config.engine.seed,
                                        original_size=original)
-        target = self._move(path, self.done / relative, sha)
+        target = self._move(path, relative, sha)
         status = "known" if known and not added else "queued"
         log.info("%s: %s, %d episode(s) queued%s", shown, status, added,
                  f", {len(finished)} already done" if finished else "")
@@ -169,15 +169,15 @@ class Intake:
             raise Refused(f"file is {info.st_size / 1e6:.1f} MB, above the limit of "
                           f"{limits.max_file_mb:g} MB (intake.max_file_mb)")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            data = read_plain_file(path, int(limits.max_file_mb * 1e6))
+        except ImageReadError as exc:
+            raise Refused(str(exc)) from None
         except PermissionError:
             if young:  # a copy tool may set the mode last
                 raise NotReady("not readable yet (permission denied)") from None
             raise Refused(f"the service cannot read it (permission denied: mode "
                           f"{stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid}); make it "
                           f"readable by the service's group and drop it again") from None
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read(int(limits.max_file_mb * 1e6) + 1)
         try:
             image, original = self._decode(data)
         except Refused:
@@ -239,20 +239,36 @@ class Intake:
                 f"when:    {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
                 f"action:  fix or replace the file, then drop it into the inbox again; "
                 f"this copy is kept here only for inspection\n")
+        note_path = target.with_name(target.name + REASON_SUFFIX)
         try:
-            write_atomic(target.with_name(target.name + REASON_SUFFIX), note.encode("utf-8"))
+            write_atomic(note_path, note.encode("utf-8"))
             _move_file(path, target)
         except OSError as exc:
+            try:  # no note without its file: the next try writes a new one
+                note_path.unlink()
+            except OSError:
+                pass
             log.error("cannot quarantine inbox/%s (%s): %s", shown, reason, exc)
             return Outcome("error", shown, f"{reason}; quarantine failed: {exc}")
         log.warning("quarantined inbox/%s: %s", shown, reason)
         return Outcome("quarantined", shown, reason, moved_to=target)
 
-    def _move(self, path: Path, target: Path, sha: str) -> Path:
+    def _move(self, path: Path, relative: Path, sha: str) -> Path:
+        """To done/, never over anything already there: a name that exists (a file or a folder)
+        gets the content's hash added."""
+        target = self.done / relative
         if os.path.lexists(target):
             target = target.with_name(f"{target.stem}-{sha[:8]}{target.suffix}")
         target = _free_name(target)
-        _move_file(path, target)
+        try:
+            _move_file(path, target)
+        except (FileExistsError, NotADirectoryError):
+            # A folder on the way is a file in done/ (inbox/c/x taken, then inbox/c/x/y.png):
+            # keep the photo flat in its category's folder instead.
+            flat = Path("_".join(relative.parts[1:]))
+            target = _free_name(self.done / relative.parts[0] /
+                                f"{flat.stem}-{sha[:8]}{flat.suffix}")
+            _move_file(path, target)
         return target
 
 

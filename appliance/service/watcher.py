@@ -162,6 +162,10 @@ class InboxScanner:
         """Entries seen but not yet taken (copies in progress, deferred files)."""
         return len(self._seen)
 
+    def seen(self) -> list[Path]:
+        """Every entry the last poll saw."""
+        return [Path(key) for key in self._seen]
+
     def held(self) -> int:
         """Entries left alone until they change."""
         return len(self._held)

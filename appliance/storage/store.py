@@ -470,6 +470,16 @@ class JobStore:
             else:
                 self.db.execute("delete from intake_tries where key = ?", [key])
 
+    def forget_intake_tries(self, keep: set[str]) -> int:
+        """Drop the counts of files no longer in the inbox (moved, deleted); returns how many."""
+        gone = [row[0] for row in self.db.execute("select key from intake_tries")
+                if row[0] not in keep]
+        if gone:
+            with self.transaction():
+                self.db.conn.executemany("delete from intake_tries where key = ?",
+                                    [[key] for key in gone])
+        return len(gone)
+
     def intake_failures(self) -> list[dict]:
         """Inbox files whose last try failed, most tried first (for ``appliance status``)."""
         return list(self.db.query("select file, tries, error, last_try from intake_tries "
