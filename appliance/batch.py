@@ -378,29 +378,45 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
     and ``stop`` is asked between chunks: pause, the end of the time window, a signal. Chunks
     already running are finished and written before returning. A full disk raises
     DiskFullError after putting every unwritten claimed episode back in the queue.
+
+    A chunk's PNGs are encoded in a thread while the engine runs the next chunk, and written
+    (in the store's write protocol, on this thread) after it: the two overlap on two cores.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.dataset.writer import encode_sample
+
     summary = summary if summary is not None else BatchSummary()
     in_flight: deque[tuple[list[EpisodeJob], Future]] = deque()
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png")
     unwritten: list[int] = []  # claimed ids of the chunk being written, not yet written
     # Anything still marked running by this process is left from an earlier call that failed
     # (e.g. a full disk that also refused the release): it goes back to the queue first.
     store.release_mine()
     total = store.counts()["queued"]
     reason = "done"
+
+    def ask() -> None:
+        nonlocal reason
+        if reason == "done" and stop is not None and (why := stop()):
+            reason = why
+
+    def fill() -> None:
+        while reason == "done" and len(in_flight) < runner.slots:
+            check_free_space(store.root, min_free_bytes)
+            rows = store.claim(chunk)
+            if not rows:
+                break
+            jobs = _jobs_for(store, rows)
+            if jobs:
+                in_flight.append((jobs, runner.submit(jobs)))
+
     try:
         while True:
             # 1. Ask between chunks whether to go on.
-            if reason == "done" and stop is not None and (why := stop()):
-                reason = why
+            ask()
             # 2. Keep the workers busy: claim and submit chunks.
-            while reason == "done" and len(in_flight) < runner.slots:
-                check_free_space(store.root, min_free_bytes)
-                rows = store.claim(chunk)
-                if not rows:
-                    break
-                jobs = _jobs_for(store, rows)
-                if jobs:
-                    in_flight.append((jobs, runner.submit(jobs)))
+            fill()
             if not in_flight:
                 if reason == "done" and store.counts()["queued"]:
                     continue  # a chunk whose normals were missing: claim the next one
@@ -420,9 +436,20 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
                 summary.episodes += len(failed)
                 log.error("a chunk of %d episode(s) failed: %s", len(jobs), exc)
                 continue
-            for job, result in zip(jobs, results):
+            # 4. Encode this chunk's images while the engine runs the next (with one worker,
+            # submit() runs it right here), then write them.
+            encoding = encoder.submit(lambda done=results: [encode_sample(r) for r in done])
+            ask()
+            fill()
+            try:
+                encoded = encoding.result()
+            except Exception as exc:  # noqa: BLE001 - write() encodes again, and says why
+                log.warning("encoding ahead failed (%s); encoding while writing", exc)
+                encoded = [None] * len(results)
+            for job, result, ready in zip(jobs, results, encoded):
                 try:
-                    written = writer.write(result, episode_id=job.episode_id, batch=batch)
+                    written = writer.write(result, episode_id=job.episode_id, batch=batch,
+                                           encoded=ready)
                 except Exception as exc:
                     if is_disk_full(exc):
                         raise
@@ -454,6 +481,8 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
             raise DiskFullError(f"no space left for the job store or the dataset in "
                                 f"{store.root}: {exc}") from exc
         raise
+    finally:
+        encoder.shutdown(wait=True)
     summary.stopped = reason
     return reason
 
@@ -479,7 +508,7 @@ def _count(summary: BatchSummary, result: EpisodeResult, written: bool) -> None:
 
 def write_batch_folder(store: JobStore, batch_id: str) -> Path:
     """``batches/<id>/`` with this batch's manifest and contact sheet (paths relative to it)."""
-    from appliance.dataset.contact_sheet import write_contact_sheet
+    from appliance.dataset.contact_sheet import THUMBS, write_contact_sheet
     from appliance.imaging import write_atomic
     from appliance.storage.exports import jsonl_line, normal_record
 
@@ -502,7 +531,7 @@ def write_batch_folder(store: JobStore, batch_id: str) -> Path:
     for name, lines in (("manifest.jsonl", records), ("normals.jsonl", list(normals.values())),
                         ("rejected.jsonl", rejected)):
         write_atomic(folder / name, "".join(jsonl_line(r) for r in lines).encode("utf-8"))
-    write_contact_sheet(folder, title=f"Batch {batch_id}")
+    write_contact_sheet(folder, title=f"Batch {batch_id}", thumbs=store.root / THUMBS)
     return folder
 
 
@@ -513,9 +542,9 @@ def finish_batch(store: JobStore, batch_id: str, summary: BatchSummary,
 
     if summary.episodes or always_sheet:
         with store.dataset_lock():
+            write_contact_sheet(store.root)  # first: it makes the thumbnails both pages show
             if summary.episodes:
                 write_batch_folder(store, batch_id)
-            write_contact_sheet(store.root)
     store.end_batch(batch_id, summary.as_dict())
 
 

@@ -130,16 +130,41 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def png_bytes(image: Image.Image) -> bytes:
+# zlib levels, measured on 256 px photos (2 cores): the default 6 takes 14.8 ms, level 3 6.2 ms
+# for the same size (43 kB), level 1 4.4 ms for 17 % more. The dataset's own images, kept for
+# good, get 3; working copies (trajectory images, contact-sheet thumbnails) get 1.
+DATASET_PNG_LEVEL = 3
+WORKING_PNG_LEVEL = 1
+
+
+def png_bytes(image: Image.Image, level: int = DATASET_PNG_LEVEL) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=level)
     return buffer.getvalue()
 
 
-def save_png_atomic(path: Path, image: Image.Image) -> None:
-    write_atomic(path, png_bytes(image))
+def save_png_atomic(path: Path, image: Image.Image, level: int = DATASET_PNG_LEVEL) -> None:
+    write_atomic(path, png_bytes(image, level))
+
+
+def link_atomic(source: Path, path: Path) -> bool:
+    """``path`` as a second name of the file ``source`` (a hard link, made under a temporary
+    name and renamed, so atomic like ``write_atomic``); False where the file system has no hard
+    links, and the caller writes the bytes instead."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(source, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return True
 
 
 def change_map(normal: np.ndarray, edited: np.ndarray) -> np.ndarray:

@@ -207,3 +207,30 @@ def test_prompt_generator_uses_retrieval_for_an_unknown_part(kb, retriever, text
         [PromptRequest(image=texture_image, category="steel hinge", defect="scuffing")])
     entry = retriever.retrieve("steel hinge", "scuffing", k=1).entries[0]
     assert entry.subject == "metal" and entry.appearance in prompt and "steel hinge" in prompt
+
+
+def test_a_batch_s_queries_are_answered_without_loading_the_model(tmp_path):
+    """Every (subject, defect) query the knowledge base lists is embedded when the index is
+    built; a later retriever answers them, and bare names, from the cache alone, and a new
+    query is embedded once and then stored: a batch never imports sentence-transformers."""
+    root, cache = _small_kb(tmp_path), tmp_path / "cache"
+    first = FaissKnowledgeRetriever(root, cache_dir=cache)
+    first.load()
+    expected = first.retrieve("magnetic tile", "blowhole", k=3)
+    assert len(list(first.queries_dir().glob("*.npy"))) == len(first.known_queries()) > 0
+
+    second = FaissKnowledgeRetriever(root, cache_dir=cache)
+    assert second.load().source == "cache"
+    found = second.retrieve("magnetic tile", "blowhole", k=3)
+    assert second._embedder is None, "the model was loaded for a known query"
+    assert [e.id for e in found.entries] == [e.id for e in expected.entries]
+    assert found.scores == pytest.approx(expected.scores, abs=1e-4)
+    assert second.provenance()["embedder"]["name"] == BUNDLED_MODEL_NAME
+    assert second._embedder is None
+
+    new = second.retrieve("mystery gadget", "hairline crack", k=2)
+    assert second._embedder is not None  # a query never asked before needs the model once
+    third = FaissKnowledgeRetriever(root, cache_dir=cache)
+    again = third.retrieve("mystery gadget", "hairline crack", k=2)
+    assert third._embedder is None and [e.id for e in again.entries] == [
+        e.id for e in new.entries]

@@ -195,13 +195,13 @@ writer = writer_module.DatasetWriter(root, store=store)
 writer.write(results[0])                      # one complete sample first
 if where == "before_commit":                  # every file renamed, the row not yet ok
     store.commit_sample = lambda *a, **k: os._exit(3)
-elif where == "before_mask":                  # trajectory and image written, mask not
-    real = writer_module.save_png_atomic
-    def save(path, image):
+elif where == "before_mask":                  # the image written, the mask not
+    real = writer_module.write_atomic
+    def save(path, data):
         if path.name.endswith("_mask.png"):
             os._exit(3)
-        real(path, image)
-    writer_module.save_png_atomic = save
+        real(path, data)
+    writer_module.write_atomic = save
 elif where == "mid_file":                     # a temporary file written, never renamed
     os.replace = lambda *a, **k: os._exit(3)
 writer.write(results[1])

@@ -150,9 +150,12 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
 @click.option("--chunk", default=4, show_default=True, type=click.IntRange(1, 256),
               help="Episodes that step together (one batched call per tool).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and services).")
+@click.option("--profile", is_flag=True,
+              help="Profile the run (cProfile) and print its 20 costliest functions to stderr.")
 @_engine_options
 def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed: int,
-          workers: int, chunk: int, no_progress: bool, engine: str, backends: tuple[str, ...],
+          workers: int, chunk: int, no_progress: bool, profile: bool, engine: str,
+          backends: tuple[str, ...],
           knowledge_base: Path | None, max_attempts: int | None, gpu_memory: float | None) -> None:
     """Turn INBOX/<category>/* photos of normal parts into a labeled defect dataset.
 
@@ -184,6 +187,12 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
         bar.update(done - bar.n)
         bar.set_postfix(written=summary.written, accepted=f"{100 * summary.accepted_rate:.0f}%")
 
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         summary = run_batch(inbox, out, config, per_image=per_image, seed=seed, workers=workers,
                             defects=[d for d in defects] or None, chunk=chunk, progress=progress)
@@ -192,6 +201,14 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     finally:
         if bar is not None:
             bar.close()
+        if profiler is not None:
+            import pstats
+
+            profiler.disable()
+            click.echo("\nprofile (own time, then cumulative, top 20):", err=True)
+            stats = pstats.Stats(profiler, stream=sys.stderr)
+            stats.sort_stats("tottime").print_stats(20)
+            stats.sort_stats("cumulative").print_stats(20)
     for line in summary.lines():
         click.echo(line)
     click.echo(f"dataset            {out}  (contact sheet: {out / 'index.html'})")

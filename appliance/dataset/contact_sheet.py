@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from appliance.dataset.writer import DatasetWriter
-from appliance.imaging import save_png_atomic, write_atomic
+from appliance.imaging import WORKING_PNG_LEVEL, save_png_atomic, write_atomic
 
 SHEET = "index.html"
 THUMBS = "contact_sheet"
@@ -37,7 +38,7 @@ h1{margin:0 0 .3rem}h2{margin:1.6rem 0 .5rem;border-bottom:1px solid #ccc}
 def _thumbnail(source: Path, target: Path) -> None:
     with Image.open(source) as image:
         image.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        save_png_atomic(target, image.convert("RGB"))
+        save_png_atomic(target, image.convert("RGB"), WORKING_PNG_LEVEL)
 
 
 def _overlay(image_path: Path, mask_path: Path, target: Path) -> None:
@@ -50,11 +51,13 @@ def _overlay(image_path: Path, mask_path: Path, target: Path) -> None:
     rgb = np.asarray(image, dtype=np.float32)
     inside = np.asarray(mask) > 127
     rgb[inside] = 0.55 * rgb[inside] + 0.45 * np.array([255, 40, 40])
-    save_png_atomic(target, Image.fromarray(rgb.clip(0, 255).astype(np.uint8)))
+    save_png_atomic(target, Image.fromarray(rgb.clip(0, 255).astype(np.uint8)), WORKING_PNG_LEVEL)
 
 
-def write_contact_sheet(root: Path, title: str = "Synthesized defects") -> Path:
-    """(Re)build ``index.html`` from the manifest; returns its path."""
+def write_contact_sheet(root: Path, title: str = "Synthesized defects",
+                        thumbs: Path | None = None) -> Path:
+    """(Re)build ``index.html`` from the manifest; returns its path. Thumbnails are made once
+    per sample in ``thumbs`` (default ``root/contact_sheet``; a batch's page uses the dataset's)."""
     root = Path(root)
     writer = DatasetWriter(root)
     records = writer.records()
@@ -63,7 +66,7 @@ def write_contact_sheet(root: Path, title: str = "Synthesized defects") -> Path:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for record in records:
         groups[(record["category"], record["defect"])].append(record)
-    thumbs = root / THUMBS
+    thumbs = Path(thumbs) if thumbs is not None else root / THUMBS
     sections = []
     for (category, defect), items in sorted(groups.items()):
         cards = []
@@ -78,7 +81,7 @@ def write_contact_sheet(root: Path, title: str = "Synthesized defects") -> Path:
             normal_src = normal or f"{record['trajectory']}/images/1.png"
             cards.append(f"""<div class="card">
 <div class="labels"><span>normal</span><span>defect</span><span>mask</span></div>
-<img src="{html.escape(normal_src)}" alt="normal" loading="lazy"><img src="{html.escape(_rel(image_thumb, root))}" alt="defect" loading="lazy"><img src="{html.escape(_rel(overlay, root))}" alt="mask overlay" loading="lazy">
+<img src="{html.escape(normal_src)}" alt="normal" loading="lazy"><img src="{html.escape(os.path.relpath(image_thumb, root))}" alt="defect" loading="lazy"><img src="{html.escape(os.path.relpath(overlay, root))}" alt="mask overlay" loading="lazy">
 <div class="meta"><span class="score">score {record['score']}/10</span> (location {record['location_score']}/5, quality {record['quality_score']}/5) &middot; {record['turns']} turns &middot; {record['image_gen_attempts']} attempt(s){' &middot; knowledge used' if record.get('knowledge_retrieved') else ''} &middot; <a href="{html.escape(record['image'])}">{html.escape(record['image'])}</a> &middot; <a href="{html.escape(record['trajectory'])}/messages.json">trajectory</a></div>
 <div class="prompt"><b>Instruction:</b> {html.escape(record['prompt'])}</div>
 <div class="review"><b>Judge:</b> {html.escape(record['review'])}</div>
@@ -97,6 +100,3 @@ def write_contact_sheet(root: Path, title: str = "Synthesized defects") -> Path:
     write_atomic(path, page.encode("utf-8"))
     return path
 
-
-def _rel(path: Path, root: Path) -> str:
-    return str(path.relative_to(root))

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from appliance.agent.episode import EpisodeResult
-from appliance.imaging import save_png_atomic, to_pil, write_atomic
+from appliance.imaging import (WORKING_PNG_LEVEL, link_atomic, png_bytes, save_png_atomic, to_pil,
+                               write_atomic)
 from appliance.serialization import json_default
 
 
@@ -55,13 +56,27 @@ def episode_record(result: EpisodeResult) -> dict:
     }
 
 
-def save_trajectory(result: EpisodeResult, folder: Path) -> Path:
-    """Write ``messages.json``, ``episode.json`` and ``images/N.png``; returns the folder."""
+def save_trajectory(result: EpisodeResult, folder: Path,
+                    same_as: dict[int, Path] | None = None,
+                    encoded: dict[int, bytes] | None = None) -> Path:
+    """Write ``messages.json``, ``episode.json`` and ``images/N.png``; returns the folder.
+
+    ``same_as`` names files already written with the same pixels as image N (the normal in
+    ``train/good``, the sample in ``test/``): image N becomes a hard link to it instead of a
+    second encoding of the same picture. ``encoded`` holds PNG bytes made ahead of time
+    (``encode_trajectory_images``, in a thread while the engine runs).
+    """
     folder = Path(folder)
+    same_as, encoded = same_as or {}, encoded or {}
     paths = {}
     for index, image in enumerate(result.images, start=1):
         relative = f"images/{index}.png"
-        save_png_atomic(folder / relative, to_pil(image))
+        if index in same_as and link_atomic(same_as[index], folder / relative):
+            pass
+        elif index in encoded:
+            write_atomic(folder / relative, encoded[index])
+        else:
+            save_png_atomic(folder / relative, to_pil(image), WORKING_PNG_LEVEL)
         paths[index] = relative
     write_atomic(folder / "messages.json", json.dumps(
         chat_messages(result.messages, paths), indent=1, ensure_ascii=False).encode())
@@ -69,6 +84,12 @@ def save_trajectory(result: EpisodeResult, folder: Path) -> Path:
         episode_record(result), indent=1, ensure_ascii=False, default=json_default).encode())
     return folder
 
+
+
+def encode_trajectory_images(result: EpisodeResult, skip: set[int]) -> dict[int, bytes]:
+    """PNG bytes of the trajectory images not in ``skip`` (those that will be links)."""
+    return {index: png_bytes(to_pil(image), WORKING_PNG_LEVEL)
+            for index, image in enumerate(result.images, start=1) if index not in skip}
 
 
 def load_trajectory(folder: Path) -> tuple[list[dict], list[np.ndarray]]:

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from appliance.agent.episode import EpisodeResult
-from appliance.dataset.trajectory import save_trajectory
+from appliance.dataset.trajectory import encode_trajectory_images, save_trajectory
 from appliance.names import Name, path_under
-from appliance.imaging import is_grayscale, mask_to_pil, save_png_atomic, to_pil
+from appliance.imaging import is_grayscale, mask_to_pil, png_bytes, save_png_atomic, to_pil, write_atomic
 from appliance.serialization import json_default
 from appliance.storage.exports import append_jsonl, read_jsonl
 from appliance.storage.layout import MANIFEST, NORMALS, REJECTED
@@ -50,6 +50,30 @@ log = logging.getLogger(__name__)
 def episode_key(sha256: str, category: str, defect: str, seed: int) -> str:
     """Work is idempotent by this key: the same photo, defect and seed is never done twice."""
     return f"{sha256}:{category}:{defect}:{seed}"
+
+
+@dataclass
+class EncodedSample:
+    """The PNG bytes of an accepted episode, made ahead of ``write`` (in another thread)."""
+
+    image: bytes
+    mask: bytes
+    trajectory: dict[int, bytes]
+
+
+def encode_sample(result: EpisodeResult) -> EncodedSample | None:
+    """Encode what ``DatasetWriter.write`` will write for ``result``; touches no store or file,
+    so it may run in a thread while the engine works on the next chunk (zlib lets go of the
+    GIL). None for an episode that writes no sample."""
+    if not result.accepted or result.final_image is None or result.mask is None:
+        return None
+    grayscale = is_grayscale(result.spec.image)
+    skip = {result.final_image_index}  # a link to the sample's own image
+    if result.images and np.array_equal(result.images[0], result.spec.image):
+        skip.add(1)  # a link to the normal in train/good
+    return EncodedSample(png_bytes(to_pil(result.final_image, grayscale=grayscale)),
+                         png_bytes(mask_to_pil(result.mask.mask)),
+                         encode_trajectory_images(result, skip))
 
 
 @dataclass
@@ -121,8 +145,10 @@ class DatasetWriter:
         return path
 
     def write(self, result: EpisodeResult, episode_id: int | None = None,
-              batch: str | None = None) -> WrittenSample | None:
+              batch: str | None = None,
+              encoded: EncodedSample | None = None) -> WrittenSample | None:
         """Write an accepted episode as a sample; log any other outcome in rejected.jsonl.
+        ``encoded``: its PNG bytes from ``encode_sample``, else they are made here.
 
         Raises ``DiskFullError`` (with nothing half-written left, the episode queued again)
         when the disk fills up.
@@ -151,7 +177,6 @@ class DatasetWriter:
         image_folder = path_under(self.root, category, "test", defect)
         mask_folder = path_under(self.root, category, "ground_truth", defect)
         trajectory_folder = path_under(self.root, "trajectories", category, defect)
-        grayscale = is_grayscale(spec.image)
         final = next(a for a in result.attempts if a.image_index == result.final_image_index)
 
         def record_for(number: int) -> dict:
@@ -181,11 +206,13 @@ class DatasetWriter:
                 is_free=lambda n: not (os.path.lexists(image_folder / f"{n:03d}.png")
                                        or os.path.lexists(mask_folder / f"{n:03d}_mask.png")))
             record = json.loads(sample["record"])
+            encoded = encoded or encode_sample(result)
             try:
-                save_trajectory(result, self.root / record["trajectory"])
-                save_png_atomic(self.root / record["image"],
-                                to_pil(result.final_image, grayscale=grayscale))
-                save_png_atomic(self.root / record["mask"], mask_to_pil(result.mask.mask))
+                write_atomic(self.root / record["image"], encoded.image)
+                write_atomic(self.root / record["mask"], encoded.mask)
+                save_trajectory(result, self.root / record["trajectory"],
+                                same_as=self._same_pictures(result, self.root / record["image"]),
+                                encoded=encoded.trajectory)
             except BaseException:
                 remove_sample_files(self.root, sample)
                 _quietly(store.drop_sample, sample["id"])
@@ -193,6 +220,16 @@ class DatasetWriter:
             store.commit_sample(sample["id"], batch=batch)
             self._export(MANIFEST, record)
         return WrittenSample(self.root / record["image"], self.root / record["mask"], record)
+
+    def _same_pictures(self, result: EpisodeResult, image: Path) -> dict[int, Path]:
+        """Trajectory images already in the dataset with the same pixels: the final image is the
+        sample just written, the first is the normal in train/good when it is the episode's."""
+        same = {result.final_image_index: image}
+        normal = self.store.normal(result.spec.source_sha256, result.spec.category)
+        if (normal is not None and normal["status"] == "ok" and result.images
+                and np.array_equal(result.images[0], result.spec.image)):
+            same.setdefault(1, self.root / normal["path"])
+        return same
 
     def _episode_for(self, key: str, spec) -> int:
         """The store row of an episode written without one (a direct call, not the queue)."""

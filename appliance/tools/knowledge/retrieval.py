@@ -13,6 +13,11 @@ material, a literal name) then order the candidates; see the constants below.
 The index is built once and cached on disk, keyed by the knowledge base digest and the embedder
 fingerprint: editing a knowledge file or swapping the model changes the key and the next
 retriever rebuilds it; an unchanged setup loads it (about a millisecond) without embedding.
+Query vectors are cached beside it under the same key: the build embeds the query of every
+(subject, defect) pair the knowledge base lists, a bare defect name is read back from its own
+index row, and any other query is embedded once and stored. So a batch asks the model nothing
+(importing sentence-transformers and loading MiniLM costs about 15 s on 2 cores); the model is
+loaded only for a query never asked before on this box.
 A running retriever keeps the knowledge base it was built with; construct a new one to pick up
 edits.
 """
@@ -39,7 +44,7 @@ if TYPE_CHECKING:
     import faiss  # imported where used: the prompt generator imports this module without it
 
 # Bump when the row texts or the file layout change, so that old caches are not reused.
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
 
 # An entry's similarity: this share from its text row, the rest from its best name row. The
 # text carries paraphrases of the look ("turned upside down"), the names carry spellings.
@@ -106,6 +111,7 @@ class FaissKnowledgeRetriever:
         self._embedder = embedder
         self._index: faiss.Index | None = None
         self._name_rows: list[list[int]] = []  # per entry, the index rows of its names
+        self._name_row: dict[str, int] = {}  # readable name -> its index row
         self._query_cache: dict[str, np.ndarray] = {}
         self.stats: IndexStats | None = None
 
@@ -121,6 +127,10 @@ class FaissKnowledgeRetriever:
         if self._embedder is not None:
             return self._embedder.info.fingerprint
         return model_fingerprint(self._model_path)
+
+    def queries_dir(self) -> Path:
+        """Query vectors of this index, one ``.npy`` per query text (named by its hash)."""
+        return self.index_path().with_suffix(".queries")
 
     def index_path(self) -> Path:
         key = hashlib.sha256(
@@ -143,7 +153,8 @@ class FaissKnowledgeRetriever:
             index = self._build(path, texts, names)
             source = "built"
         self._index = index
-        row_of = {name: len(texts) + i for i, name in enumerate(names)}
+        self._name_row = {name: len(texts) + i for i, name in enumerate(names)}
+        row_of = self._name_row
         self._name_rows = [[row_of[_readable(n)] for n in entry.names()]
                            for entry in self.kb.entries]
         self.stats = IndexStats(source=source, seconds=time.perf_counter() - start,
@@ -184,7 +195,42 @@ class FaissKnowledgeRetriever:
         # (or a crash) never sees a torn index; the metadata is checked against the rows on load.
         write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
         write_atomic(path, faiss.serialize_index(index).tobytes())
+        # The queries a batch asks, embedded now while the model is loaded anyway.
+        queries = self.known_queries()
+        for text, vector in zip(queries, self.embedder.encode(queries)):
+            self._store_query(path.with_suffix(".queries"), text, vector)
         return index
+
+    def known_queries(self) -> list[str]:
+        """The query text of every (subject, defect) pair the knowledge base lists."""
+        texts = set()
+        for subject in self.kb.subjects.values():
+            material = material_for(self.kb, subject.name)
+            for defect in subject.defects:
+                texts.add(self.query_text(subject.name, defect, material))
+        return sorted(texts)
+
+    @staticmethod
+    def _query_file(folder: Path, text: str) -> Path:
+        return folder / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.npy"
+
+    def _store_query(self, folder: Path, text: str, vector: np.ndarray) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(vector, dtype=np.float32))
+        try:
+            write_atomic(self._query_file(folder, text), buffer.getvalue())
+        except OSError:
+            pass  # a cache: a read-only or full disk only means embedding again next time
+
+    def _stored_query(self, text: str) -> np.ndarray | None:
+        try:
+            vector = np.load(self._query_file(self.queries_dir(), text))
+        except (OSError, ValueError):
+            return None
+        dimension = self._index.d if self._index is not None else None
+        return vector if vector.ndim == 1 and vector.shape[0] == dimension else None
 
     # --- queries -------------------------------------------------------------------------
 
@@ -237,10 +283,16 @@ class FaissKnowledgeRetriever:
         return TEXT_WEIGHT * text_sim + (1 - TEXT_WEIGHT) * name_sim
 
     def _query_vector(self, text: str) -> np.ndarray:
-        # Batch runs ask about the same few (category, defect) pairs over and over.
+        # Batch runs ask about the same few (category, defect) pairs over and over: memory,
+        # then the stored vectors, then the index's own name rows, and only then the model.
         vector = self._query_cache.get(text)
         if vector is None:
-            vector = self.embedder.encode([text])[0]
+            vector = self._stored_query(text)
+            if vector is None and text in self._name_row:
+                vector = self._index.reconstruct(self._name_row[text])
+            if vector is None:
+                vector = self.embedder.encode([text])[0]
+                self._store_query(self.queries_dir(), text, vector)
             if len(self._query_cache) >= QUERY_CACHE_SIZE:
                 self._query_cache.pop(next(iter(self._query_cache)))
             self._query_cache[text] = vector
@@ -249,6 +301,10 @@ class FaissKnowledgeRetriever:
     def provenance(self) -> dict:
         """What to record in a trajectory: which model, which knowledge, which index."""
         stats = self.load()
-        return {"tool": self.name, "embedder": self.embedder.info.as_dict(),
+        try:  # recorded when the index was built: no need to load the model to say which
+            embedder = json.loads(Path(stats.path).with_suffix(".json").read_text())["embedder"]
+        except (OSError, ValueError, KeyError):
+            embedder = self.embedder.info.as_dict()
+        return {"tool": self.name, "embedder": embedder,
                 "kb_digest": self.kb.digest, "index": stats.path, "index_source": stats.source}
 
