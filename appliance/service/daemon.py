@@ -382,7 +382,7 @@ class Service:
             outcome = self.intake.take(path, age=self.scanner.age(path))
         except Exception as exc:
             if is_disk_full(exc):
-                self.store_safe_set_try(key, counted=False)
+                self._take_back_try(key, counted=False)
                 raise
             log.exception("intake of inbox/%s failed (try %d of %d): %s", shown, row["tries"],
                           max_tries, exc)
@@ -408,7 +408,7 @@ class Service:
     def _try_key(self, path: Path) -> str:
         return os.fsencode(path.relative_to(self.config.inbox)).hex()
 
-    def store_safe_set_try(self, key: str, counted: bool) -> None:
+    def _take_back_try(self, key: str, counted: bool) -> None:
         try:
             self.store.end_intake_try(key, counted=counted)
         except Exception as exc:  # noqa: BLE001 - the store may be on the full disk
