@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from appliance.agent.episode import EpisodeResult, EpisodeSpec
-from appliance.config import CategorySection, ConfigError, parse_category_spec
+from appliance.config import TEST_GOOD_SHARE, CategorySection, ConfigError, parse_category_spec
 from appliance.engine import Engine, EngineConfig, build_engine
 from appliance.imaging import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, load_rgb, read_plain_file
 from appliance.names import InvalidName, Name, printable, unique_names
@@ -98,6 +98,7 @@ class BatchSummary:
     stopped: str = "done"  # why processing ended: done, paused, deadline, signal, disk full
     notes: list[str] = field(default_factory=list)  # recovery done at start, warnings
     batch_id: str | None = None
+    test_good: int = 0  # normal photos of the dataset held back in test/good
 
     @property
     def accepted_rate(self) -> float:
@@ -115,6 +116,8 @@ class BatchSummary:
             f"rejected {self.rejected}, failed {self.failed})",
             f"mean turns         {mean_turns:.2f}  (knowledge retrieved in {self.knowledge_calls} episodes)",
             f"time               {self.seconds:.1f} s, {per_sample} per written sample",
+            f"test/good          {self.test_good} normal photos held back for testing "
+            f"(whole dataset; never edited)",
         ]
         if self.stopped != "done":
             lines.append(f"stopped early      {self.stopped}; the rest stays queued")
@@ -255,10 +258,12 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 def intake_image(writer, category: str, image: np.ndarray, sha256: str, source: str,
                  size: int, defects: Sequence[str], per_image: int, base_seed: int = 0,
                  original_size: tuple[int, int] | None = None) -> tuple[int, list[str]]:
-    """Record a photo, write its normal and queue its episodes; (added, keys already done)."""
+    """Record a photo, write its normal and queue its episodes; (added, keys already done).
+    A photo the writer holds back for ``test/good`` queues nothing: it is never edited."""
     store: JobStore = writer.store
     store.add_input(sha256, size, image.shape[1], image.shape[0], source, original_size)
-    writer.add_normal(category, image, sha256, source)
+    if writer.add_normal(category, image, sha256, source).held_back:
+        return 0, []
     return store.enqueue(plan_episodes(sha256, category, defects, per_image, base_seed))
 
 
@@ -554,8 +559,10 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
               per_image: int = 1, seed: int = 0, workers: int = 1,
               defects: Sequence[str] | None = None, chunk: int = 4,
               progress: Callable[[int, int, BatchSummary], None] | None = None,
-              engine: Engine | None = None, max_tries: int = DEFAULT_MAX_TRIES) -> BatchSummary:
-    """Queue every photo of the inbox, run the dataset's queue and write the dataset."""
+              engine: Engine | None = None, max_tries: int = DEFAULT_MAX_TRIES,
+              test_good_share: float = TEST_GOOD_SHARE) -> BatchSummary:
+    """Queue every photo of the inbox, run the dataset's queue and write the dataset.
+    ``test_good_share`` of the normal photos go to ``test/good`` instead of being edited."""
     from appliance.dataset.writer import DatasetWriter
     from appliance.storage.reconcile import reconcile
 
@@ -566,7 +573,8 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
     plans, skipped = plan_inbox(inbox, knowledge_base, per_image, defects)
     summary = BatchSummary(skipped_categories=skipped)
     store = JobStore.for_dataset(out)
-    writer = DatasetWriter(out, engine=runner.describe(), store=store)
+    writer = DatasetWriter(out, engine=runner.describe(), store=store,
+                           test_good_share=test_good_share)
     try:
         # 1. Settle whatever an earlier, interrupted run left behind.
         with store.dataset_lock():
@@ -585,6 +593,7 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
                                            hashlib.sha256(data).hexdigest(), str(path), len(data),
                                            plan.defects, plan.per_image, seed)
                 summary.skipped_done += len(finished)
+        summary.test_good = len(store.normals(split="test"))
         # 3. Run the queue (this inbox's episodes and any left by an interrupted run).
         summary.batch_id = store.begin_batch("batch")
         process_queue(store, writer, runner, chunk=chunk, max_tries=max_tries,

@@ -128,6 +128,8 @@ class ServiceSection:
 # into the inbox can never make intake allocate without bound.
 MAX_PER_IMAGE = 100
 MAX_DEFECTS = 32
+# MVTec AD holds back about this share of normal photos per category for testing.
+TEST_GOOD_SHARE = 0.1
 
 
 @dataclass
@@ -136,6 +138,9 @@ class DefaultsSection:
     defects: list[str] = _opt([], "defect types for every category (default: the knowledge "
                                   "base's list for the category)", name="defect",
                               max_items=MAX_DEFECTS)
+    test_good_share: float = _opt(TEST_GOOD_SHARE, "share of the normal photos held back in <category>/test/"
+                                       "good, never edited, so that a detector's image-level "
+                                       "metrics have normal test images", min=0.0, max=0.9)
 
 
 @dataclass

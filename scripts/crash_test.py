@@ -223,6 +223,8 @@ def _decodes(path: Path) -> bool:
 def verify(out: Path, expected_keys: set[str] | None = None,
            reference: Path | None = None) -> list[str]:
     """Every problem found in the dataset ``out``; empty when it is consistent."""
+    from appliance.config import TEST_GOOD_SHARE
+    from appliance.dataset.writer import held_back
     from appliance.storage.exports import read_jsonl
 
     problems: list[str] = []
@@ -240,6 +242,14 @@ def verify(out: Path, expected_keys: set[str] | None = None,
     keys = [e["key"] for e in episodes]
     if len(keys) != len(set(keys)):
         problems.append("an episode key appears twice in the store")
+    # Photos held back in test/good plan no episode; which ones depends only on the numbers the
+    # store handed out, so their count is fixed by how many normals there are.
+    held = {n["sha256"] for n in normals if n["split"] == "test"}
+    share = len([n for n in range(len(normals)) if held_back(n, TEST_GOOD_SHARE)])
+    if len(held) != share:
+        problems.append(f"{len(held)} normal photos held back in test/good, expected {share}")
+    if expected_keys is not None:
+        expected_keys = {k for k in expected_keys if k.split(":")[0] not in held}
     if expected_keys is not None and set(keys) != expected_keys:
         problems.append(f"episodes differ from the plan: missing {len(expected_keys - set(keys))}, "
                         f"extra {len(set(keys) - expected_keys)}")
@@ -276,7 +286,8 @@ def verify(out: Path, expected_keys: set[str] | None = None,
                 json.loads((out / sample["trajectory"] / name).read_text())
             except Exception:  # noqa: BLE001
                 problems.append(f"{sample['trajectory']}/{name}: missing or not valid JSON")
-    on_disk = {str(p.relative_to(out)) for p in (out / CATEGORY / "test").rglob("*") if p.is_file()}
+    on_disk = {str(p.relative_to(out)) for p in (out / CATEGORY / "test").rglob("*")
+               if p.is_file() and p.parent.name != "good"}
     on_disk |= {str(p.relative_to(out)) for p in (out / CATEGORY / "ground_truth").rglob("*")
                 if p.is_file()}
     in_store = {s["image"] for s in ok_samples} | {s["mask"] for s in ok_samples}
@@ -284,9 +295,10 @@ def verify(out: Path, expected_keys: set[str] | None = None,
         problems.append(f"files and store differ: {len(on_disk - in_store)} file(s) without a "
                         f"row {sorted(on_disk - in_store)[:3]}, {len(in_store - on_disk)} row(s) "
                         f"without a file")
-    good = {str(p.relative_to(out)) for p in (out / CATEGORY / "train" / "good").glob("*")}
+    good = {str(p.relative_to(out)) for split in ("train", "test")
+            for p in (out / CATEGORY / split / "good").glob("*")}
     if good != {n["path"] for n in normals if n["status"] == "ok"} or len(normals) != len(good):
-        problems.append("train/good and the store's normals differ")
+        problems.append("train/good, test/good and the store's normals differ")
     trajectories = {str(p.relative_to(out)) for p in (out / "trajectories").glob("*/*/*")}
     if trajectories != {s["trajectory"] for s in ok_samples}:
         problems.append("trajectory folders and samples differ")

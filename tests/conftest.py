@@ -99,3 +99,14 @@ def tiny_disk(tmp_path):
     from _disks import mount_tiny_disk
 
     yield from mount_tiny_disk(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def review_workspace(tmp_path_factory, tile_paths, engine) -> Path:
+    """A folder whose ``dataset/`` has samples, judge rejections, test/good and a hostile
+    category name (tests/_review.py), for the review server's tests."""
+    from _review import make_review_dataset
+
+    root = tmp_path_factory.mktemp("review")
+    make_review_dataset(root, tile_paths, engine)
+    return root

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("appliance.engine",),
     ("appliance.storage", "appliance.dataset"),
     ("appliance.batch", "appliance.config", "appliance.evaluation", "appliance.training"),
-    ("appliance.service",),
+    ("appliance.service", "appliance.review"),
     ("appliance.cli",),
 ]
 TOOLS = ("prompt_gen", "image_gen", "quality_eval", "knowledge", "mask_gen")

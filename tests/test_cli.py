@@ -31,6 +31,9 @@ def check_mvtec_layout(root: Path, category: str) -> list[tuple[Path, Path]]:
     assert sorted(p.suffix for p in (root / category / "train" / "good").iterdir()) and all(
         p.suffix == ".png" for p in (root / category / "train" / "good").iterdir())
     for defect_dir in sorted((root / category / "test").iterdir()):
+        if defect_dir.name == "good":  # normal test photos: no masks
+            assert all(p.suffix == ".png" for p in defect_dir.iterdir())
+            continue
         images = sorted(defect_dir.iterdir())
         masks = sorted((root / category / "ground_truth" / defect_dir.name).iterdir())
         assert len(images) == len(masks) > 0

@@ -52,10 +52,11 @@ def plans(n: int, category: str = "magnetic_tile") -> list[EpisodePlan]:
 
 def test_migrations_are_tracked_once_and_new_ones_apply_alone(tmp_path, monkeypatch):
     store = JobStore(tmp_path)
-    assert store.migrations_run == ["m001_initial", "m002_intake_tries"]
+    assert store.migrations_run == ["m001_initial", "m002_intake_tries",
+                                    "m003_test_good_and_reviews"]
     assert store.db.journal_mode == "wal"
     assert {"inputs", "normals", "episodes", "samples", "batches", "control",
-            "intake_tries"} <= set(
+            "intake_tries", "reviews"} <= set(
         store.db.table_names())
     store.close()
     again = JobStore(tmp_path)
@@ -71,8 +72,26 @@ def test_migrations_are_tracked_once_and_new_ones_apply_alone(tmp_path, monkeypa
     assert third.migrations_run == ["m099_add_note"]
     assert "note" in third.db["episodes"].columns_dict
     assert [r["name"] for r in third.db["_migrations"].rows] == [
-        "m001_initial", "m002_intake_tries", "m099_add_note"]
+        "m001_initial", "m002_intake_tries", "m003_test_good_and_reviews", "m099_add_note"]
     third.close()
+
+
+def test_a_store_from_before_test_good_keeps_its_normals_as_sources(tmp_path, monkeypatch):
+    monkeypatch.setattr(migrations_module, "MIGRATIONS", migrations_module.MIGRATIONS[:2])
+    old = JobStore(tmp_path)
+    old.db["normals"].insert({"sha256": "a" * 64, "category": "gear", "number": 0,
+                              "path": "gear/train/good/000.png", "source": "x.png",
+                              "status": "ok", "created": 0.0})
+    old.close()
+    monkeypatch.undo()
+    new = JobStore(tmp_path)
+    try:
+        assert new.migrations_run == ["m003_test_good_and_reviews"]
+        assert [n["split"] for n in new.normals()] == ["train"]
+        assert new.normals(split="test") == []
+        assert "reviews" in new.db.table_names()
+    finally:
+        new.close()
 
 
 def test_enqueue_is_idempotent_by_key(tmp_path):

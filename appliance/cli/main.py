@@ -11,7 +11,7 @@ import click
 
 import appliance  # noqa: F401  (forces offline mode before any HF import)
 from appliance.cli.options import CATEGORY, DEFECT, parse_backends
-from appliance.config import MAX_PER_IMAGE
+from appliance.config import MAX_PER_IMAGE, TEST_GOOD_SHARE
 from appliance.engine import EngineConfig, EngineError, resolve_engine_config
 
 
@@ -149,12 +149,17 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
               help="Worker processes, each with the engine resident.")
 @click.option("--chunk", default=4, show_default=True, type=click.IntRange(1, 256),
               help="Episodes that step together (one batched call per tool).")
+@click.option("--test-good-share", default=TEST_GOOD_SHARE, show_default=True,
+              type=click.FloatRange(0.0, 0.9),
+              help="Share of the normal photos held back in <category>/test/good (never edited), "
+                   "so that anomalib's image-level metrics have normal test images.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and services).")
 @click.option("--profile", is_flag=True,
               help="Profile the run (cProfile) and print its 20 costliest functions to stderr.")
 @_engine_options
 def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed: int,
-          workers: int, chunk: int, no_progress: bool, profile: bool, engine: str,
+          workers: int, chunk: int, test_good_share: float, no_progress: bool, profile: bool,
+          engine: str,
           backends: tuple[str, ...],
           knowledge_base: Path | None, max_attempts: int | None, gpu_memory: float | None) -> None:
     """Turn INBOX/<category>/* photos of normal parts into a labeled defect dataset.
@@ -195,7 +200,8 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
         profiler.enable()
     try:
         summary = run_batch(inbox, out, config, per_image=per_image, seed=seed, workers=workers,
-                            defects=[d for d in defects] or None, chunk=chunk, progress=progress)
+                            defects=[d for d in defects] or None, chunk=chunk, progress=progress,
+                            test_good_share=test_good_share)
     except (InboxError, EngineError, DiskFullError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
@@ -284,12 +290,15 @@ def _register_commands() -> None:
     """Commands that live in their own modules register here."""
     from appliance.cli.eval_command import eval_command
     from appliance.cli.retrain_command import retrain_command
+    from appliance.cli.review_command import export_command, review_command
     from appliance.cli.models_command import models_group
     from appliance.cli.selftest_command import selftest_command
     from appliance.cli.service_commands import register as register_service_commands
 
     cli.add_command(eval_command, name="eval")
     cli.add_command(retrain_command, name="retrain")
+    cli.add_command(review_command, name="review")
+    cli.add_command(export_command, name="export")
     cli.add_command(models_group, name="models")
     cli.add_command(selftest_command, name="selftest")
     register_service_commands(cli)

@@ -3,11 +3,19 @@ rely on: every manifest line's image and mask exist and pair up, masks are 8-bit
 empty, images and masks have the same size, trajectories are readable, and no sample file sits
 in the tree without a manifest line.
 
+It also checks the layout rules of anomalib's readers (``MVTecAD`` and ``Folder``, read from
+anomalib 2.x): per category only ``train/good`` under ``train``; PNG files only; test images and
+masks pair one to one when both are sorted by path (anomalib pairs them by position, then checks
+that the image's stem is in the mask's); ``test/good`` holds normal photos that are not also in
+``train/good``, so image-level metrics have normal test images. Paths that are not printable
+ASCII are a warning: anomalib's ``MVTecAD`` refuses them (its ``Folder`` reader does not).
+
 ``appliance dataset check DATASET`` runs it; the tests run it on every dataset they write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,17 +39,21 @@ class DatasetCheck:
     by_category: Counter = field(default_factory=Counter)  # (category, defect) -> samples
     engines: Counter = field(default_factory=Counter)  # policy + backends -> samples
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    test_good: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems and self.samples > 0
 
     def lines(self) -> list[str]:
-        lines = [f"{self.samples} samples, {self.normals} normal photos in {self.root}"]
+        lines = [f"{self.samples} samples, {self.normals} normal photos ({self.test_good} held "
+                 f"back in test/good) in {self.root}"]
         lines += [f"  {category}/{defect}: {n}" for (category, defect), n in sorted(self.by_category.items())]
         lines += [f"  made by {engine}: {n}" for engine, n in self.engines.most_common()]
         if self.samples == 0 and not self.problems:
             lines.append("no samples yet")
+        lines += [f"warning {w}" for w in self.warnings]
         lines += [f"PROBLEM {p}" for p in self.problems]
         return lines
 
@@ -97,7 +109,8 @@ def check_dataset(root: Path) -> DatasetCheck:
         report.problems.append(f"{root} is not a folder")
         return report
     records = read_jsonl(root / MANIFEST, report.problems)
-    report.normals = len(read_jsonl(root / NORMALS, report.problems))
+    normals = read_jsonl(root / NORMALS, report.problems)
+    report.normals = len(normals)
     listed: set[Path] = set()
     for number, record in enumerate(records, start=1):
         missing = [key for key in MANIFEST_KEYS if key not in record]
@@ -116,6 +129,75 @@ def check_dataset(root: Path) -> DatasetCheck:
     for category in sorted(p for p in root.iterdir() if (p / "test").is_dir()):
         for kind in ("test", "ground_truth"):
             for path in sorted((category / kind).glob("*/*.png")):
+                if kind == "test" and path.parent.name == "good":
+                    continue  # normal photos, checked against normals.jsonl below
                 if path.resolve() not in listed:
                     report.problems.append(f"{path.relative_to(root)}: not in {MANIFEST}")
+    _check_layout(root, records, normals, report)
     return report
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _category_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and any((p / sub).is_dir() for sub in ("train", "test", "ground_truth")))
+
+
+def _check_layout(root: Path, records: list[dict], normals: list[dict],
+                  report: DatasetCheck) -> None:
+    """What anomalib's MVTecAD and Folder readers need of each category's folders."""
+    problems, warnings = report.problems, report.warnings
+    sources = {(r.get("category"), r.get("source_sha256")) for r in records}
+    for normal in normals:
+        if not (root / normal.get("path", "")).is_file():
+            problems.append(f"{normal.get('path')}: in {NORMALS} but missing")
+        if normal.get("split") == "test":
+            report.test_good += 1
+            if (normal.get("category"), normal.get("source_sha256")) in sources:
+                problems.append(f"{normal.get('path')}: held back in test/good but also the "
+                                "source of a sample")
+    for category in _category_folders(root):
+        name = category.name
+        if not name.isascii() or not name.isprintable():
+            warnings.append(f"{name}/: not a printable ASCII name; anomalib's MVTecAD reader "
+                            "refuses such paths (its Folder reader takes them)")
+        train = category / "train"
+        if train.is_dir():
+            others = sorted(p.name for p in train.iterdir() if p.name != "good")
+            if others:
+                problems.append(f"{name}/train/: only good/ belongs here, found "
+                                f"{', '.join(others[:5])}")
+        for folder in sorted(category.glob("*/*")):
+            if folder.is_dir():
+                odd = sorted(p.name for p in folder.iterdir() if p.suffix != ".png"
+                             and not p.name.startswith("."))
+                if odd:
+                    problems.append(f"{folder.relative_to(root)}/: anomalib reads .png files "
+                                    f"only; found {', '.join(odd[:5])}")
+        test, truth = category / "test", category / "ground_truth"
+        images = sorted(p for p in test.glob("*/*.png") if p.parent.name != "good") \
+            if test.is_dir() else []
+        masks = sorted(truth.glob("*/*.png")) if truth.is_dir() else []
+        if len(images) != len(masks):
+            problems.append(f"{name}/: {len(images)} defect images but {len(masks)} masks; "
+                            "anomalib pairs them one to one")
+        for image, mask in zip(images, masks):
+            if image.parent.name != mask.parent.name or image.stem not in mask.stem:
+                problems.append(f"{image.relative_to(root)}: sorted by path, anomalib would "
+                                f"pair it with {mask.relative_to(root)}")
+                break
+        good = test / "good"
+        train_files = {_digest(p): p for p in (train / "good").glob("*.png")} \
+            if train.is_dir() else {}
+        for path in sorted(good.glob("*.png")) if good.is_dir() else []:
+            twin = train_files.get(_digest(path))
+            if twin is not None:
+                problems.append(f"{path.relative_to(root)}: the same file is in train/good "
+                                f"({twin.name}); a test photo must not be trained on")
+        if images and not (good.is_dir() and any(good.glob("*.png"))):
+            warnings.append(f"{name}/test/good/ is empty: a detector's image-level metrics "
+                            "need normal test photos (anomalib borrows some from train/good); "
+                            "add photos or raise the test/good share")

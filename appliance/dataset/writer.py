@@ -2,13 +2,14 @@
 
 ::
 
-    DATASET/<category>/train/good/000.png              normal photos (PNG)
+    DATASET/<category>/train/good/000.png              normal photos (PNG), synthesis sources
+    DATASET/<category>/test/good/004.png               normal photos held back for testing
     DATASET/<category>/test/<defect>/000.png           synthesized defect images
     DATASET/<category>/ground_truth/<defect>/000_mask.png   8-bit masks, 0 or 255
     DATASET/trajectories/<category>/<defect>/000/      the episode's conversation and images
     DATASET/manifest.jsonl                             one line per written sample
     DATASET/rejected.jsonl                             one line per episode that wrote nothing
-    DATASET/normals.jsonl                              one line per normal photo in train/good
+    DATASET/normals.jsonl                              one line per normal photo (either split)
 
 Names sort identically in ``test`` and ``ground_truth`` and ``NNN`` is contained in
 ``NNN_mask``, as anomalib's pairing requires. The job store (``appliance.storage``) is the single
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -76,6 +78,26 @@ def encode_sample(result: EpisodeResult) -> EncodedSample | None:
                          encode_trajectory_images(result, skip))
 
 
+def held_back(number: int, share: float) -> bool:
+    """Whether the category's normal photo number ``number`` goes to ``test/good``: spread
+    evenly at ``share`` of the numbers, the first at the earliest (number 2 at 0.2, 4 at 0.1),
+    never number 0, so a category's first photo is always a synthesis source. Decided by the
+    number the store hands out, so it holds across crashes and runs."""
+    if number < 1 or share <= 0:
+        return False
+    return math.floor((number + 1) * share + 0.5) > math.floor(number * share + 0.5)
+
+
+@dataclass
+class NormalPhoto:
+    path: Path
+    split: str  # "train": a synthesis source; "test": held back in test/good
+
+    @property
+    def held_back(self) -> bool:
+        return self.split == "test"
+
+
 @dataclass
 class WrittenSample:
     image: Path
@@ -84,13 +106,19 @@ class WrittenSample:
 
 
 class DatasetWriter:
-    """Writes normals and samples into the dataset; reading needs no store."""
+    """Writes normals and samples into the dataset; reading needs no store.
 
-    def __init__(self, root: Path, engine: dict | None = None, store: "JobStore | None" = None):
+    ``test_good_share``: the share of normal photos held back in ``test/good`` (the batch and
+    the service pass the config's; none by default).
+    """
+
+    def __init__(self, root: Path, engine: dict | None = None, store: "JobStore | None" = None,
+                 test_good_share: float = 0.0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.engine = engine or {}
         self._store = store
+        self.test_good_share = test_good_share
 
     @property
     def store(self) -> "JobStore":
@@ -118,22 +146,31 @@ class DatasetWriter:
 
     # Writing ------------------------------------------------------------------------------------
 
-    def add_normal(self, category: str, image: np.ndarray, sha256: str, source: str) -> Path:
-        """Copy a normal photo into ``train/good`` once per (content hash, category)."""
+    def add_normal(self, category: str, image: np.ndarray, sha256: str, source: str) -> NormalPhoto:
+        """Copy a normal photo into the dataset once per (content hash, category): into
+        ``train/good`` as a synthesis source, or, for a share of them, ``test/good``."""
         from appliance.storage.exports import normal_record
 
         store = self.store
-        folder = path_under(self.root, Name(category, "category"), "train", "good")
+        name = Name(category, "category")
+        folders = {"train": path_under(self.root, name, "train", "good"),
+                   "test": path_under(self.root, name, "test", "good")}
         known = store.normal(sha256, category)
         if known is not None and known["status"] == "ok":
-            return self.root / known["path"]
-        with self._disk_guard(folder), store.dataset_lock():
+            return NormalPhoto(self.root / known["path"], known["split"])
+
+        def place(number: int) -> tuple[str, str]:
+            split = "test" if held_back(number, self.test_good_share) else "train"
+            return _rel(folders[split] / f"{number:03d}.png", self.root), split
+
+        with self._disk_guard(folders["train"]), store.dataset_lock():
             row, created = store.reserve_normal(
-                sha256, category, source, lambda n: _rel(folder / f"{n:03d}.png", self.root),
-                is_free=lambda n: not os.path.lexists(folder / f"{n:03d}.png"))
+                sha256, category, source, place,
+                is_free=lambda n: not any(os.path.lexists(f / f"{n:03d}.png")
+                                          for f in folders.values()))
             path = self.root / row["path"]
             if not created:
-                return path
+                return NormalPhoto(path, row["split"])
             try:
                 save_png_atomic(path, to_pil(image))
             except BaseException:
@@ -142,7 +179,7 @@ class DatasetWriter:
                 raise
             store.commit_normal(row["id"])
             self._export(NORMALS, normal_record({**row, "status": "ok"}))
-        return path
+        return NormalPhoto(path, row["split"])
 
     def write(self, result: EpisodeResult, episode_id: int | None = None,
               batch: str | None = None,

@@ -105,7 +105,9 @@ class Service:
                                        + "\n  ".join(problems))
                 if self.store is None:
                     self.store = JobStore.for_dataset(self.config.dataset)
-                    self.writer = DatasetWriter(self.config.dataset, store=self.store)
+                    self.writer = DatasetWriter(
+                        self.config.dataset, store=self.store,
+                        test_good_share=self.config.defaults.test_good_share)
                 with self.store.dataset_lock():
                     for line in reconcile(self.store, self.config.service.max_tries).lines():
                         log.warning("recovered: %s", line)

@@ -12,6 +12,7 @@ from appliance.service.intake import REASON_SUFFIX
 from appliance.service.schedule import Window
 from appliance.service.watcher import InboxScanner
 from appliance.storage import JobStore
+from appliance.storage.reviews import ReviewLog
 
 RATE_WINDOW_SECONDS = 3600.0  # the rate is measured over the last hour's finished episodes
 
@@ -32,7 +33,8 @@ def collect_status(config: Config) -> dict:
         recent = store.recent_finished(now - RATE_WINDOW_SECONDS)
         report: dict = {"dataset": str(config.dataset), "counts": counts,
                         "paused": store.paused, "last_error": store.get("last_error"),
-                        "intake_failures": store.intake_failures()}
+                        "intake_failures": store.intake_failures(),
+                        "review": ReviewLog(store).counts().as_dict()}
         for role in ("watcher", "runner"):
             beat, updated = store.get_with_time(role)
             report[role] = {"alive": _alive(beat, updated, now), "heartbeat": beat,
@@ -105,6 +107,9 @@ def status_lines(report: dict) -> list[str]:
         if progress["pending"]:
             text += f", ~{_duration(progress['eta_seconds'])} left"
     lines.append(text)
+    review = report["review"]
+    lines.append(f"review      {review['approved']} approved, {review['rejected']} rejected, "
+                 f"{review['unreviewed']} not reviewed (appliance review)")
     lines.append(f"inbox       {report['inbox_files']} file(s) not yet taken")
     lines.append(f"quarantine  {report['quarantined_files']} file(s)")
     for failure in report.get("intake_failures", []):

@@ -46,7 +46,7 @@ def read_jsonl(path: Path, problems: list[str] | None = None) -> list[dict]:
 
 def normal_record(row: dict) -> dict:
     return {"category": row["category"], "path": row["path"], "source": row["source"],
-            "source_sha256": row["sha256"]}
+            "source_sha256": row["sha256"], "split": row.get("split") or "train"}
 
 
 def export_records(store) -> dict[str, list[dict]]:

@@ -94,3 +94,17 @@ def m002_intake_tries(db: sqlite_utils.Database) -> None:
         "key": str, "file": str, "tries": int, "first_try": float, "last_try": float,
         "error": str,
     }, pk="key", not_null={"key", "file", "tries"}, defaults={"tries": 0})
+
+
+@migration
+def m003_test_good_and_reviews(db: sqlite_utils.Database) -> None:
+    # "train": a synthesis source in <category>/train/good; "test": held back in test/good so that
+    # anomalib's image-level metrics have normal test images, and never edited.
+    db["normals"].add_column("split", str, not_null_default="train")
+    # A person's decisions on samples, append-only: the newest row per sample is its state, the
+    # older ones say who changed their mind and when.
+    db["reviews"].create({
+        "id": int, "sample_id": int, "key": str, "decision": str, "reason": str,
+        "reviewer": str, "decided_at": float,
+    }, pk="id", not_null={"sample_id", "key", "decision", "reviewer", "decided_at"})
+    db["reviews"].create_index(["sample_id", "id"])

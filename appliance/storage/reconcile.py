@@ -91,9 +91,9 @@ def _move_orphans(store: JobStore, report: ReconcileReport) -> None:
         trajectories.add(row["trajectory"])
     candidates: list[Path] = []
     for category in _category_dirs(root):
-        good = category / "train" / "good"
-        if good.is_dir():
-            candidates += [p for p in good.iterdir() if NUMBERED.match(p.name)]
+        for good in (category / "train" / "good", category / "test" / "good"):
+            if good.is_dir():
+                candidates += [p for p in good.iterdir() if NUMBERED.match(p.name)]
         for kind, pattern in (("test", NUMBERED), ("ground_truth", NUMBERED_MASK)):
             base = category / kind
             if not base.is_dir():
@@ -143,7 +143,7 @@ def import_existing(store: JobStore) -> int:
             store.db["normals"].insert({
                 "sha256": record["source_sha256"], "category": record["category"],
                 "number": int(match.group(1)), "path": path, "source": record.get("source", ""),
-                "status": "ok", "created": time.time()})
+                "split": record.get("split", "train"), "status": "ok", "created": time.time()})
         imported += 1
     for record in read_jsonl(root / MANIFEST):
         match = NUMBERED.match(Path(record.get("image", "")).name)

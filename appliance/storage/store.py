@@ -154,12 +154,13 @@ class JobStore:
         return rows[0] if rows else None
 
     def reserve_normal(self, sha256: str, category: str, source: str,
-                       path_for: Callable[[int], str],
+                       place: Callable[[int], tuple[str, str]],
                        is_free: Callable[[int], bool] = lambda n: True) -> tuple[dict, bool]:
         """The normal row for (sha256, category), reserving a number if new; (row, created).
 
-        ``is_free(number)`` lets the caller skip numbers whose file exists without a row (put
-        there by hand): such a file is never overwritten.
+        ``place(number)`` gives the photo's (path, split): "train" for a synthesis source,
+        "test" for one held back in test/good. ``is_free(number)`` lets the caller skip numbers
+        whose file exists without a row (put there by hand): such a file is never overwritten.
         """
         with self.transaction():
             existing = self.normal(sha256, category)
@@ -168,9 +169,9 @@ class JobStore:
             top = self.db.execute("select max(number) from normals where category = ?",
                                   [category]).fetchone()[0]
             number = _next_free(-1 if top is None else top, is_free)
-            row = {"sha256": sha256, "category": category, "number": number,
-                   "path": path_for(number), "source": source, "status": "writing",
-                   "created": time.time()}
+            path, split = place(number)
+            row = {"sha256": sha256, "category": category, "number": number, "path": path,
+                   "split": split, "source": source, "status": "writing", "created": time.time()}
             row["id"] = self.db["normals"].insert(row).last_pk
         return row, True
 
@@ -182,8 +183,11 @@ class JobStore:
         with self.transaction():
             self.db.execute("delete from normals where id = ?", [normal_id])
 
-    def normals(self, status: str = "ok") -> list[dict]:
-        return list(self.db.query("select * from normals where status = ? order by id", [status]))
+    def normals(self, status: str = "ok", split: str | None = None) -> list[dict]:
+        sql, args = "select * from normals where status = ?", [status]
+        if split is not None:
+            sql, args = sql + " and split = ?", [status, split]
+        return list(self.db.query(sql + " order by id", args))
 
     # Episodes -----------------------------------------------------------------------------------
 
