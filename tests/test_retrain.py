@@ -133,6 +133,10 @@ def test_gate_measures_and_promotes_and_the_engine_uses_the_adapter(trained):
     assert gate["before"]["complete"] == 0
     active = active_adapter(root / "models", CATEGORY)
     assert active is not None and active.hash == gate["adapter"]
+    # The tiny kit's adapter trains lm_head and embed_tokens in full: no llama.cpp LoRA, and
+    # the report says why (tests/test_gguf_lora.py converts a LoRA-only adapter).
+    assert "modules_to_save" in gate["llamacpp_lora"]
+    assert not (active.path / "adapter.gguf").exists()
     assert active.figures["heldout"] == gate["after"]
     config, _ = resolve_engine_config("auto", models_dir=root / "models")
     engine = build_engine(config)
@@ -222,3 +226,75 @@ def test_a_folder_without_defects_says_what_it_expected(plant, tmp_path):
                   str(tmp_path / "run"), *ENGINE, env=env, cwd=root)
     assert result.returncode == 1
     assert "no defect photos with masks" in result.stderr and "MVTec" in result.stderr
+
+
+def _kill_when(process: subprocess.Popen, path: Path, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+GRPO_RUN = ("--steps", "20", "--stage", "grpo", "--grpo-steps", "2", "--grpo-save-every", "1",
+            "--generations", "2", *ENGINE)
+
+
+def test_kill_during_grpo_then_resume_matches_an_uninterrupted_run(plant):
+    root, env = plant
+    command = [sys.executable, "-m", "appliance.cli.main", "retrain", "defects", "--category",
+               CATEGORY, "--out", "gkill", *GRPO_RUN]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = root / "gkill" / "grpo" / "checkpoints"
+    _kill_when(process, checkpoints / "checkpoint-1" / "trainer_state.json")
+    from appliance.training.sft import last_checkpoint
+
+    state = json.loads((root / "gkill" / "run.json").read_text())
+    assert "sft" in state["finished"] and "grpo" not in state["finished"], state["finished"]
+    assert last_checkpoint(checkpoints), "no complete GRPO checkpoint before the kill"
+    assert not (root / "gkill" / "grpo" / "adapter").exists()
+    resumed = _run("retrain", "defects", "--category", CATEGORY, "--out", "gkill", "--resume",
+                   *GRPO_RUN, env=env, cwd=root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sft: finished before, kept" in resumed.stderr
+    assert resumed.stdout.count("'reward':") == 1  # only step 2 ran again
+    grpo = json.loads((root / "gkill" / "report.json").read_text())["stages"]["grpo"]
+    assert grpo["steps"] == 2 and len(grpo["rewards"]) == 2
+    # The same run uninterrupted from the same SFT adapter: the run folder with GRPO undone.
+    shutil.copytree(root / "gkill", root / "gref", ignore=shutil.ignore_patterns("grpo"))
+    state = json.loads((root / "gref" / "run.json").read_text())
+    state["finished"] = {k: v for k, v in state["finished"].items() if k in ("trajectories", "sft")}
+    (root / "gref" / "run.json").write_text(json.dumps(state))
+    whole = _run("retrain", "defects", "--category", CATEGORY, "--out", "gref", "--resume",
+                 *GRPO_RUN, env=env, cwd=root)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    from safetensors.numpy import load_file
+
+    ours = load_file(root / "gkill" / "grpo" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(root / "gref" / "grpo" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    # Rollouts are seeded by the optimizer step and the trainer restores its RNG from the
+    # checkpoint: the resumed run ends with the uninterrupted run's weights.
+    worst = max(float(np.abs(ours[k] - theirs[k]).max()) for k in ours)
+    assert worst <= 1e-6, f"resumed GRPO adapter differs by up to {worst}"
+
+
+def test_normal_photos_give_the_normal_counterparts(plant):
+    root, env = plant
+    normals = root / "normals"
+    normals.mkdir(exist_ok=True)
+    for photo in sorted(require_tiles("MT_Free", "Imgs").glob("*.jpg"))[:8]:
+        shutil.copy(photo, normals / photo.name)
+    (normals / "broken.jpg").write_bytes(b"not a photo")
+    result = _run("retrain", "defects", "--category", CATEGORY, "--out", "with-normals",
+                  "--stage", "trajectories", "--normal", str(normals), *ENGINE, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 normal photo(s)" in result.stderr
+    report = json.loads((root / "with-normals" / "report.json").read_text())
+    assert any("broken.jpg" in s["path"] for s in report["skipped"])
+    assert report["stages"]["trajectories"]["kept"] >= 1
+    missing = _run("retrain", "defects", "--category", CATEGORY, "--out", "nothing",
+                   "--normal", str(root / "defects" / "MT_Crack" / "none"), *ENGINE, env=env,
+                   cwd=root)
+    assert missing.returncode == 2 and "--normal" in missing.stderr

@@ -292,11 +292,11 @@ def test_export_writes_approved_samples_and_the_feedback(server, dataset, tmp_pa
     assert f"exported {len(approved)} samples" in done.stdout
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == len(approved)
-    assert all(r["review"]["decision"] == "approved" for r in records)
+    assert all(r["human_review"]["decision"] == "approved" for r in records)
     assert sorted((out / "magnetic_tile" / "test" / "good").glob("*.png"))
     feedback = [json.loads(line) for line in (out / "review_feedback.jsonl").read_text().splitlines()]
     assert len(feedback) == len(rejected)
-    assert {f["review"]["reason"] for f in feedback} >= {"too large"}
+    assert {f["human_review"]["reason"] for f in feedback} >= {"too large"}
     assert all((out / f["image"]).is_file() and (out / f["mask"]).is_file() for f in feedback)
     report = check_dataset(out)
     assert report.ok, report.problems
@@ -311,3 +311,10 @@ def test_export_writes_approved_samples_and_the_feedback(server, dataset, tmp_pa
                             timeout=120)
     assert inside.returncode == 1 and "inside the dataset" in inside.stderr
     assert not list(tmp_path.glob(".export.partial-*"))
+
+
+def test_odd_tokens_and_ids_are_refused_not_errors(server):
+    assert server.request("GET", "/", headers={"Cookie": f"appliance_review_{server.port}=\u00e9"},
+                          cookie=False)[0] == 403
+    assert server.request("GET", "/api/items/s%C2%B2")[0] == 404
+    assert server.request("GET", "/", headers={"Host": f"[::1]:{server.port}"})[0] == 200

@@ -140,5 +140,5 @@ def test_bulk_approve_and_export(page, review_workspace):
     records = [json.loads(line) for line in (export / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == wanted and {r["category"] for r in records} == {HOSTILE_CATEGORY}
     feedback = (export / "review_feedback.jsonl").read_text()
-    assert json.loads(feedback.splitlines()[0])["review"]["reason"] == HOSTILE_REASON
+    assert json.loads(feedback.splitlines()[0])["human_review"]["reason"] == HOSTILE_REASON
     assert not page.errors

@@ -127,3 +127,28 @@ def test_reverse_synthesis_fills_only_the_defect(engine):
     half = partial_defect(normal, image, mask, 0.5)
     assert np.array_equal(half[~mask], normal[~mask])
     assert abs(int(half[mask].mean()) - (int(normal[mask].mean()) + 10) // 2) <= 2
+
+
+def test_reverse_synthesis_from_normals_borrows_the_matching_photo():
+    """``--normal``: the photo the defect was made on is among the normals; it is found, and its
+    own pixels come back under the mask (the rim matches, so no brightness shift)."""
+    from appliance.evaluation.data import resize_image
+    from appliance.imaging import load_rgb
+    from appliance.training.reverse_synthesis import reverse_synthesize_from
+
+    paths = sorted(require_tiles("MT_Free", "Imgs").glob("*.jpg"))[:6]
+    normals = [resize_image(load_rgb(p), 256) for p in paths]
+    image = normals[3].copy()
+    mask = np.zeros(image.shape[:2], bool)
+    mask[120:130, 60:140] = True
+    image[mask] = 5
+    normal, index = reverse_synthesize_from(image, mask, normals)
+    assert index == 3
+    assert np.abs(normal.astype(int) - normals[3]).max() <= 1  # the real surface, not a guess
+    far = np.ones_like(mask)
+    far[100:150, 40:160] = False
+    assert np.array_equal(normal[far], image[far])
+    with pytest.raises(ValueError, match="differ in size"):
+        reverse_synthesize_from(image, mask, [normals[0][:128]])
+    with pytest.raises(ValueError, match="no normal photo"):
+        reverse_synthesize_from(image, mask, [])

@@ -20,12 +20,18 @@ def _bar(total: int, label: str):
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--category", required=True, type=CATEGORY,
               help="The part category the defects belong to (as the batch names it).")
+@click.option("--normal", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None,
+              help="Normal photos of the same part: each defect's normal counterpart takes the "
+                   "best-matching one's pixels under the mask (else the region is inpainted).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: ./retrain-CATEGORY). --resume continues the run there.")
-@click.option("--stage", type=click.Choice(["trajectories", "sft", "all"]), default="all",
+@click.option("--stage", type=click.Choice(["trajectories", "sft", "grpo", "all"]), default="all",
               show_default=True,
               help="How far to go: trajectories (build them only); sft (trajectories, SFT, then "
-                   "the gate on the SFT adapter); all (trajectories, SFT, GRPO, the gate).")
+                   "the gate on the SFT adapter); grpo (trajectories, SFT, GRPO, no gate yet: "
+                   "--resume with --stage all judges it later); all (trajectories, SFT, GRPO, "
+                   "the gate).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out after a crash or a stop: finished stages are kept, "
                    "training continues from its last checkpoint.")
@@ -36,6 +42,8 @@ def _bar(total: int, label: str):
 @click.option("--lora-rank", default=32, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--grpo-steps", default=20, show_default=True, type=click.IntRange(1, 100_000),
               help="GRPO optimizer steps (each runs G episodes per task).")
+@click.option("--grpo-save-every", default=5, show_default=True, type=click.IntRange(1, 100_000),
+              help="GRPO checkpoint every N steps (what --resume continues from after a crash).")
 @click.option("--generations", default=8, show_default=True, type=click.IntRange(2, 64),
               help="G: rollouts per task in a GRPO group.")
 @click.option("--grpo-learning-rate", default=2e-4, show_default=True,
@@ -60,9 +68,9 @@ def _bar(total: int, label: str):
 @click.option("--rollback", is_flag=True,
               help="Make the adapter active before the current one active again (the base "
                    "policy when there was none) and exit.")
-def retrain_command(defects: Path | None, category: str, out: Path | None, stage: str,
+def retrain_command(defects: Path | None, category: str, normal: Path | None, out: Path | None, stage: str,
                     resume: bool, steps: int, learning_rate: float, lora_rank: int,
-                    grpo_steps: int, generations: int, grpo_learning_rate: float, beta: float,
+                    grpo_steps: int, grpo_save_every: int, generations: int, grpo_learning_rate: float, beta: float,
                     temperature: float, heldout_runs: int, holdout: float, margin: float, size: int, seed: int, engine: str,
                     backends: tuple[str, ...], rollback: bool) -> None:
     """Adapt the Qwen3-VL policy to this plant from its real defect photos.
@@ -114,14 +122,16 @@ def retrain_command(defects: Path | None, category: str, out: Path | None, stage
     if defects is None:
         raise click.UsageError("give the DEFECTS folder (or --rollback)")
     stages = {"trajectories": ("trajectories",), "sft": ("trajectories", "sft", "gate"),
+              "grpo": ("trajectories", "sft", "grpo"),
               "all": ("trajectories", "sft", "grpo", "gate")}[stage]
     options = RetrainOptions(
-        defects=defects.resolve(), category=name, out=(out or Path(f"retrain-{name}")).resolve(),
+        defects=defects.resolve(), category=name,
+        normal=normal.resolve() if normal is not None else None, out=(out or Path(f"retrain-{name}")).resolve(),
         stages=stages, seed=seed, size=size, holdout=holdout, margin=margin,
         heldout_repeats=heldout_runs,
         sft=SFTSettings(steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
                         lora_alpha=2 * lora_rank, seed=seed),
-        grpo=GRPOSettings(steps=grpo_steps, generations=generations,
+        grpo=GRPOSettings(steps=grpo_steps, save_every=grpo_save_every, generations=generations,
                           learning_rate=grpo_learning_rate, beta=beta, temperature=temperature,
                           seed=seed))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import ipaddress
 from pathlib import Path
 
 import click
@@ -23,12 +22,9 @@ def _dataset(dataset: Path | None, config_file: Path | None) -> Path:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    from appliance.review.server import is_loopback_name
+
+    return is_loopback_name(host)
 
 
 @click.command("review")

@@ -90,7 +90,10 @@ def export_reviewed(root: Path, out: Path, approved_only: bool = True) -> Export
     shutil.rmtree(partial, ignore_errors=True)
     report = ExportReport(out)
     try:
-        _export_into(root, partial, samples, normals, decisions, approved_only, report)
+        try:
+            _export_into(root, partial, samples, normals, decisions, approved_only, report)
+        except OSError as exc:
+            raise ExportError(f"the export could not copy the dataset's files: {exc}") from exc
         if report.samples:
             check = check_dataset(partial)
             if check.problems:
@@ -146,7 +149,7 @@ def _export_into(root: Path, target: Path, samples: list[dict], normals: list[di
                 "image": str(image.relative_to(target)), "mask": str(mask.relative_to(target)),
                 "trajectory": str(trajectory.relative_to(target)),
                 "dataset_image": row["image"],
-                "review": None if decision is None else _review(decision)})
+                "human_review": None if decision is None else _review(decision)})
             manifest_lines.append(jsonl_line(record))
         report.by_group[f"{category}/{defect}"] = len(rows)
         report.samples += len(rows)
@@ -180,4 +183,4 @@ def _feedback(root: Path, target: Path, row: dict, decision: dict) -> dict:
     return {**{k: record.get(k) for k in keep}, "judge_review": record.get("review"),
             "dataset_image": row["image"], "image": f"{FEEDBACK_DIR}/{names[0]}/{names[1]}/{stem}.png",
             "mask": f"{FEEDBACK_DIR}/{names[0]}/{names[1]}/{stem}_mask.png",
-            "review": _review(decision)}
+            "human_review": _review(decision)}

@@ -173,17 +173,10 @@ def _qwen_transformers_policy(ctx: BuildContext) -> Policy:
 
     entry, folder = _installed_model(ctx, "policy", "qwen-transformers")
     settings, guided = settings_and_guide(entry)
-    from appliance.models.adapters import AdapterError, active_adapters
-    from appliance.models.manifest import default_models_dir
-
     config, adapter_dir = transformers_config(folder, settings)
     budget, sampling = role_options(entry, "policy")
-    try:  # what `appliance retrain` promoted, per category
-        promoted = {c: a.path for c, a in active_adapters(
-            ctx.config.models_dir or default_models_dir()).items()}
-    except AdapterError as exc:
-        raise EngineError(str(exc)) from None
-    return QwenTransformersPolicy(config, adapter_dir=adapter_dir, category_adapters=promoted,
+    return QwenTransformersPolicy(config, adapter_dir=adapter_dir,
+                                  category_adapters=_promoted_adapters(ctx),
                                   budget=budget, sampling=sampling,
                                   guide=_scripted_policy(ctx) if guided else None)
 
@@ -195,8 +188,21 @@ def _qwen_llamacpp_policy(ctx: BuildContext) -> Policy:
     entry, folder = _installed_model(ctx, "policy", "qwen-llamacpp")
     settings, guided = settings_and_guide(entry)
     budget, sampling = role_options(entry, "policy")
-    return QwenLlamaCppPolicy(llamacpp_config(folder, settings), budget=budget, sampling=sampling,
-                              guide=_scripted_policy(ctx) if guided else None)
+    return QwenLlamaCppPolicy(llamacpp_config(folder, settings),
+                              category_adapters=_promoted_adapters(ctx), budget=budget,
+                              sampling=sampling, guide=_scripted_policy(ctx) if guided else None)
+
+
+def _promoted_adapters(ctx: BuildContext) -> dict[str, Path]:
+    """category -> the adapter folder `appliance retrain` promoted for it."""
+    from appliance.models.adapters import AdapterError, active_adapters
+    from appliance.models.manifest import default_models_dir
+
+    try:
+        return {c: a.path for c, a in active_adapters(
+            ctx.config.models_dir or default_models_dir()).items()}
+    except AdapterError as exc:
+        raise EngineError(str(exc)) from None
 
 
 @dataclass

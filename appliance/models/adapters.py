@@ -1,7 +1,9 @@
 """The policy's LoRA adapters per part category: promoted by ``appliance retrain``, used by
 every later batch, and rolled back on request.
 
-    MODELS/adapters/<category>/<hash>/      a peft adapter folder + figures.json
+    MODELS/adapters/<category>/<hash>/      a peft adapter folder + figures.json, and
+                                            adapter.gguf: the same LoRA for llama.cpp, when
+                                            it converts (a LoRA-only adapter)
     MODELS/adapters/<category>/active.json  {"active": hash or null, "history": [older hashes]}
 
 An adapter's folder is named by the sha256 of its files (first 16 hex digits), so the hash in a
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from appliance.imaging import write_atomic
 from appliance.names import Name, path_under
+from appliance.vlm.llamacpp_runtime import ADAPTER_GGUF
 
 ACTIVE = "active.json"
 
@@ -36,10 +39,14 @@ class ActiveAdapter:
     figures: dict  # what the promotion gate measured
 
 
+# Made from the adapter's own files after it is stored: not part of what its hash names.
+DERIVED = ("figures.json", ADAPTER_GGUF)
+
+
 def adapter_hash(folder: Path) -> str:
     """sha256 over the adapter's files (names and bytes, sorted), first 16 hex digits."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != "figures.json"):
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name not in DERIVED):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -126,3 +133,19 @@ def rollback(models_dir: Path, category: str) -> str | None:
     previous = history.pop() if history else None
     _write_state(models_dir, category, {"active": previous, "history": history})
     return previous
+
+
+def add_llamacpp_lora(models_dir: Path, category: str, digest: str, base_hf_dir: Path) -> str | None:
+    """Write a stored adapter's llama.cpp LoRA (``adapter.gguf``) beside it, so the llama.cpp
+    runtime can use it too; None when it is there, else why it cannot be (the adapter stays
+    usable on transformers either way)."""
+    from appliance.models.gguf_convert import ConversionError, convert_lora
+
+    folder = _category_dir(models_dir, category) / digest
+    if (folder / ADAPTER_GGUF).is_file():
+        return None
+    try:
+        convert_lora(folder, base_hf_dir, folder / ADAPTER_GGUF)
+    except ConversionError as exc:
+        return str(exc).splitlines()[0]
+    return None

@@ -1,4 +1,5 @@
-"""HF Qwen3-VL folder -> llama.cpp GGUF language model + mmproj, with llama.cpp's own converter.
+"""HF Qwen3-VL folder -> llama.cpp GGUF language model + mmproj, and a peft LoRA adapter of it ->
+a llama.cpp LoRA GGUF, with llama.cpp's own converters.
 
 The converter and its matching gguf-py are vendored from llama.cpp outside the package, in
 ``third_party/llama_cpp_convert/`` (MIT; its README says what was taken and PATCHES.md what we
@@ -76,6 +77,47 @@ def _convert_in_this_process(hf_dir: Path, out_dir: Path, outtype: str, pre_toke
             converter = model_class(hf_dir, file_types[outtype], out_dir / f"{name}-{outtype}.gguf",
                                     eager=True)
             converter.write()
+
+
+def convert_lora(adapter_dir: Path, base_hf_dir: Path, out_path: Path, outtype: OutType = "f16",
+                 timeout: float = 1800) -> Path:
+    """A peft LoRA adapter of the Qwen3-VL policy as a llama.cpp LoRA GGUF (``out_path``),
+    with llama.cpp's ``convert_lora_to_gguf.py`` run whole in a child Python. ``base_hf_dir``:
+    the base model's folder (only its config is read). Written under a temporary name and
+    renamed, so ``out_path`` is complete or absent."""
+    import json
+
+    adapter_dir, base_hf_dir = Path(adapter_dir).resolve(), Path(base_hf_dir).resolve()
+    out_path = Path(out_path).resolve()
+    vendor = converter_dir()
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{adapter_dir} is not a peft adapter: {exc}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ConversionError(f"{adapter_dir}: only LoRA adapters convert, not {config['peft_type']}")
+    if config.get("modules_to_save"):
+        # A llama.cpp LoRA file holds low-rank pairs only; whole trained matrices do not fit.
+        raise ConversionError(
+            f"{adapter_dir} also trains {', '.join(config['modules_to_save'])} in full "
+            "(modules_to_save); a llama.cpp LoRA cannot carry whole matrices, so this adapter "
+            "runs on the transformers runtime only")
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(vendor / "gguf_py"), str(vendor),
+                                          os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(vendor / "convert_lora_to_gguf.py"), "--base", str(base_hf_dir),
+               "--outfile", str(tmp), "--outtype", outtype, str(adapter_dir)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        if done.returncode != 0 or not tmp.is_file():
+            raise ConversionError(f"LoRA GGUF conversion of {adapter_dir} failed "
+                                  f"(exit {done.returncode}):\n{done.stderr[-4000:]}")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
 
 
 if __name__ == "__main__":

@@ -100,9 +100,14 @@ class QwenTransformersPolicy(VLMPolicy):
 
 
 class QwenLlamaCppPolicy(VLMPolicy):
-    """The Qwen3-VL policy on llama.cpp."""
+    """The Qwen3-VL policy on llama.cpp; ``category_adapters`` as for transformers, each folder
+    holding the adapter's llama.cpp LoRA (``adapter.gguf``)."""
 
-    def __init__(self, config: LlamaCppVLMConfig, *, budget: Budget = ROLE_BUDGETS["policy"],
-                 sampling: dict | None = None, guide: Policy | None = None) -> None:
-        super().__init__(llamacpp_runtime(config), "qwen-llamacpp", budget=budget,
+    def __init__(self, config: LlamaCppVLMConfig, *, category_adapters: dict[str, Path] | None = None,
+                 budget: Budget = ROLE_BUDGETS["policy"], sampling: dict | None = None,
+                 guide: Policy | None = None) -> None:
+        runtime = llamacpp_runtime(config)
+        loaded = {category: runtime.load_adapter(folder, name=f"{category}@{folder.name}")
+                  for category, folder in (category_adapters or {}).items()}
+        super().__init__(runtime, "qwen-llamacpp", category_adapters=loaded, budget=budget,
                          sampling=sampling, guide=guide)

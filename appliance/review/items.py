@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,8 +152,7 @@ def facets(items: list[dict], store: JobStore) -> dict:
 def parse_id(item_id: str) -> tuple[str, int]:
     """("sample" | "episode", row id) of an item id; NotFound for anything else."""
     kinds = {"s": "sample", "e": "episode"}
-    if len(item_id) < 2 or item_id[0] not in kinds or not item_id[1:].isdigit() \
-            or len(item_id) > 20:
+    if len(item_id) < 2 or item_id[0] not in kinds or not re.fullmatch(r"[0-9]{1,18}", item_id[1:]):
         raise NotFound(item_id)
     return kinds[item_id[0]], int(item_id[1:])
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hmac
 import io
+import ipaddress
+import re
 import secrets
 import threading
 import time
@@ -37,7 +39,6 @@ from appliance.storage import JobStore
 from appliance.storage.reviews import REASONS, ReviewError, ReviewLog
 
 THUMB_SIZE = 320
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
 
@@ -51,7 +52,7 @@ class ReviewSettings:
     allow_remote: bool = False
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=512)
 def _thumbnail(path: str, mtime_ns: int) -> bytes:
     with Image.open(path) as image:
         image.thumbnail((THUMB_SIZE, THUMB_SIZE))
@@ -72,15 +73,15 @@ def create_app(settings: ReviewSettings) -> Flask:
         return f"appliance_review_{request.environ.get('SERVER_PORT', '')}"
 
     def authorised() -> bool:
-        return hmac.compare_digest(request.cookies.get(cookie_name(), ""), settings.token)
+        return _same(request.cookies.get(cookie_name(), ""), settings.token)
 
     @app.before_request
     def guard():
-        if not settings.allow_remote and request.host.rsplit(":", 1)[0].strip("[]") not in LOOPBACK:
+        if not settings.allow_remote and not _loopback_host(request.host):
             abort(400, "this server answers on its loopback name only")  # DNS rebinding
         given = request.args.get("token")
         if given is not None and request.method == "GET":
-            if not hmac.compare_digest(given, settings.token):
+            if not _same(given, settings.token):
                 abort(403, "wrong token: open the URL that `appliance review` printed")
             response = redirect(request.path)
             response.set_cookie(cookie_name(), settings.token, httponly=True,
@@ -89,7 +90,7 @@ def create_app(settings: ReviewSettings) -> Flask:
         if not authorised():
             abort(403, "no token: open the URL that `appliance review` printed")
         if request.method == "POST":
-            if not hmac.compare_digest(request.headers.get("X-CSRF-Token", ""), csrf):
+            if not _same(request.headers.get("X-CSRF-Token", ""), csrf):
                 abort(403, "missing or wrong CSRF token: reload the page")
             if not request.is_json:
                 abort(415, "send JSON")
@@ -160,10 +161,9 @@ def create_app(settings: ReviewSettings) -> Flask:
             abort(404, "start `appliance review --export-to DIR` to export from the page")
         body = request.get_json(silent=True) or {}
         target = settings.export_to / time.strftime("export-%Y%m%d-%H%M%S")
-        try:
-            with lock:
-                report = export_reviewed(settings.dataset, target,
-                                         approved_only=bool(body.get("approved_only", True)))
+        try:  # its own store connection: the page keeps answering while it copies
+            report = export_reviewed(settings.dataset, target,
+                                     approved_only=bool(body.get("approved_only", True)))
         except ExportError as exc:
             abort(409, str(exc))
         return jsonify(out=str(report.out), samples=report.samples, feedback=report.feedback,
@@ -190,12 +190,34 @@ def create_app(settings: ReviewSettings) -> Flask:
     return app
 
 
+def _same(given: str, secret: str) -> bool:
+    """Constant-time comparison that also takes text that is not ASCII (and says no)."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), secret.encode("utf-8"))
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback ("localhost", "127.0.0.1:8765",
+    "[::1]:8765"): a page from another name reaching us is DNS rebinding."""
+    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    return is_loopback_name(name)
+
+
+def is_loopback_name(name: str) -> bool:
+    """"localhost" or a loopback address (127.0.0.0/8, ::1)."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _sample_id(value) -> int:
     """A sample's store id from an item id ("s12") or a bare number."""
     text = str(value)
     if text.startswith("s"):
         text = text[1:]
-    if not text.isdigit() or len(text) > 18:
+    if not re.fullmatch(r"[0-9]{1,18}", text):
         raise NotFound(f"{value!r} is not a sample")
     return int(text)
 
@@ -209,6 +231,8 @@ def serve(settings: ReviewSettings, host: str, port: int, announce) -> None:
     from waitress import create_server
 
     app = create_app(settings)
+    # "localhost" may resolve to both ::1 and 127.0.0.1, and waitress then serves two sockets.
+    host = "127.0.0.1" if host == "localhost" else host
     server = create_server(app, host=host, port=port, threads=4, ident="appliance-review")
     bound = server.effective_port
     shown = host if ":" not in host else f"[{host}]"

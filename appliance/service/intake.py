@@ -104,7 +104,9 @@ class Intake:
                                        original_size=original)
         target = self._move(path, relative, sha)
         status = "known" if known and not added else "queued"
-        log.info("%s: %s, %d episode(s) queued%s", shown, status, added,
+        held = self.writer.store.normal(sha, category)["split"] == "test"
+        log.info("%s: %s, %d episode(s) queued%s", shown,
+                 "held back in test/good (never edited)" if held else status, added,
                  f", {len(finished)} already done" if finished else "")
         return Outcome(status, shown, moved_to=target, episodes=added)
 

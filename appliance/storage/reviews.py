@@ -81,14 +81,18 @@ class ReviewLog:
 
     def latest(self) -> dict[int, dict]:
         """sample id -> its newest decision."""
+        # Joined on the episode key too: a sample id SQLite hands out again after a sample was
+        # removed must not inherit the removed sample's decision.
         rows = self.db.query(
             "select r.* from reviews r join (select sample_id, max(id) as id from reviews "
-            "group by sample_id) newest on r.id = newest.id")
+            "group by sample_id) newest on r.id = newest.id "
+            "join samples s on s.id = r.sample_id and s.key = r.key")
         return {row["sample_id"]: row for row in rows}
 
     def history(self, sample_id: int) -> list[dict]:
-        return list(self.db.query("select * from reviews where sample_id = ? order by id",
-                                  [sample_id]))
+        return list(self.db.query(
+            "select r.* from reviews r join samples s on s.id = r.sample_id and s.key = r.key "
+            "where r.sample_id = ? order by r.id", [sample_id]))
 
     def counts(self) -> ReviewCounts:
         """Over the dataset's written samples (decisions on removed samples do not count)."""

@@ -116,7 +116,6 @@ class EpisodeRollouts:
         self.runtime_config = runtime_config
         self.budget = budget
         self.seed = seed
-        self.calls = 0
 
     def __call__(self, trainer, inputs: Sequence[dict]) -> tuple:
         from appliance.policies.vlm import VLMPolicy
@@ -128,11 +127,13 @@ class EpisodeRollouts:
         runtime = self._runtime
         policy = VLMPolicy(runtime, "qwen-transformers (GRPO rollout)", budget=self.budget,
                            sampling={**ROLLOUT_SAMPLING, "temperature": self.temperature})
-        self.calls += 1
+        # Seeds from the optimizer step being made, not from a count of calls in this process:
+        # a run resumed from a checkpoint then draws the episodes the uninterrupted run drew.
+        step = int(trainer.state.global_step) + 1
         specs = []
         for k, row in enumerate(inputs):
             task = self.tasks[int(row["task"])]
-            seed = int(np.random.SeedSequence([self.seed, self.calls, k, 0x6290]).generate_state(1)[0])
+            seed = int(np.random.SeedSequence([self.seed, step, k, 0x6290]).generate_state(1)[0])
             specs.append(EpisodeSpec(image=task.normal, category=self.category,
                                      defect=task.defect.defect, seed=seed, source=task.defect.source))
         was_training = trainer.model.training
@@ -149,6 +150,14 @@ class EpisodeRollouts:
         # pictures inside the completion, where it finds every picture by its pad tokens.
         return ([t.prompt_ids for t in tokens], [t.completion_ids for t in tokens],
                 [t.mask for t in tokens], texts, None, {"episode": results}, images, images)
+
+
+def freeze_full_modules(model) -> None:
+    """Whole modules SFT trained beside the LoRA (a test model's output head and embeddings)
+    stay as SFT left them: at a policy-gradient step size they would swamp the LoRA."""
+    for name, parameter in model.named_parameters():
+        if "modules_to_save" in name:
+            parameter.requires_grad_(False)
 
 
 def _trainer_class():
@@ -170,6 +179,12 @@ def _trainer_class():
 
         def _generate(self, prompts):
             return self.rollouts(self, self._rollout_inputs)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # Loading the checkpoint's adapter makes its modules_to_save trainable again; the
+            # optimizer state saved with it knows only the LoRA's parameters.
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            freeze_full_modules(model or self.model)
 
     return EpisodeGRPOTrainer
 
@@ -205,11 +220,7 @@ def train_grpo(model_dir: Path, sft_adapter: Path, rollouts: EpisodeRollouts, ou
     processor = load_processor(model_dir, runtime_config.min_pixels, runtime_config.max_pixels)
     model = PeftModel.from_pretrained(load_base_model(model_dir, settings.device), str(sft_adapter),
                                       is_trainable=True)
-    for name, parameter in model.named_parameters():
-        # Whole modules SFT trained beside the LoRA (a test model's output head and embeddings)
-        # stay as SFT left them: at a policy-gradient step size they would swamp the LoRA.
-        if "modules_to_save" in name:
-            parameter.requires_grad_(False)
+    freeze_full_modules(model)
     cuda = settings.device == "cuda"
     batch = settings.generations * settings.tasks_per_step
     args = GRPOConfig(

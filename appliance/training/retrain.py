@@ -10,7 +10,8 @@ from typing import Callable
 from appliance.engine import EngineConfig
 from appliance.names import normalize_name
 from appliance.training import stages
-from appliance.training.run import STAGES, RetrainError, RetrainOptions, RunState, read_defects
+from appliance.training.run import (STAGES, RetrainError, RetrainOptions, RunState, read_defects,
+                                    read_normals)
 
 
 def run_retrain(options: RetrainOptions, engine_config: EngineConfig, resume: bool = False,
@@ -24,10 +25,12 @@ def run_retrain(options: RetrainOptions, engine_config: EngineConfig, resume: bo
         raise RetrainError("--category is empty")
     state = RunState.open(options.out, options, resume)
     items, skipped = read_defects(options)
+    normals = read_normals(options, skipped)
     say(f"{len(items)} defect photo(s) with masks in {options.defects}"
+        + (f", {len(normals)} normal photo(s) in {options.normal}" if options.normal else "")
         + (f"; {len(skipped)} left out (see the report)" if skipped else ""))
     context = stages.StageContext(options, category, state, items, skipped, say, progress,
-                                   engine_config)
+                                   engine_config, normals=normals)
     for stage in STAGES:
         if stage not in options.stages:
             continue

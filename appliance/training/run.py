@@ -39,6 +39,9 @@ class RetrainOptions:
     defects: Path
     category: str
     out: Path
+    # Normal photos of the part: each defect's normal counterpart borrows the best-matching
+    # one's pixels (reverse_synthesis); None: inpainted from the photo's own surroundings.
+    normal: Path | None = None
     stages: tuple[str, ...] = STAGES
     seed: int = 0
     size: int = 256  # square side the photos are brought to (the engine works at this size)
@@ -91,6 +94,28 @@ class RunState:
     def finish(self, stage: str, figures: dict) -> None:
         self.finished[stage] = figures
         self.save()
+
+
+def read_normals(options: RetrainOptions, skipped: list[Skipped]) -> list:
+    """The photos of ``--normal``, brought to the defects' size; unreadable ones left out."""
+    from appliance.evaluation.data import find_images, load_normals
+    from appliance.imaging import ImageReadError
+
+    if options.normal is None:
+        return []
+    try:
+        paths = find_images(options.normal)
+    except FileNotFoundError as exc:
+        raise RetrainError(f"--normal: {exc}") from None
+    normals = []
+    for path in paths:
+        try:
+            normals += load_normals([path], options.size)
+        except (ImageReadError, OSError) as exc:
+            skipped.append(Skipped(str(path), f"normal photo unreadable: {exc}"))
+    if not normals:
+        raise RetrainError(f"--normal {options.normal}: no readable photo in it")
+    return [n.image for n in normals]
 
 
 def read_defects(options: RetrainOptions):

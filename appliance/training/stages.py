@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from appliance.engine import Engine, EngineConfig, EngineError, build_engine
 from appliance.evaluation.data import LabeledImage, Skipped
 from appliance.imaging import write_atomic
@@ -35,6 +37,7 @@ class StageContext:
     say: Callable[[str], None]
     progress: Callable | None
     engine_config: EngineConfig = field(default_factory=EngineConfig)
+    normals: list[np.ndarray] = field(default_factory=list)  # --normal photos, at the defects' size
     _engine: Engine | None = None
     _split: tuple[list[DefectExample], list[DefectExample]] | None = None
 
@@ -63,7 +66,7 @@ class StageContext:
             with self.bar(len(self.items), "reverse synthesis") as bar:
                 examples = []
                 for item, stem in zip(self.items, stems):
-                    examples.append(example_from(item, stem))
+                    examples.append(example_from(item, stem, self.normals))
                     if bar is not None:
                         bar.update(1)
             self._split = [examples[i] for i in train], [examples[i] for i in heldout]
@@ -229,7 +232,8 @@ def measure(ctx: StageContext, adapter_dir: Path | None, label: str) -> dict:
 
 
 def run_gate(ctx: StageContext) -> None:
-    from appliance.models.adapters import AdapterError, active_adapter, promote, store_adapter
+    from appliance.models.adapters import (AdapterError, active_adapter, add_llamacpp_lora, promote,
+                                           store_adapter)
 
     trained = [stage for stage in ("sft", "grpo") if stage in ctx.state.finished]
     if not trained:
@@ -253,6 +257,9 @@ def run_gate(ctx: StageContext) -> None:
                            {"heldout": after, "baseline": before, "stage": final,
                             "run": str(ctx.out)})
     figures["adapter"] = digest
+    # The same LoRA for the llama.cpp runtime; a reason instead when it cannot convert.
+    figures["llamacpp_lora"] = add_llamacpp_lora(models_dir, ctx.category, digest,
+                                                 policy_model(ctx.engine_config)[1]) or "written"
     if promoted:
         promote(models_dir, ctx.category, digest)
         ctx.say(f"gate: held-out reward {before['reward']:.3f} -> {after['reward']:.3f}; "
@@ -321,4 +328,8 @@ def render_report(report: dict) -> str:
                     for stage, figures in g["candidates"].items()], "",
                   f"- gain {g['gain']:+.3f} against a required {g['margin']}: "
                   + ("**promoted**" if g["promoted"] else "**refused** (kept on disk, not active)")]
+        if "llamacpp_lora" in g:
+            lines.append("- llama.cpp LoRA (`adapter.gguf`): " + (
+                "written" if g["llamacpp_lora"] == "written"
+                else f"not written: {g['llamacpp_lora']}"))
     return "\n".join(lines) + "\n"

@@ -26,7 +26,8 @@ from appliance.evaluation.data import LabeledImage
 from appliance.imaging import write_atomic
 from appliance.policies.scripted import ScriptedPolicy
 from appliance.training.replay_tools import RealMaskGenerator, ReplayImageGenerator
-from appliance.training.reverse_synthesis import partial_defect, reverse_synthesize
+from appliance.training.reverse_synthesis import (partial_defect, reverse_synthesize,
+                                                  reverse_synthesize_from)
 
 # Contrast of each attempt relative to the real defect, per number of image_gen steps: the
 # earlier attempts are the real defect too faint, as a first simple prompt often gives.
@@ -70,8 +71,13 @@ def split_examples(items: Sequence[LabeledImage], seed: int, holdout_fraction: f
     return sorted(train), sorted(heldout)
 
 
-def example_from(item: LabeledImage, stem: str) -> DefectExample:
-    return DefectExample(f"{item.defect}/{stem}", item, reverse_synthesize(item.image, item.mask))
+def example_from(item: LabeledImage, stem: str,
+                 normals: Sequence[np.ndarray] = ()) -> DefectExample:
+    """The defect with its normal counterpart: from the best-matching normal photo when there
+    are some (``--normal``), else inpainted."""
+    normal = reverse_synthesize_from(item.image, item.mask, normals)[0] if normals else \
+        reverse_synthesize(item.image, item.mask)
+    return DefectExample(f"{item.defect}/{stem}", item, normal)
 
 
 def expert_episode(environment: AgentEnvironment, example: DefectExample, category: str,

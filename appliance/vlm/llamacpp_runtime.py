@@ -43,6 +43,9 @@ def _raise_exception(message: str):
     raise ValueError(message)
 
 
+ADAPTER_GGUF = "adapter.gguf"  # a stored adapter's llama.cpp LoRA, beside its peft files
+
+
 @dataclass(frozen=True)
 class LlamaCppVLMConfig:
     model_path: Path  # the language model GGUF
@@ -267,6 +270,65 @@ class QwenLlamaCppRuntime:
                                                   "presence_penalty")})
         self._lock = threading.Lock()
         self.name = f"llama-cpp:{Path(config.model_path).name}"
+        # name -> (llama.cpp LoRA handle, its GGUF); which set is on the context now
+        self.adapters: dict[str, tuple[object, Path]] = {}
+        self._applied: str | None = None
+
+    def load_adapter(self, adapter_dir: Path, name: str | None = None) -> str:
+        """Attach a LoRA adapter: a llama.cpp LoRA GGUF, or a stored adapter's folder holding
+        one as ``adapter.gguf`` (``appliance retrain`` writes it beside the peft files). Returns
+        the name to pass to ``chat``; the base weights stay shared by every adapter."""
+        import llama_cpp
+
+        path = Path(adapter_dir)
+        gguf = path / ADAPTER_GGUF if path.is_dir() else path
+        if not gguf.is_file():
+            raise FileNotFoundError(
+                f"no llama.cpp LoRA at {gguf}: the llama.cpp runtime needs the adapter as GGUF "
+                "(appliance retrain writes adapter.gguf when the adapter is LoRA-only); use the "
+                "transformers runtime for this adapter")
+        name = name or path.name
+        with self._lock:
+            if name in self.adapters and self.adapters[name][1] == gguf.resolve():
+                return name
+            handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model,
+                                                       str(gguf).encode("utf-8"))
+            if not handle:
+                raise ValueError(f"llama.cpp could not load the LoRA {gguf} (is it an adapter "
+                                 f"of {Path(self.config.model_path).name}?)")
+            if name in self.adapters:
+                self._free(name)
+            self.adapters[name] = (handle, gguf.resolve())
+        return name
+
+    def _apply(self, adapter: str | None) -> None:
+        """Put ``adapter`` (None: none) on the context. The KV cache was computed with the
+        previous set, so the prompt cache is dropped when it changes."""
+        import ctypes
+
+        import llama_cpp
+
+        if adapter == self._applied:
+            return
+        if adapter is None:
+            result = llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+        else:
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[adapter][0])
+            scales = (ctypes.c_float * 1)(1.0)
+            result = llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, handles, 1, scales)
+        if result:
+            raise RuntimeError(f"llama.cpp could not switch to the LoRA adapter {adapter!r}")
+        self.llm.chat_handler.prefix_store.forget()
+        self.llm.n_tokens = 0
+        self._applied = adapter
+
+    def _free(self, name: str) -> None:
+        import llama_cpp
+
+        handle, _ = self.adapters.pop(name)
+        if self._applied == name:
+            self._apply(None)
+        llama_cpp.llama_adapter_lora_free(handle)
 
     def _tokens(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
@@ -330,15 +392,14 @@ class QwenLlamaCppRuntime:
     def chat(self, requests: Sequence[ChatRequest], *, max_new_tokens: int | None = None,
              budget: Budget | None = None, adapter: str | None = None,
              sampling: dict | None = None) -> list[ChatReply]:
-        if adapter is not None:
-            raise ValueError("the llama.cpp backend runs without LoRA adapters; merge the adapter "
-                             "into the GGUF or use the transformers backend")
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"adapter {adapter!r} is not loaded; loaded: {sorted(self.adapters)}")
         settings = self.sampling.updated(sampling)
-        return [self._one(r, max_new_tokens or self.config.max_new_tokens, budget, settings)
-                for r in requests]
+        return [self._one(r, max_new_tokens or self.config.max_new_tokens, budget, settings,
+                          adapter) for r in requests]
 
     def _one(self, request: ChatRequest, max_new_tokens: int, budget: Budget | None,
-             sampling) -> ChatReply:
+             sampling, adapter: str | None = None) -> ChatReply:
         from llama_cpp import LogitsProcessorList
 
         request = replace(request, images=[fit_pixels(image, self.config.min_pixels,
@@ -366,6 +427,7 @@ class QwenLlamaCppRuntime:
             return ChatReply("", BudgetUse(prompt_tokens=needed), error=problem)
         temperature = sampling.temperature if sampling.do_sample else 0.0  # 0: greedy in llama.cpp
         with self._lock:
+            self._apply(adapter)
             try:
                 response = self.llm.create_chat_completion(
                     messages=openai_messages(request), tools=request.tools,
@@ -392,6 +454,9 @@ class QwenLlamaCppRuntime:
         return ChatReply(finish_text(text, opened), use)
 
     def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            for name in list(getattr(self, "adapters", {})):
+                self._free(name)
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.close()  # avoids a noisy __del__ at interpreter exit
