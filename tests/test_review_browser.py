@@ -85,6 +85,9 @@ def test_a_sample_opens_with_mask_zoom_and_trajectory(page):
     page.locator(".card.sample").first.click()
     page.wait_for_selector("#detail:not([hidden])")
     page.wait_for_function("document.getElementById('img-defect').naturalWidth > 0")
+    # Fitted to the viewer once the picture's size is known (a 256 px photo in a ~400 px pane).
+    page.wait_for_function("(z => z > 50 && z < 400)(parseInt("
+                           "document.getElementById('zoom-level').textContent))")
     assert page.locator("#prompt").inner_text()
     assert page.locator("#steps li").count() >= 4
     layer = page.locator("#mask-layer")

@@ -96,6 +96,8 @@ async function load() {
     return;
   }
   if (ticket !== load.ticket) return;
+  const pages = Math.max(1, Math.ceil(data.total / state.perPage));
+  if (state.page > pages) { state.page = pages; return load(); }  // the last page emptied
   state.items = data.items;
   state.total = data.total;
   const form = $("filters");
@@ -281,11 +283,13 @@ function renderDetail(data) {
     layer.hidden = true;
   }
   applyOpacity();
+  // Fit once the picture's size is known: now if it is already decoded, else when it loads.
   state.zoom = null;
   state.pan = [0, 0];
-  const fit = () => { if (state.zoom === null) zoomTo("fit"); };
-  (data.files.image ? defect : normal).addEventListener("load", fit, {once: true});
-  fit();
+  const shown = data.files.image ? defect : normal;
+  const fit = () => zoomTo("fit");
+  if (shown.complete && shown.naturalWidth) fit();
+  else shown.addEventListener("load", fit, {once: true});
 }
 
 function applyOpacity() {
@@ -347,11 +351,15 @@ function enablePanZoom(viewer) {
 async function decideOpen(decision) {
   if (!state.detail || state.detail.kind !== "sample") return;
   const reason = decision === "rejected" ? currentReason("reason", "reason-text") : null;
-  if (await decide([state.detail.id], decision, reason)) {
+  const decided = state.detail.id;
+  if (await decide([decided], decision, reason)) {
     const index = state.open;
     await load();
-    if (index !== null && index + 1 < state.items.length) openItem(index + 1);
-    else if (index !== null) openItem(Math.min(index, state.items.length - 1));
+    if (index === null || !state.items.length) { closeDetail(); return; }
+    // Under a "not reviewed" filter the decided sample has left the list: the next one now
+    // sits at its old place.
+    const stayed = state.items[index] && state.items[index].id === decided;
+    openItem(Math.min(stayed ? index + 1 : index, state.items.length - 1));
   }
 }
 
