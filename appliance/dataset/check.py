@@ -26,6 +26,7 @@ from PIL import Image
 
 from appliance.storage.exports import read_jsonl
 from appliance.storage.layout import MANIFEST, NORMALS
+from appliance.storage.reconcile import category_dirs
 
 MANIFEST_KEYS = ("key", "image", "mask", "category", "defect", "source_sha256", "seed", "engine",
                  "policy", "backends", "location_score", "quality_score", "prompt", "trajectory")
@@ -141,11 +142,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _category_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and any((p / sub).is_dir() for sub in ("train", "test", "ground_truth")))
-
-
 def _check_layout(root: Path, records: list[dict], normals: list[dict],
                   report: DatasetCheck) -> None:
     """What anomalib's MVTecAD and Folder readers need of each category's folders."""
@@ -159,7 +155,7 @@ def _check_layout(root: Path, records: list[dict], normals: list[dict],
             if (normal.get("category"), normal.get("source_sha256")) in sources:
                 problems.append(f"{normal.get('path')}: held back in test/good but also the "
                                 "source of a sample")
-    for category in _category_folders(root):
+    for category in category_dirs(root):
         name = category.name
         if not name.isascii() or not name.isprintable():
             warnings.append(f"{name}/: not a printable ASCII name; anomalib's MVTecAD reader "

@@ -90,7 +90,7 @@ def _move_orphans(store: JobStore, report: ReconcileReport) -> None:
         known.update((row["image"], row["mask"]))
         trajectories.add(row["trajectory"])
     candidates: list[Path] = []
-    for category in _category_dirs(root):
+    for category in category_dirs(root):
         for good in (category / "train" / "good", category / "test" / "good"):
             if good.is_dir():
                 candidates += [p for p in good.iterdir() if NUMBERED.match(p.name)]
@@ -118,7 +118,7 @@ def _move_orphans(store: JobStore, report: ReconcileReport) -> None:
         log.warning("reconcile: %s is not in the store; moved to %s", relative, target)
 
 
-def _category_dirs(root: Path) -> list[Path]:
+def category_dirs(root: Path) -> list[Path]:
     return [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
             and p.name not in NOT_CATEGORIES
             and any((p / sub).is_dir() for sub in ("train", "test", "ground_truth"))]
