@@ -15,9 +15,9 @@ from PIL import Image
 
 from appliance.evaluation.baselines import (CutPasteGenerator, DraemGenerator, cutpaste_patch,
                                             cutpaste_scar)
-from appliance.evaluation.data import find_images, load_normals
-from appliance.evaluation.generators import generate_training_set
-from appliance.imaging import changed_pixels
+from appliance.evaluation.data import find_images, load_defect_folder, load_normals
+from appliance.evaluation.generators import generate_training_set, make_generator
+from appliance.imaging import changed_pixels, mask_iou
 
 def _normals(n: int, size: int) -> list[np.ndarray]:
     """The first ``n`` defect-free magnetic tile photos (required: a missing folder fails)."""
@@ -66,6 +66,52 @@ def test_cutpaste_mixed_uses_both_variants() -> None:
     assert [s.source_index for s in samples] == list(range(12))
 
 
+def test_baselines_report_progress_once_per_image() -> None:
+    normals = _normals(3, 32)
+    for generator in (DraemGenerator(), CutPasteGenerator("mixed")):
+        ticks: list[int] = []
+        generator.generate(normals, seed=0, progress=ticks.append)
+        assert ticks == [1, 1, 1]
+
+
+def test_copypaste_pastes_real_defects_and_masks_exactly_what_it_changes(tmp_path: Path) -> None:
+    root = _tiny_tiles(tmp_path / "tiles")
+    shots = load_defect_folder(root, 64, exclude=[root / "MT_Free"])
+    normals = _normals(8, 64)
+    generator = make_generator("copypaste", "magnetic_tile", ["blowhole", "crack"], shots=shots)
+    first = generator.generate(normals, seed=3)
+    again = generator.generate(normals, seed=3)
+    other = generator.generate(normals, seed=4)
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+               for a, b in zip(first, again))
+    assert any(not np.array_equal(a.mask, b.mask) for a, b in zip(first, other))
+    areas = {int(s.mask.sum()) for s in shots if s.mask.any()}
+    for sample, normal in zip(first, normals):
+        assert sample.accepted and sample.defect in ("blowhole", "crack")
+        assert int(sample.mask.sum()) in areas  # a real defect's mask, only moved (and flipped)
+        changed = changed_pixels(normal, sample.image, threshold=0)
+        assert not (changed & ~sample.mask).any()  # the feathering stays inside the label
+        assert mask_iou(sample.mask, changed) >= 0.5  # and the real pixels did land there
+
+
+def test_copypaste_needs_few_shot_examples(tmp_path: Path) -> None:
+    from appliance.cli.eval_command import eval_command
+    from appliance.evaluation.runner import EvalConfig
+
+    with pytest.raises(ValueError, match="--few-shot"):
+        make_generator("copypaste", "magnetic_tile", ["crack"])
+    with pytest.raises(ValueError, match="few-shot"):
+        EvalConfig(generators=("draem", "copypaste"))
+    assert EvalConfig(few_shot=2).generators == ("ours", "draem", "cutpaste", "copypaste")
+    assert EvalConfig().generators == ("ours", "draem", "cutpaste")
+    root = _tiny_tiles(tmp_path / "tiles")
+    result = CliRunner().invoke(eval_command, ["--normal", str(root / "MT_Free"), "--defects",
+                                               str(root), "--generators", "draem,copypaste",
+                                               "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "needs some: add --few-shot K" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_ours_adapter_keeps_one_sample_per_normal_and_is_deterministic() -> None:
     from appliance.engine import build_engine
     from appliance.evaluation.generators import OursGenerator
@@ -81,6 +127,11 @@ def test_ours_adapter_keeps_one_sample_per_normal_and_is_deterministic() -> None
         assert sample.defect in ("blowhole", "crack")
     assert [s.source_index for s in first.samples] == [s.source_index for s in again.samples]
     assert all(np.array_equal(a.image, b.image) for a, b in zip(first.samples, again.samples))
+    ticks: list[int] = []
+    generator.generate(normals, seed=4, progress=ticks.append)
+    assert ticks == [1] * len(normals)  # one per episode, whether it made a sample or not
+    rates = first.acceptance_by_defect
+    assert set(rates) <= {"blowhole", "crack"} and all(0.0 <= r <= 1.0 for r in rates.values())
 
 
 class _RejectingFirst:
@@ -91,7 +142,7 @@ class _RejectingFirst:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def generate(self, images, seed):
+    def generate(self, images, seed, progress=None):
         from appliance.evaluation.baselines import TrainingSample
 
         self.calls.append(len(images))
@@ -150,6 +201,7 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
         generation = report["generators"][name]["generation"]
         assert 1 <= generation["kept"] <= 8
         assert (generation["acceptance_rate"] is None) == (name != "ours")
+        assert ("acceptance_by_defect" in generation) == (name == "ours")
         assert generation["kernel_distance_to_real"] is not None
         assert 0.0 < generation["mask_area_percent"] < 100.0
         assert 0.0 <= generation["mask_change_iou"] <= 1.0
@@ -158,7 +210,11 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
     pixel_ap = report["generators"]["ours"]["metrics"]["pixel_ap"]
     best = max(report["generators"][g]["metrics"]["pixel_ap"] for g in ("draem", "cutpaste"))
     assert ratios["pixel_ap"]["ratio"] == pytest.approx(pixel_ap / best)
-    assert "| pixel AP |" in (tmp_path / "a" / "report.md").read_text()
+    assert set(report["generators"]["ours"]["generation"]["acceptance_by_defect"]) <= {
+        "blowhole", "crack"}
+    assert report["protocol"]["few_shot"] == 0 and report["protocol"]["shots"] == []
+    markdown = (tmp_path / "a" / "report.md").read_text()
+    assert "| pixel AP |" in markdown and "Judge acceptance per defect type" in markdown
     for figure in ("pr_curves.png", "examples.png", "training_samples.png"):
         with Image.open(tmp_path / "a" / figure) as image:
             assert image.width > 100 and image.height > 100
@@ -197,3 +253,58 @@ def test_cli_refuses_ambiguous_inputs(tmp_path: Path) -> None:
     result = CliRunner().invoke(eval_command, ["--category-dir", str(tmp_path), "--out",
                                                str(tmp_path / "o"), "--generators", "gan"])
     assert result.exit_code != 0 and "unknown generator" in result.output
+    for seeds, message in (("0,x", "'x' is not a whole number"), ("1,1", "given twice"),
+                           ("-1", "0 or more")):
+        result = CliRunner().invoke(eval_command, ["--category-dir", str(tmp_path), "--out",
+                                                   str(tmp_path / "o"), "--seeds", seeds])
+        assert result.exit_code == 2 and message in result.output
+    result = CliRunner().invoke(eval_command, ["--category-dir", str(tmp_path), "--out",
+                                               str(tmp_path / "o"), "--seed", "1", "--seeds", "0,1"])
+    assert result.exit_code == 2 and "give one or the other" in result.output
+
+
+def test_cli_seeds_write_one_report_per_seed_and_their_mean_and_spread(tmp_path: Path) -> None:
+    from appliance.cli.eval_command import eval_command
+
+    root = _tiny_tiles(tmp_path / "tiles")
+    out = tmp_path / "out"
+    # 128 px: at 64 px a real blowhole is a 4-pixel speck, too small to calibrate on.
+    args = ["--normal", str(root / "MT_Free"), "--defects", str(root), "--size", "128",
+            "--train-size", "4", "--epochs", "1", "--generators", "ours,draem,copypaste",
+            "--few-shot", "1", "--seeds", "0,1", "--no-generation-metrics", "--threads", "2",
+            "--out", str(out)]
+    result = CliRunner().invoke(eval_command, args)
+    assert result.exit_code == 0, result.output
+    assert "±" in result.output and "ours / best baseline per seed" in result.output
+
+    per_seed = [json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in (0, 1)]
+    for seed, report in zip((0, 1), per_seed):
+        assert report["protocol"]["seed"] == seed and report["protocol"]["few_shot"] == 1
+        assert report["protocol"]["shots_per_class"] == {"blowhole": 1, "crack": 1}
+        assert report["protocol"]["test_defects_per_class"] == {"blowhole": 2, "crack": 2}
+        assert len(report["protocol"]["shots"]) == 2
+        for figure in ("report.md", "pr_curves.png", "examples.png", "training_samples.png"):
+            assert (out / f"seed-{seed}" / figure).is_file()
+
+    combined = json.loads((out / "report.json").read_text())
+    assert combined["seeds"] == [0, 1] and combined["seed_folders"] == ["seed-0", "seed-1"]
+    assert combined["protocol"]["few_shot"] == 1 and "seed" not in combined["protocol"]
+    assert combined["protocol"]["shots"]["per_seed"] == [r["protocol"]["shots"] for r in per_seed]
+    assert list(combined["generators"]) == ["ours", "draem", "copypaste"]
+    for name in ("ours", "draem", "copypaste"):
+        cell = combined["generators"][name]["metrics"]["pixel_ap"]
+        values = [r["generators"][name]["metrics"]["pixel_ap"] for r in per_seed]
+        assert cell["per_seed"] == values
+        assert cell["mean"] == pytest.approx(np.mean(values))
+        assert cell["std"] == pytest.approx(np.std(values, ddof=1))  # sample std
+    ratio = combined["ratio_ours_to_best_baseline"]["pixel_ap"]
+    means = {g: combined["generators"][g]["metrics"]["pixel_ap"]["mean"]
+             for g in ("ours", "draem", "copypaste")}
+    assert ratio["ratio"] == pytest.approx(means["ours"] / max(means["draem"], means["copypaste"]))
+    assert ratio["per_seed"] == [r["ratio_ours_to_best_baseline"]["pixel_ap"]["ratio"]
+                                 for r in per_seed]
+    accepted = combined["generators"]["ours"]["generation"]["acceptance_by_defect"]
+    assert all(len(v["per_seed"]) == 2 for v in accepted.values())
+    markdown = (out / "report.md").read_text()
+    assert "## Ours / best baseline per seed" in markdown and "## Few-shot protocol" in markdown
+    assert "| pixel AP |" in markdown

@@ -10,9 +10,9 @@ import pytest
 from conftest import require_tiles
 from PIL import Image
 
-from appliance.evaluation.data import (GOOD, defect_class_name, find_images, load_defect_folder,
-                                       load_folders, load_mask, load_mvtec_category, mask_path_for,
-                                       split_normals)
+from appliance.evaluation.data import (GOOD, LabeledImage, defect_class_name, find_images,
+                                       load_defect_folder, load_folders, load_mask,
+                                       load_mvtec_category, mask_path_for, split_normals, take_shots)
 
 def _paths(n: int) -> list[Path]:
     return [Path(f"/data/normal/img_{i:03d}.jpg") for i in range(n)]
@@ -128,3 +128,44 @@ def test_mvtec_layout(tmp_path: Path) -> None:
     assert [it.defect for it in data.test_defects] == ["crack", "crack"]
     expected = load_mask(root / "ground_truth/crack/000_mask.png", 32)
     assert np.array_equal(data.test_defects[0].mask, expected)
+
+
+def _defects(counts: dict[str, int]) -> list[LabeledImage]:
+    pixels, mask = np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), bool)
+    return [LabeledImage(pixels, mask, defect, f"/data/{defect}/{i:02d}.png")
+            for defect, n in counts.items() for i in range(n)]
+
+
+def test_few_shot_split_is_deterministic_and_keeps_a_test_image_of_every_type() -> None:
+    defects = _defects({"crack": 6, "stain": 3, "pit": 1})
+    shots, test = take_shots(defects, 3, seed=4)
+    count = {d: sum(it.defect == d for it in shots) for d in ("crack", "stain", "pit")}
+    assert count == {"crack": 3, "stain": 2, "pit": 0}  # stain and pit keep one for testing
+    assert {it.defect for it in test} == {"crack", "stain", "pit"}
+    assert not {it.source for it in shots} & {it.source for it in test}
+    assert len(shots) + len(test) == len(defects)
+    # Same seed, any listing order: the same shots; the test set keeps the loader's order.
+    def sources(items: list[LabeledImage]) -> list[str]:
+        return [it.source for it in items]
+
+    assert sources(take_shots(list(reversed(defects)), 3, seed=4)[0]) == sources(shots)
+    assert sources(test) == [s for s in sources(defects) if s not in sources(shots)]
+    assert any(sources(take_shots(defects, 3, seed=s)[0]) != sources(shots) for s in range(5, 10))
+    no_shots, everything = take_shots(defects, 0, seed=4)
+    assert no_shots == [] and sources(everything) == sources(defects)
+    with pytest.raises(ValueError):
+        take_shots(defects, -1, seed=4)
+
+
+def test_few_shot_loaders_take_the_shots_out_of_the_test_set(tmp_path: Path) -> None:
+    root = _copy_tiles(tmp_path)
+    data = load_folders(root / "MT_Free", root, 32, seed=1, train_size=4, category="tile",
+                        few_shot=2)
+    assert sorted(it.defect for it in data.shots) == ["blowhole", "blowhole", "crack", "crack"]
+    assert sorted(it.defect for it in data.test_defects) == ["blowhole", "crack"]
+    assert not {it.source for it in data.shots} & {it.source for it in data.test_defects}
+    again = load_folders(root / "MT_Free", root, 32, seed=1, train_size=4, category="tile",
+                         few_shot=2)
+    assert [it.source for it in again.shots] == [it.source for it in data.shots]
+    zero_shot = load_folders(root / "MT_Free", root, 32, seed=1, train_size=4, category="tile")
+    assert zero_shot.shots == [] and len(zero_shot.test_defects) == 6

@@ -250,7 +250,7 @@ class AgentEnvironment:
             attempts = [c.state.attempts[c.call.arguments["anomaly_image"]] for c in calls]
             reports = self.tools.quality_eval.evaluate(
                 [QualityRequest(c.state.spec.image, a.result.image, c.state.spec.category,
-                                c.state.spec.defect) for c, a in zip(calls, attempts)])
+                                c.state.spec.defect, a.prompt) for c, a in zip(calls, attempts)])
             outputs = []
             for attempt, report in zip(attempts, reports):
                 if isinstance(report, ToolFailure):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -41,10 +41,11 @@ class SyntheticSample:
 
 
 def synthesize(images: Sequence[np.ndarray], category: str, defects: Sequence[str], seed: int,
-               engine: Runs) -> list[SyntheticSample]:
+               engine: Runs, progress: Callable[[int], object] | None = None) -> list[SyntheticSample]:
     """One episode per image (defects in rotation), the full agent loop; for evaluation.
 
     Returns every episode that produced a mask, accepted or not, with ``accepted`` telling which.
+    ``progress(1)`` is called after every episode (a progress bar's ``update``).
     """
     specs = [EpisodeSpec(image=image, category=category, defect=defects[i % len(defects)],
                          seed=seed * 1_000_003 + i, source=f"#{i}")
@@ -54,4 +55,6 @@ def synthesize(images: Sequence[np.ndarray], category: str, defects: Sequence[st
         if result.final_image is not None and result.mask is not None:
             samples.append(SyntheticSample(result.final_image, result.mask.mask,
                                            result.spec.defect, result.accepted, index))
+        if progress is not None:
+            progress(1)
     return samples

@@ -15,6 +15,28 @@ def _bar(total: int, label: str):
     return tqdm(total=total, desc=label, unit="item", dynamic_ncols=True)
 
 
+def _stages(stage: str, config) -> tuple[str, ...]:
+    """The stages ``--stage`` runs on this engine; a clear refusal for what it cannot."""
+    policy_stages = {"trajectories": ("trajectories",), "sft": ("trajectories", "sft", "gate"),
+                     "grpo": ("trajectories", "sft", "grpo"),
+                     "all": ("trajectories", "sft", "grpo", "gate")}
+    calibratable = config.image_gen == "procedural"
+    if stage == "calibrate" or (stage == "all" and config.policy == "scripted"):
+        if not calibratable:
+            raise click.UsageError(
+                f"calibration tunes the CPU engine's procedural image generator; this engine's "
+                f"is {config.image_gen!r}, and its policy {config.policy!r} has no weights to "
+                "train" if stage == "all" else
+                f"calibration tunes the CPU engine's procedural image generator; this engine's "
+                f"is {config.image_gen!r}")
+        return ("calibrate",)
+    if config.policy == "scripted":
+        raise click.UsageError(f"--stage {stage} trains the Qwen3-VL policy, and this engine's "
+                               "policy is the scripted one: install a Qwen3-VL bundle, or use "
+                               "--stage calibrate")
+    return policy_stages[stage]
+
+
 @click.command("retrain")
 @click.argument("defects", required=False,
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -26,12 +48,13 @@ def _bar(total: int, label: str):
                    "best-matching one's pixels under the mask (else the region is inpainted).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: ./retrain-CATEGORY). --resume continues the run there.")
-@click.option("--stage", type=click.Choice(["trajectories", "sft", "grpo", "all"]), default="all",
-              show_default=True,
-              help="How far to go: trajectories (build them only); sft (trajectories, SFT, then "
-                   "the gate on the SFT adapter); grpo (trajectories, SFT, GRPO, no gate yet: "
-                   "--resume with --stage all judges it later); all (trajectories, SFT, GRPO, "
-                   "the gate).")
+@click.option("--stage", type=click.Choice(["calibrate", "trajectories", "sft", "grpo", "all"]),
+              default="all", show_default=True,
+              help="How far to go: calibrate (the CPU engine's calibration profile only); "
+                   "trajectories (build them only); sft (trajectories, SFT, then the gate on "
+                   "the SFT adapter); grpo (trajectories, SFT, GRPO, no gate yet: --resume with "
+                   "--stage all judges it later); all (on the CPU engine: calibrate; with a "
+                   "Qwen3-VL policy: trajectories, SFT, GRPO, the gate).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out after a crash or a stop: finished stages are kept, "
                    "training continues from its last checkpoint.")
@@ -58,6 +81,10 @@ def _bar(total: int, label: str):
               help="Share of each defect type never trained on; the promotion gate runs on it.")
 @click.option("--margin", default=0.02, show_default=True, type=float,
               help="Held-out reward the new adapter must gain over the active one to be promoted.")
+@click.option("--calibration-margin", default=0.05, show_default=True,
+              type=click.FloatRange(0, 1),
+              help="Share by which a new calibration profile must lower the held-out distance "
+                   "to the real defects to be promoted.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 2048),
               help="Square side the photos are brought to.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -68,11 +95,15 @@ def _bar(total: int, label: str):
 @click.option("--rollback", is_flag=True,
               help="Make the adapter active before the current one active again (the base "
                    "policy when there was none) and exit.")
+@click.option("--calibration", "calibration", is_flag=True,
+              help="With --rollback: roll back the CPU engine's calibration profile instead "
+                   "of the adapter.")
 def retrain_command(defects: Path | None, category: str, normal: Path | None, out: Path | None, stage: str,
                     resume: bool, steps: int, learning_rate: float, lora_rank: int,
                     grpo_steps: int, grpo_save_every: int, generations: int, grpo_learning_rate: float, beta: float,
-                    temperature: float, heldout_runs: int, holdout: float, margin: float, size: int, seed: int, engine: str,
-                    backends: tuple[str, ...], rollback: bool) -> None:
+                    temperature: float, heldout_runs: int, holdout: float, margin: float,
+                    calibration_margin: float, size: int, seed: int, engine: str,
+                    backends: tuple[str, ...], rollback: bool, calibration: bool) -> None:
     """Adapt the Qwen3-VL policy to this plant from its real defect photos.
 
     DEFECTS holds the photos with their masks, in the layouts `appliance eval --defects` reads:
@@ -82,6 +113,9 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
 
     \b
     Stages (see docs/retraining.md):
+      0. on the CPU engine: calibration: priors and a bank of the real defects that the
+         procedural generator and the judge use; promoted only if the held-out defects'
+         distance to what the engine makes drops by --calibration-margin
       1. expert trajectories from the real defects (reverse synthesis, 1-3 image_gen steps,
          the real judge, prompt generator and knowledge base, the real mask)
       2. LoRA SFT of the policy on them (TRL SFTTrainer; QLoRA on a GPU, fp32 on CPU)
@@ -107,27 +141,32 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
     except EngineError as exc:
         raise click.BadParameter(str(exc), param_hint="--engine/--backend") from exc
     name = category
+    if calibration and not rollback:
+        raise click.UsageError("--calibration goes with --rollback (calibrating is --stage "
+                               "calibrate)")
     if rollback:
-        from appliance.models.adapters import AdapterError
-        from appliance.models.adapters import rollback as roll_back
+        from appliance.models.adapters import ADAPTERS
+        from appliance.models.calibrations import CALIBRATIONS
         from appliance.models.manifest import default_models_dir
+        from appliance.models.shelf import ShelfError
 
+        shelf = CALIBRATIONS if calibration else ADAPTERS
         try:
-            previous = roll_back(config.models_dir or default_models_dir(), name)
-        except AdapterError as exc:
+            previous = shelf.rollback(config.models_dir or default_models_dir(), name)
+        except ShelfError as exc:
             raise click.ClickException(str(exc)) from exc
-        click.echo(f"{name}: adapter {previous} is active again" if previous else
-                   f"{name}: no adapter is active; the base policy runs")
+        fallback = "the uncalibrated engine runs" if calibration else "the base policy runs"
+        click.echo(f"{name}: {shelf.noun} {previous} is active again" if previous else
+                   f"{name}: no {shelf.noun} is active; {fallback}")
         return
     if defects is None:
         raise click.UsageError("give the DEFECTS folder (or --rollback)")
-    stages = {"trajectories": ("trajectories",), "sft": ("trajectories", "sft", "gate"),
-              "grpo": ("trajectories", "sft", "grpo"),
-              "all": ("trajectories", "sft", "grpo", "gate")}[stage]
+    stages = _stages(stage, config)
     options = RetrainOptions(
         defects=defects.resolve(), category=name,
         normal=normal.resolve() if normal is not None else None, out=(out or Path(f"retrain-{name}")).resolve(),
         stages=stages, seed=seed, size=size, holdout=holdout, margin=margin,
+        calibration_margin=calibration_margin,
         heldout_repeats=heldout_runs,
         sft=SFTSettings(steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
                         lora_alpha=2 * lora_rank, seed=seed),

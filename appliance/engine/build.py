@@ -4,14 +4,16 @@ and the environment that runs them."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from appliance.agent.environment import AgentEnvironment, Toolbox
 from appliance.agent.policy import Policy
-from appliance.engine.registry import BACKENDS, BuildContext, EngineConfig, EngineError
+from appliance.engine.registry import (BACKENDS, BuildContext, EngineConfig, EngineError,
+                                      promoted_calibrations)
 from appliance.engine.selection import model_roles
+from appliance.tools.image_gen.calibration import Calibrations
 from appliance.tools.knowledge.base import KnowledgeBase, load_knowledge_base
 from appliance.tools.knowledge.retrieval import default_cache_dir
 
@@ -55,12 +57,17 @@ class Engine:
     environment: AgentEnvironment
     knowledge_base: KnowledgeBase
     memory: Any = None  # the GPU memory plan it was built with (appliance.models.memory)
+    # The CPU engine's calibration profiles by category (``appliance retrain`` promotes them).
+    calibrations: Calibrations = field(default_factory=Calibrations)
 
     def describe(self) -> dict:
         """What runs, for the console and for every manifest line."""
-        return {"engine": self.config.name, "policy": self.policy.name, **self.tools.backends(),
-                "knowledge_base_digest": self.knowledge_base.digest[:16],
-                "env": asdict(self.config.env)}
+        described = {"engine": self.config.name, "policy": self.policy.name,
+                     **self.tools.backends(),
+                     "knowledge_base_digest": self.knowledge_base.digest[:16]}
+        if self.calibrations.digests():
+            described["calibration"] = self.calibrations.digests()
+        return described | {"env": asdict(self.config.env)}
 
     def close(self) -> None:
         for backend in (self.policy, *vars(self.tools).values()):
@@ -87,7 +94,8 @@ def build_engine(config: EngineConfig | None = None) -> Engine:
             for name in names})
     knowledge_base = load_knowledge_base(config.knowledge_base)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    ctx = BuildContext(config, knowledge_base, cache_dir)
+    calibrations = promoted_calibrations(config)
+    ctx = BuildContext(config, knowledge_base, cache_dir, calibrations)
     built = {}
     for role, name in config.backend_names().items():
         try:
@@ -101,4 +109,4 @@ def build_engine(config: EngineConfig | None = None) -> Engine:
                     mask_gen=built["mask_gen"])
     return Engine(config=config, policy=built["policy"], tools=tools,
                   environment=AgentEnvironment(tools, config.env), knowledge_base=knowledge_base,
-                  memory=memory)
+                  memory=memory, calibrations=calibrations)

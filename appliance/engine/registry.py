@@ -14,6 +14,7 @@ from typing import Any, Callable
 from appliance.agent.episode import EnvConfig
 from appliance.agent.policy import Policy
 from appliance.models.manifest import ROLES
+from appliance.tools.image_gen.calibration import Calibrations
 from appliance.tools.knowledge.base import KnowledgeBase
 
 
@@ -51,6 +52,7 @@ class BuildContext:
     config: EngineConfig
     knowledge_base: KnowledgeBase
     cache_dir: Path
+    calibrations: Calibrations = field(default_factory=Calibrations)
 
 
 Factory = Callable[[BuildContext], Any]
@@ -71,13 +73,14 @@ def _knowledge_prompt_gen(ctx: BuildContext):
 def _procedural_image_gen(ctx: BuildContext):
     from appliance.tools.image_gen.procedural import ProceduralImageGenerator
 
-    return ProceduralImageGenerator(ctx.knowledge_base)
+    return ProceduralImageGenerator(ctx.knowledge_base, ctx.calibrations)
 
 
 def _heuristic_quality_eval(ctx: BuildContext):
     from appliance.tools.quality_eval.heuristic import HeuristicQualityEvaluator
 
-    return HeuristicQualityEvaluator(knowledge_base=ctx.knowledge_base)
+    return HeuristicQualityEvaluator(knowledge_base=ctx.knowledge_base,
+                                     calibrations=ctx.calibrations)
 
 
 def _faiss_knowledge(ctx: BuildContext):
@@ -203,6 +206,18 @@ def _promoted_adapters(ctx: BuildContext) -> dict[str, Path]:
             ctx.config.models_dir or default_models_dir()).items()}
     except AdapterError as exc:
         raise EngineError(str(exc)) from None
+
+
+def promoted_calibrations(config: EngineConfig) -> Calibrations:
+    """The calibration profiles `appliance retrain` promoted, by category."""
+    from appliance.models.calibrations import active_profiles
+    from appliance.models.manifest import default_models_dir
+    from appliance.models.shelf import ShelfError
+
+    try:
+        return Calibrations(active_profiles(config.models_dir or default_models_dir()))
+    except (ShelfError, OSError, ValueError) as exc:
+        raise EngineError(f"calibration profile: {exc}") from None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The classic zero-shot anomaly synthesis baselines, implemented as their papers describe.
+"""The baselines: the classic zero-shot anomaly synthesis methods, implemented as their papers
+describe, and a naive few-shot copy-paste of real defects.
 
 - DRAEM (Zavrtanik et al., ICCV 2021): a Perlin noise mask (scales 2^0..2^5 per axis, rotated,
   thresholded at 0.5) cuts a region out of an *anomaly source* image that went through three
@@ -11,6 +12,11 @@
   in [0.3, 1/0.3] is cut, colour-jittered and pasted at a random place; the mask is the pasted
   box. CutPaste-scar: a thin strip (2-16 x 10-25 px at 256 px) rotated by up to 45 degrees;
   the mask is the strip's footprint.
+- Copy-paste (few-shot only, the naive use of real defects): the K real defects per type that
+  ``--few-shot K`` hands over are cut out with their masks' bounding boxes; each normal gets one
+  of them, flipped at random, pasted at a uniformly random place and alpha-blended through its
+  mask feathered by a small Gaussian. No colour matching, scaling or rotation: it measures what
+  the real defects are worth when simply copied, the floor a calibrated generator must beat.
 
 The Perlin noise is the project's own (``tools/image_gen/noise.py``).
 """
@@ -19,13 +25,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from appliance.tools.image_gen.noise import draem_perlin_mask
+
+if TYPE_CHECKING:
+    from appliance.evaluation.data import LabeledImage
 
 # scikit-image's bundled images that load with no network (the others are fetched at run time).
 TEXTURE_SOURCES = ("brick", "grass", "gravel", "camera", "coins", "moon", "astronaut", "coffee",
@@ -44,9 +53,27 @@ class TrainingSample:
     source_index: int  # which of the input normal images it was made from
 
 
+# Told how many more images are done (tqdm's ``update`` is one).
+Progress = Callable[[int], object]
+
+
 def _sample_rng(seed: int, index: int) -> np.random.Generator:
     # One stream per (seed, image): a sample never depends on how many came before it.
     return np.random.default_rng([seed, index])
+
+
+def _each_image(images: Sequence[np.ndarray], seed: int,
+                make: Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray, str]],
+                progress: Progress | None) -> list[TrainingSample]:
+    """One anomaly per image, ``make(image, rng) -> (image, mask, defect)``; baselines have no
+    judge, so every sample is accepted."""
+    samples = []
+    for index, image in enumerate(images):
+        out, mask, defect = make(image, _sample_rng(seed, index))
+        samples.append(TrainingSample(out, mask, defect, True, index))
+        if progress is not None:
+            progress(1)
+    return samples
 
 
 # --- DRAEM -------------------------------------------------------------------------------------
@@ -152,12 +179,10 @@ def draem_anomaly(image: np.ndarray, rng: np.random.Generator, max_tries: int = 
 class DraemGenerator:
     name = "draem"
 
-    def generate(self, images: Sequence[np.ndarray], seed: int) -> list[TrainingSample]:
-        samples = []
-        for index, image in enumerate(images):
-            out, mask = draem_anomaly(image, _sample_rng(seed, index))
-            samples.append(TrainingSample(out, mask, "perlin", True, index))
-        return samples
+    def generate(self, images: Sequence[np.ndarray], seed: int,
+                 progress: Progress | None = None) -> list[TrainingSample]:
+        return _each_image(images, seed, lambda image, rng: (*draem_anomaly(image, rng), "perlin"),
+                           progress)
 
 
 # --- CutPaste ----------------------------------------------------------------------------------
@@ -229,11 +254,79 @@ class CutPasteGenerator:
         self.variant = variant
         self.name = "cutpaste" if variant == "mixed" else f"cutpaste-{variant}"
 
-    def generate(self, images: Sequence[np.ndarray], seed: int) -> list[TrainingSample]:
-        samples = []
-        for index, image in enumerate(images):
-            rng = _sample_rng(seed, index)
+    def generate(self, images: Sequence[np.ndarray], seed: int,
+                 progress: Progress | None = None) -> list[TrainingSample]:
+        def make(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
             kind = self.variant if self.variant != "mixed" else ("patch", "scar")[int(rng.integers(2))]
-            out, mask = (cutpaste_patch if kind == "patch" else cutpaste_scar)(image, rng)
-            samples.append(TrainingSample(out, mask, kind, True, index))
-        return samples
+            return (*(cutpaste_patch if kind == "patch" else cutpaste_scar)(image, rng), kind)
+
+        return _each_image(images, seed, make, progress)
+
+
+# --- Copy-paste of real defects (few-shot) -------------------------------------------------------
+
+FEATHER_SIGMA = 0.7  # px: softens the pasted edge without fading one-pixel-wide cracks much
+
+
+@dataclass
+class DefectCut:
+    """A real defect cut out of its photo by its mask's bounding box."""
+
+    pixels: np.ndarray  # uint8 RGB, the box
+    mask: np.ndarray  # bool, the defect inside the box
+    defect: str
+
+
+def cut_defect(image: np.ndarray, mask: np.ndarray, defect: str) -> DefectCut:
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("an empty mask has no defect to cut out")
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    return DefectCut(image[box].copy(), mask[box].copy(), defect)
+
+
+def copypaste_anomaly(image: np.ndarray, cut: DefectCut, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """``cut`` pasted onto ``image`` at a uniformly random place: (image, mask)."""
+    pixels, shape = cut.pixels, cut.mask
+    if rng.random() < 0.5:
+        pixels, shape = pixels[:, ::-1], shape[:, ::-1]
+    if rng.random() < 0.5:
+        pixels, shape = pixels[::-1], shape[::-1]
+    height, width = image.shape[:2]
+    cut_h, cut_w = shape.shape
+    if cut_h > height or cut_w > width:
+        raise ValueError(f"a {cut_w}x{cut_h} defect does not fit a {width}x{height} image")
+    ty, tx = int(rng.integers(0, height - cut_h + 1)), int(rng.integers(0, width - cut_w + 1))
+    # Feathered inwards only (zero border, then cut to the mask): the label must cover every
+    # pixel that changed, or the detector is taught that a changed pixel is normal.
+    alpha = cv2.GaussianBlur(shape.astype(np.float32), (0, 0), FEATHER_SIGMA,
+                             borderType=cv2.BORDER_CONSTANT) * shape
+    alpha = alpha[..., None]
+    out = image.copy()
+    region = out[ty:ty + cut_h, tx:tx + cut_w].astype(np.float32)
+    blended = region * (1.0 - alpha) + pixels.astype(np.float32) * alpha
+    out[ty:ty + cut_h, tx:tx + cut_w] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    mask = np.zeros((height, width), dtype=bool)
+    mask[ty:ty + cut_h, tx:tx + cut_w] = shape
+    return out, mask
+
+
+class CopyPasteGenerator:
+    """Pastes the few-shot real defects (``shots``), one per normal, picked at random."""
+
+    name = "copypaste"
+
+    def __init__(self, shots: Sequence["LabeledImage"]) -> None:
+        self.cuts = [cut_defect(s.image, s.mask, s.defect) for s in shots if s.mask.any()]
+        if not self.cuts:
+            raise ValueError("copypaste pastes real defects and was given none with a non-empty "
+                             "mask: run with --few-shot K (K >= 1)")
+
+    def generate(self, images: Sequence[np.ndarray], seed: int,
+                 progress: Progress | None = None) -> list[TrainingSample]:
+        def make(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+            cut = self.cuts[int(rng.integers(len(self.cuts)))]
+            return (*copypaste_anomaly(image, cut, rng), cut.defect)
+
+        return _each_image(images, seed, make, progress)

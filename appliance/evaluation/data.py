@@ -14,7 +14,8 @@ scored at. Soft masks are thresholded at 128 after resizing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +46,8 @@ class EvalData:
     test_normals: list[LabeledImage]
     test_defects: list[LabeledImage]
     train_pool_size: int  # normals available for training before --train-size picked from them
+    # Real defects handed to the generators that can learn from them (--few-shot); never tested on.
+    shots: list[LabeledImage] = field(default_factory=list)
 
     @property
     def defect_classes(self) -> list[str]:
@@ -216,32 +219,59 @@ def split_normals(paths: Sequence[Path], seed: int, test_fraction: float = 0.2
     return train, test
 
 
+def take_shots(defects: Sequence[LabeledImage], k: int, seed: int
+               ) -> tuple[list[LabeledImage], list[LabeledImage]]:
+    """(shots, test): ``k`` real defects of every type for the generators, the rest for testing.
+
+    Every type keeps at least one test image, so a type with ``n <= k`` images gives ``n - 1``.
+    Deterministic for a seed: files are sorted first so the listing order never matters, and
+    each type draws from its own stream so one type's image count never moves another's draw.
+    """
+    if k < 0:
+        raise ValueError("the number of shots per defect type cannot be negative")
+    by_type: dict[str, list[LabeledImage]] = {}
+    for item in sorted(defects, key=lambda it: it.source):
+        by_type.setdefault(item.defect, []).append(item)
+    shots: list[LabeledImage] = []
+    for defect in sorted(by_type):
+        items = by_type[defect]
+        rng = np.random.default_rng([seed, zlib.crc32(defect.encode())])
+        picked = rng.choice(len(items), min(k, len(items) - 1), replace=False)
+        shots += [items[i] for i in sorted(picked)]
+    taken = {id(s) for s in shots}
+    return shots, [it for it in defects if id(it) not in taken]
+
+
 def load_folders(normal_dir: Path, defects_dir: Path, size: int, seed: int, train_size: int,
-                 category: str, test_fraction: float = 0.2) -> EvalData:
-    """The normal-folder + defect-folder layout (magnetic tile)."""
+                 category: str, test_fraction: float = 0.2, few_shot: int = 0) -> EvalData:
+    """The normal-folder + defect-folder layout (magnetic tile). ``few_shot``: see ``take_shots``."""
     train_paths, test_paths = split_normals(find_images(normal_dir), seed, test_fraction)
+    shots, test_defects = take_shots(load_defect_folder(defects_dir, size, exclude=[normal_dir]),
+                                     few_shot, seed)
     return EvalData(
         category=category,
         train_normals=load_normals(train_paths[:train_size], size),
         test_normals=load_normals(test_paths, size),
-        test_defects=load_defect_folder(defects_dir, size, exclude=[normal_dir]),
+        test_defects=test_defects,
         train_pool_size=len(train_paths),
+        shots=shots,
     )
 
 
 def load_mvtec_category(category_dir: Path, size: int, seed: int, train_size: int,
-                        category: str | None = None) -> EvalData:
+                        category: str | None = None, few_shot: int = 0) -> EvalData:
     """An MVTec-AD category: its own train/test split of normals is kept (the standard protocol);
-    ``seed`` only decides which ``train_size`` of the train normals are used."""
+    ``seed`` only decides which ``train_size`` of the train normals are used (and, with
+    ``few_shot``, which real defects become shots: see ``take_shots``)."""
     root = Path(category_dir)
     train_paths = find_images(root / "train" / "good")
     order = np.random.default_rng(seed).permutation(len(train_paths))
     chosen = [train_paths[i] for i in order[:train_size]]
     test_good = find_images(root / "test" / "good") if (root / "test" / "good").is_dir() else []
-    defects = load_defect_folder(root, size)
+    shots, test_defects = take_shots(load_defect_folder(root, size), few_shot, seed)
     if not test_good:
         raise FileNotFoundError(f"{root}/test/good is empty: image-level metrics need normals")
     return EvalData(category=category or normalize_name(root.name),
                     train_normals=load_normals(chosen, size),
                     test_normals=load_normals(test_good, size),
-                    test_defects=defects, train_pool_size=len(train_paths))
+                    test_defects=test_defects, train_pool_size=len(train_paths), shots=shots)

@@ -3,41 +3,56 @@
 Every generator turns the same train normals into at most one synthetic anomaly each. Ours
 keeps only the samples its judge accepted, as the product's dataset writer does; an image
 whose episode was rejected gets another episode with a fresh seed, up to ``max_rounds``. The
-baselines have no judge: every sample counts.
+baselines have no judge: every sample counts. With ``--few-shot K`` the generators that can
+learn from real defects (ours, copypaste) get the K shots per defect type; the others ignore
+them.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from appliance.evaluation.baselines import CutPasteGenerator, DraemGenerator, TrainingSample
+from appliance.evaluation.baselines import (CopyPasteGenerator, CutPasteGenerator, DraemGenerator,
+                                            Progress, TrainingSample)
 
-BASELINES = ("draem", "cutpaste", "cutpaste-patch", "cutpaste-scar")
+if TYPE_CHECKING:
+    from appliance.evaluation.data import LabeledImage
+
+BASELINES = ("draem", "cutpaste", "cutpaste-patch", "cutpaste-scar", "copypaste")
 KNOWN = ("ours",) + BASELINES
+NEEDS_SHOTS = ("copypaste",)
 ROUND_SEED_STRIDE = 100_003
 
 
 class Generator(Protocol):
     name: str
 
-    def generate(self, images: Sequence[np.ndarray], seed: int) -> list[TrainingSample]: ...
+    def generate(self, images: Sequence[np.ndarray], seed: int,
+                 progress: Progress | None = None) -> list[TrainingSample]: ...
 
 
 class OursGenerator:
-    """The agent loop over whatever engine is configured (the CPU engine by default)."""
+    """The agent loop over whatever engine is configured (the CPU engine by default).
+
+    ``shots``: the few-shot real defects (empty zero-shot). The engine is calibrated on them as
+    ``appliance retrain`` would calibrate it (priors and a bank of the shots), for this run only.
+    """
 
     name = "ours"
 
-    def __init__(self, category: str, defects: Sequence[str], engine: Any = None) -> None:
+    def __init__(self, category: str, defects: Sequence[str], engine: Any = None,
+                 shots: Sequence["LabeledImage"] = ()) -> None:
         if not defects:
             raise ValueError("ours needs the defect types to synthesize")
         self.category = category
         self.defects = list(defects)
         self.engine = engine
+        self.shots = list(shots)
 
     def _engine(self) -> Any:
         if self.engine is None:
@@ -46,17 +61,53 @@ class OursGenerator:
             self.engine = build_engine()
         return self.engine
 
-    def generate(self, images: Sequence[np.ndarray], seed: int) -> list[TrainingSample]:
+    def calibration(self) -> Any:
+        """The profile the shots make (None zero-shot), as ``appliance retrain`` builds it."""
+        if not self.shots:
+            return None
+        from appliance.tools.image_gen.calibration import build_profile
+
+        return build_profile(self.category, [(s.image, s.mask, s.defect, s.source)
+                                             for s in self.shots])
+
+    def generate(self, images: Sequence[np.ndarray], seed: int,
+                 progress: Progress | None = None) -> list[TrainingSample]:
         from appliance.agent.runner import synthesize
 
-        results = synthesize(list(images), self.category, self.defects, seed, engine=self._engine())
+        engine = self._engine()
+        # Zero-shot measures the engine as shipped, never a profile the box happens to have
+        # promoted; few-shot measures it calibrated on the shots alone.
+        calibrations = getattr(engine, "calibrations", None)
+        profile = self.calibration()
+        if calibrations is None and profile is not None:
+            raise ValueError("this engine cannot be calibrated; run ours zero-shot")
+        previous = calibrations.get(self.category) if calibrations is not None else None
+        _set_profile(calibrations, self.category, profile)
+        try:
+            results = synthesize(list(images), self.category, self.defects, seed, engine=engine,
+                                 progress=progress)
+        finally:
+            _set_profile(calibrations, self.category, previous)
         return [TrainingSample(np.asarray(r.image, dtype=np.uint8), np.asarray(r.mask, dtype=bool),
                                r.defect, bool(r.accepted), int(r.source_index)) for r in results]
 
 
-def make_generator(name: str, category: str, defects: Sequence[str], engine: Any = None) -> Generator:
+def _set_profile(calibrations: Any, category: str, profile: Any) -> None:
+    if calibrations is None:
+        return
+    if profile is None:
+        calibrations.drop(category)
+    else:
+        calibrations.use(profile)
+
+
+def make_generator(name: str, category: str, defects: Sequence[str], engine: Any = None,
+                   shots: Sequence["LabeledImage"] = ()) -> Generator:
+    """``shots``: the few-shot real defects, for the generators that use them (ours, copypaste)."""
     if name == "ours":
-        return OursGenerator(category, defects, engine)
+        return OursGenerator(category, defects, engine, shots)
+    if name == "copypaste":
+        return CopyPasteGenerator(shots)
     if name == "draem":
         return DraemGenerator()
     if name == "cutpaste":
@@ -82,19 +133,35 @@ class GeneratedSet:
         """Accepted episodes over all episodes run (an episode that made no sample counts too)."""
         return sum(s.accepted for s in self.attempted) / self.episodes if self.episodes else float("nan")
 
+    @property
+    def acceptance_by_defect(self) -> dict[str, float]:
+        """Accepted over attempted per defect type. Only episodes that made a sample say which
+        type they were, so an episode that made nothing is not counted here."""
+        made: dict[str, list[bool]] = {}
+        for sample in self.attempted:
+            made.setdefault(sample.defect, []).append(sample.accepted)
+        return {defect: sum(flags) / len(flags) for defect, flags in sorted(made.items())}
+
 
 def generate_training_set(generator: Generator, images: Sequence[np.ndarray], seed: int,
-                          max_rounds: int = 3) -> GeneratedSet:
+                          max_rounds: int = 3, progress: bool = False) -> GeneratedSet:
     """Run ``generator`` over ``images``; re-run rejected images with a new seed, up to
-    ``max_rounds`` in all. ``source_index`` of the kept samples refers to ``images``."""
+    ``max_rounds`` in all. ``source_index`` of the kept samples refers to ``images``.
+    ``progress``: a bar over the images on stderr (tqdm leaves it off where stderr is no tty)."""
     kept: dict[int, TrainingSample] = {}
     attempted: list[TrainingSample] = []
     pending = list(range(len(images)))
     episodes, rounds = 0, 0
     start = time.perf_counter()
+    bar = tqdm(total=len(images), desc=f"[{generator.name}] synthesizing", unit="image",
+               disable=None if progress else True, leave=False, dynamic_ncols=True)
     while pending and rounds < max_rounds:
+        if rounds:  # the rejected images run again
+            bar.total += len(pending)
+            bar.refresh()
         # Later rounds use seeds far from any other run's, so no two rounds share a stream.
-        batch = generator.generate([images[i] for i in pending], seed + ROUND_SEED_STRIDE * rounds)
+        batch = generator.generate([images[i] for i in pending], seed + ROUND_SEED_STRIDE * rounds,
+                                   progress=bar.update)
         episodes += len(pending)
         rounds += 1
         for sample in batch:
@@ -103,6 +170,7 @@ def generate_training_set(generator: Generator, images: Sequence[np.ndarray], se
             if sample.accepted and sample.mask.any() and sample.source_index not in kept:
                 kept[sample.source_index] = sample
         pending = [i for i in pending if i not in kept]
+    bar.close()
     samples = [kept[i] for i in sorted(kept)]
     return GeneratedSet(generator.name, samples, attempted, episodes,
                         time.perf_counter() - start, rounds)

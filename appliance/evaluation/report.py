@@ -1,6 +1,8 @@
 """The evaluation report: one side-by-side table (text, Markdown, JSON) and PNG figures.
 
-Figures are drawn with Pillow and OpenCV (matplotlib is not a dependency of the appliance).
+A run over several seeds (``aggregate``) has the same shape, with every number replaced by
+``{"mean", "std", "per_seed"}``; the tables show it as "mean ± std". Figures are drawn with
+Pillow and OpenCV (matplotlib is not a dependency of the appliance).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def _best_baseline(values: dict[str, float], higher: bool) -> tuple[str, float] 
     return name, candidates[name]
 
 
+def _mean(value):
+    """A number, or the mean of a multi-seed ``{"mean", "std", "per_seed"}``."""
+    return value["mean"] if isinstance(value, dict) else value
+
+
 def ratios(metrics_by_generator: dict[str, dict]) -> dict[str, dict]:
     """ours / best baseline for every detection metric (> 1 means ours is better)."""
     if "ours" not in metrics_by_generator:
@@ -68,7 +75,59 @@ def ratios(metrics_by_generator: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _combine(values: list, plain_if_equal: bool = False):
+    """One report field over seeds: dicts key by key (the keys every seed has), numbers as
+    ``{"mean", "std", "per_seed"}``, anything else as is where every seed agrees, else listed
+    as ``{"per_seed"}``. ``plain_if_equal``: numbers every seed agrees on stay plain too (the
+    protocol's sizes and budgets)."""
+    if all(isinstance(v, dict) for v in values):
+        return {key: _combine([v[key] for v in values], plain_if_equal)
+                for key in values[0] if all(key in v for v in values)}
+    same = all(v == values[0] for v in values)
+    if _is_number(values[0]) and all(_is_number(v) for v in values) and not (plain_if_equal and same):
+        array = np.array(values, dtype=float)
+        # Sample standard deviation: a few seeds estimate the spread of all possible seeds.
+        std = float(array.std(ddof=1)) if len(array) > 1 else float("nan")
+        return {"mean": float(array.mean()), "std": std, "per_seed": list(values)}
+    return values[0] if same else {"per_seed": list(values)}
+
+
+def aggregate(reports: dict[int, dict]) -> dict:
+    """One report over several runs of the same comparison, ``{seed: report}``. Every number
+    becomes ``{"mean", "std", "per_seed"}`` (std: sample, ddof=1; per_seed in the order of
+    ``seeds``). The ratio to the best baseline is taken of the means, with the per-seed ratios
+    beside it."""
+    seeds = list(reports)
+    runs = list(reports.values())
+    names = [g for g in runs[0]["generators"] if all(g in r["generators"] for r in runs)]
+    generators = {g: {section: _combine([r["generators"][g][section] for r in runs])
+                      for section in ("metrics", "per_class", "generation", "timings")}
+                  for g in names}
+    ratio = ratios({g: {k: _mean(v) for k, v in generators[g]["metrics"].items()} for g in names})
+    for key, cell in ratio.items():
+        per_seed = [r["ratio_ours_to_best_baseline"].get(key) for r in runs]
+        cell["per_seed"] = [c["ratio"] if c else None for c in per_seed]
+        cell["best_baseline_per_seed"] = [c["best_baseline"] if c else None for c in per_seed]
+    protocol = _combine([r["protocol"] for r in runs], plain_if_equal=True)
+    protocol.pop("seed", None)
+    protocol.get("train", {}).pop("seed", None)
+    return {"category": runs[0]["category"], "seeds": seeds,
+            "spread": "std is the sample standard deviation over the seeds (ddof=1)",
+            "protocol": protocol, "generators": generators,
+            "ratio_ours_to_best_baseline": ratio, "environment": runs[0]["environment"],
+            "wall_seconds": None}
+
+
 def _fmt(value, digits: int = 3) -> str:
+    if isinstance(value, dict):  # over seeds
+        if all(isinstance(v, (int, np.integer)) for v in value["per_seed"]):
+            digits = 1  # a mean count
+        spread = _fmt(value["std"], digits)
+        return _fmt(value["mean"], digits) + ("" if spread in ("nan", "n/a") else f" ± {spread}")
     if value is None:
         return "n/a"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -88,19 +147,21 @@ def _rows(report: dict) -> list[tuple[str, list[str], str]]:
         rows.append((label, [_fmt(gens[g]["metrics"][key]) for g in names],
                      f"{cell['ratio']:.3f} ({cell['best_baseline']})" if cell else ""))
     for key, label, higher in GENERATION_ROWS:
-        values = {g: gens[g]["generation"].get(key) for g in names}
+        cells = {g: gens[g]["generation"].get(key) for g in names}
+        values = {g: _mean(v) for g, v in cells.items()}
         ratio_cell = ""
         best = _best_baseline(values, higher)
         if ("ours" in values and values["ours"] is not None and best and best[1]
                 and key not in ("kept", "mask_area_percent")):
             ratio_cell = f"{values['ours'] / best[1]:.3f} ({best[0]})"
-        rows.append((label, [_fmt(values[g]) for g in names], ratio_cell))
+        rows.append((label, [_fmt(cells[g]) for g in names], ratio_cell))
     for key, label in TIMING_ROWS:
-        values = {g: gens[g]["timings"].get(key) for g in names}
+        cells = {g: gens[g]["timings"].get(key) for g in names}
+        values = {g: _mean(v) for g, v in cells.items()}
         best = _best_baseline(values, False)
         ratio_cell = (f"{values['ours'] / best[1]:.1f}x ({best[0]})"
                       if "ours" in values and best and best[1] else "")
-        rows.append((label, [_fmt(values[g], 2 if "per" not in key else 4) for g in names],
+        rows.append((label, [_fmt(cells[g], 2 if "per" not in key else 4) for g in names],
                      ratio_cell))
     return rows
 
@@ -117,12 +178,25 @@ def format_table(report: dict) -> str:
     protocol = report["protocol"]
     if protocol.get("normal_reference_distance") is not None:
         lines.append(f"(feature kernel distance of untouched normal crops to real defects: "
-                     f"{protocol['normal_reference_distance']:.3f})")
-    lines.append(f"({report['category']}: {protocol['train_normals']} train normals, "
-                 f"{protocol['test_normals']} test normals, {protocol['test_defects']} real defects, "
-                 f"{protocol['size']} px, seed {protocol['seed']}, "
-                 f"{protocol['train']['epochs']} epochs; {report['wall_seconds']:.0f} s)")
+                     f"{_fmt(protocol['normal_reference_distance'])})")
+    if "seeds" in report and "pixel_ap" in report["ratio_ours_to_best_baseline"]:
+        cell = report["ratio_ours_to_best_baseline"]["pixel_ap"]
+        lines.append(f"(pixel AP, ours / best baseline per seed: "
+                     f"{', '.join(_fmt(r) for r in cell['per_seed'])}; of the means: "
+                     f"{cell['ratio']:.3f})")
+    lines.append(f"({report['category']}: {_run_summary(report)}; {report['wall_seconds']:.0f} s)")
     return "\n".join(lines)
+
+
+def _run_summary(report: dict) -> str:
+    protocol = report["protocol"]
+    seeds = (f"mean ± sample std over seeds {', '.join(map(str, report['seeds']))}"
+             if "seeds" in report else f"seed {protocol['seed']}")
+    shots = f"{protocol['few_shot']}-shot" if protocol.get("few_shot") else "zero-shot"
+    return (f"{_fmt(protocol['train_normals'])} train normals, "
+            f"{_fmt(protocol['test_normals'])} test normals, "
+            f"{_fmt(protocol['test_defects'])} real defects, {protocol['size']} px, {shots}, "
+            f"{protocol['train']['epochs']} epochs, {seeds}")
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -134,20 +208,28 @@ def format_markdown(report: dict) -> str:
     gens = report["generators"]
     names = list(gens)
     protocol = report["protocol"]
+    seeds = report.get("seeds")
+    runs = (f"seeds {', '.join(map(str, seeds))} (each its own split, synthesis and training: "
+            "seed-N/report.md; cells are mean ± sample standard deviation over the seeds)"
+            if seeds else f"seed {protocol['seed']}")
     lines = [f"# Synthetic data evaluation: {report['category']}", "",
              f"Same UNet ({protocol['unet']}), same {protocol['train']['epochs']} epochs, batch "
-             f"{protocol['train']['batch_size']}, seed {protocol['seed']}, {protocol['size']} px, "
-             f"for every generator. Train normals: {protocol['train_normals']}; test: "
-             f"{protocol['test_normals']} held-out normals + {protocol['test_defects']} real defects.",
-             ""]
+             f"{protocol['train']['batch_size']}, {runs}, {protocol['size']} px, for every "
+             f"generator. Train normals: {_fmt(protocol['train_normals'])}; test: "
+             f"{_fmt(protocol['test_normals'])} held-out normals + "
+             f"{_fmt(protocol['test_defects'])} real defects.", ""]
     lines += _markdown_table(["metric"] + names + ["ours / best baseline"],
                              [[label] + cells + [ratio] for label, cells, ratio in _rows(report)])
+    if seeds:
+        lines += _seed_ratio_section(report)
+    lines += _few_shot_section(protocol, bool(seeds))
+    lines += _acceptance_section(gens)
     classes = sorted({c for g in gens.values() for c in g["per_class"]})
     for key, label in (("pixel_ap", "Pixel AP"), ("pixel_auroc", "Pixel AUROC"),
                        ("image_auroc", "Image AUROC")):
         lines += ["", f"## {label} per defect class (class images + all held-out normals)", ""]
         lines += _markdown_table(["class", "images"] + names,
-                                 [[c, str(next(iter(gens.values()))["per_class"][c]["images"])]
+                                 [[c, _fmt(_mean(next(iter(gens.values()))["per_class"][c]["images"]), 0)]
                                   + [_fmt(gens[g]["per_class"][c][key]) for g in names]
                                   for c in classes])
     lines += ["", "## How to read this", "",
@@ -174,13 +256,69 @@ def format_markdown(report: dict) -> str:
               "- When one class holds most defect pixels (on the magnetic tiles, 'uneven' marks "
               "whole bands), the overall pixel metrics mostly measure that class: read the "
               "'mean over classes' rows and the per-class tables too.",
-              "- Timing rows are measured in this run, on this machine.",
-              ""]
+              "- Timing rows are measured in this run, on this machine."]
+    if seeds:
+        lines.append("- Over seeds, the ratio column is the ratio of the means (not the mean of "
+                     "the per-seed ratios, which are listed above).")
     if protocol.get("grayscale_training"):
         lines.append("- The normals are greyscale, so every generator's training images were "
                      "converted to greyscale before training (a colour cue would not transfer).")
     return "\n".join(lines) + "\n"
 
+
+def _seed_ratio_section(report: dict) -> list[str]:
+    ratio = report["ratio_ours_to_best_baseline"]
+    if not ratio:
+        return []
+
+    def cell(value, best) -> str:
+        return f"{_fmt(value)} ({best})" if value is not None else "n/a"
+
+    rows = [[label] + [cell(v, b) for v, b in zip(ratio[key]["per_seed"],
+                                                   ratio[key]["best_baseline_per_seed"])]
+            + [cell(ratio[key]["ratio"], ratio[key]["best_baseline"])]
+            for key, label in DETECTION_ROWS if key in ratio]
+    return (["", "## Ours / best baseline per seed", ""]
+            + _markdown_table(["metric"] + [f"seed {s}" for s in report["seeds"]]
+                              + ["of the means"], rows))
+
+
+def _few_shot_section(protocol: dict, over_seeds: bool) -> list[str]:
+    k = protocol.get("few_shot")
+    if not k:
+        return []
+    shots = protocol.get("shots_per_class", {})
+    tested = protocol.get("test_defects_per_class", {})
+    lines = ["", "## Few-shot protocol", "",
+             f"{k} real defect{'s' if k > 1 else ''} per type (drawn with the seed) were taken "
+             "out of the test set and "
+             "given to the generators that can use them (ours, copypaste); the other generators "
+             "never see them. The test set is the rest.", ""]
+    lines += _markdown_table(["defect type", "shots", "test images"],
+                             [[d, _fmt(_mean(shots.get(d, 0)), 0), _fmt(_mean(n), 0)]
+                              for d, n in tested.items()])
+    lines.append("")
+    for defect, taken in protocol.get("shots_capped", {}).items():
+        lines.append(f"- {defect} has too few images for {k} shots: {_fmt(_mean(taken), 0)} "
+                     "taken, so that at least one stays in the test set.")
+    if over_seeds:
+        lines.append("- Each seed drew its own shots: the files are listed in seed-N/report.md.")
+    else:
+        lines += ["Shot files:", ""] + [f"- `{path}`" for path in protocol.get("shots", [])]
+    return lines
+
+
+def _acceptance_section(gens: dict) -> list[str]:
+    judged = [g for g in gens if gens[g]["generation"].get("acceptance_by_defect")]
+    if not judged:
+        return []
+    defects = sorted({d for g in judged for d in gens[g]["generation"]["acceptance_by_defect"]})
+    rows = [[d] + [_fmt(gens[g]["generation"]["acceptance_by_defect"].get(d)) for g in judged]
+            for d in defects]
+    return (["", "## Judge acceptance per defect type", "",
+             "Accepted over attempted episodes that made a sample, per defect type asked for. "
+             "A judge that accepts everything is not judging.", ""]
+            + _markdown_table(["defect type"] + judged, rows))
 
 
 def _clean(value):

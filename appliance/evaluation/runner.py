@@ -3,14 +3,15 @@
 For every generator, on the same train normals, with the same seed and the same budget:
 synthesize one anomaly per normal -> train the same UNet -> predict the held-out normals and the
 real defects -> pixel and image AUROC / AP / F1-max, overall and per defect class. The protocol
-(split, UNet, budget) is fixed in ``EvalConfig`` before any generator runs.
+(split, UNet, budget) is fixed in ``EvalConfig`` before any generator runs. ``evaluate_seeds``
+repeats the whole comparison per seed and reports mean and spread.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,29 +28,42 @@ from appliance.evaluation.generation_metrics import (
     kernel_distance,
     normal_reference_crops,
 )
-from appliance.evaluation.generators import BASELINES, GeneratorOutcome, generate_training_set, make_generator
+from appliance.evaluation.generators import (BASELINES, NEEDS_SHOTS, GeneratorOutcome,
+                                             generate_training_set, make_generator)
 from appliance.evaluation.metrics import detection_scores, image_score, pr_points
 from appliance.evaluation.train import TrainConfig, predict, train_unet
 from appliance.imaging import is_grayscale
 
 DEFAULT_GENERATORS = ("ours", "draem", "cutpaste")
+FEW_SHOT_GENERATORS = DEFAULT_GENERATORS + ("copypaste",)
 
 
 @dataclass
 class EvalConfig:
     size: int = 256
     seed: int = 0
-    generators: tuple[str, ...] = DEFAULT_GENERATORS
+    generators: tuple[str, ...] = ()  # empty: DEFAULT_GENERATORS, or FEW_SHOT_GENERATORS with shots
     train_size: int = 300
     test_fraction: float = 0.2  # share of the normals held out (folder layout only)
     max_rounds: int = 3  # episodes per train normal, at most, to get one accepted sample
     generation_metrics: bool = True
     examples_per_class: int = 2
+    # Real defects per type given to the generators (and taken out of the test set); 0: zero-shot.
+    few_shot: int = 0
+    progress: bool = False  # progress bars on stderr (synthesis and training)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         if self.size % 16:
             raise ValueError("size must be a multiple of 16 (four 2x poolings in the UNet)")
+        if self.few_shot < 0:
+            raise ValueError("few_shot cannot be negative")
+        self.generators = tuple(self.generators) or (
+            FEW_SHOT_GENERATORS if self.few_shot else DEFAULT_GENERATORS)
+        needs_shots = [g for g in self.generators if g in NEEDS_SHOTS]
+        if needs_shots and not self.few_shot:
+            raise ValueError(f"{', '.join(needs_shots)} pastes real defects: it needs few-shot "
+                             "examples (--few-shot K, K >= 1)")
         self.train.seed = self.seed
 
 
@@ -86,18 +100,22 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
                   real_features: np.ndarray | None, grayscale: bool,
                   examples: Sequence[int], log: Callable[[str], None]) -> GeneratorOutcome:
     normals = [it.image for it in data.train_normals]
-    generator = make_generator(name, data.category, data.defect_classes, engine)
+    generator = make_generator(name, data.category, data.defect_classes, engine, data.shots)
     log(f"[{name}] synthesizing from {len(normals)} train normals")
-    generated = generate_training_set(generator, normals, config.seed, config.max_rounds)
+    generated = generate_training_set(generator, normals, config.seed, config.max_rounds,
+                                      config.progress)
     if not generated.samples:
         raise RuntimeError(f"{name} produced no usable sample from {len(normals)} normals")
     kept = generated.samples
     # The detector must not learn a colour cue that the real test images cannot have.
     images = [_gray(s.image) if grayscale else s.image for s in kept]
     sources = [normals[s.source_index] for s in kept]
+    batches = -(-len(kept) // config.train.batch_size)
     log(f"[{name}] {len(kept)} samples kept of {generated.episodes} episodes "
-        f"in {generated.seconds:.1f} s; training the UNet")
-    model, train_log = train_unet(images, [s.mask for s in kept], sources, config.train)
+        f"in {generated.seconds:.1f} s; training the UNet, {config.train.epochs} epochs x "
+        f"{batches} batches")
+    model, train_log = train_unet(images, [s.mask for s in kept], sources, config.train,
+                                  progress=config.progress, label=f"[{name}]")
     log(f"[{name}] trained {train_log.steps} steps in {train_log.seconds:.1f} s "
         f"(loss {train_log.epoch_losses[0]:.4f} -> {train_log.epoch_losses[-1]:.4f}); predicting")
     start = time.perf_counter()
@@ -127,9 +145,12 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
     engine_info = None
     if hasattr(generator, "engine") and hasattr(generator.engine, "describe"):
         engine_info = {k: v for k, v in generator.engine.describe().items() if k != "env"}
+    judged = name not in BASELINES  # the baselines have no judge: every sample counts
     generation: dict = {"engine": engine_info} if engine_info else {}
-    generation |= {"acceptance_rate": generated.acceptance_rate if name not in BASELINES else None,
-                        "episodes": generated.episodes, "kept": len(kept)}
+    generation |= {"acceptance_rate": generated.acceptance_rate if judged else None,
+                   "episodes": generated.episodes, "kept": len(kept)}
+    if judged:
+        generation["acceptance_by_defect"] = generated.acceptance_by_defect
     gen_seconds = 0.0
     if real_features is not None:
         start = time.perf_counter()
@@ -159,7 +180,9 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
     log(f"eval: {data.category}: {len(data.train_normals)} train normals "
         f"(of {data.train_pool_size}), {len(data.test_normals)} test normals, "
         f"{len(data.test_defects)} real defects in {len(data.defect_classes)} classes "
-        f"({', '.join(data.defect_classes)}), {config.size}px, seed {config.seed}")
+        f"({', '.join(data.defect_classes)}), {config.size}px, seed {config.seed}"
+        + (f", {len(data.shots)} real defects given as shots ({config.few_shot} per type)"
+           if config.few_shot else ""))
     real_features, normal_reference = None, None
     if config.generation_metrics:
         real_features = image_features([defect_crop(it.image, it.mask) for it in data.test_defects],
@@ -171,6 +194,7 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
     examples = example_indices(data, config.examples_per_class)
     outcomes = [run_generator(name, data, config, engine, real_features, grayscale, examples, log)
                 for name in config.generators]
+    shots_per_class = {d: sum(it.defect == d for it in data.shots) for d in data.defect_classes}
 
     result = {
         "category": data.category,
@@ -180,6 +204,11 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
             "test_defects": len(data.test_defects),
             "test_defects_per_class": {d: sum(it.defect == d for it in data.test_defects)
                                        for d in data.defect_classes},
+            "few_shot": config.few_shot,
+            "shots": [it.source for it in data.shots],
+            "shots_per_class": shots_per_class,
+            # Types with too few images: every type keeps at least one test image.
+            "shots_capped": {d: n for d, n in shots_per_class.items() if n < config.few_shot},
             "grayscale_training": grayscale, "max_rounds": config.max_rounds,
             "train": config.train.as_dict(), "unet": f"SmallUNet(width={config.train.width}, depth=4)",
             "image_score": "max of the anomaly map averaged over a DRAEM-size window",
@@ -200,18 +229,53 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
     return result
 
 
+def evaluate_seeds(load: Callable[[int], EvalData], out_dir: Path, seeds: Sequence[int],
+                   config: EvalConfig | None = None, engine: Any = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """The whole comparison once per seed, each exactly as ``evaluate`` with that seed (its own
+    split from ``load(seed)``, synthesis and training) into ``out_dir/seed-N/``; then
+    ``out_dir/report.json`` and ``report.md`` with mean, spread and per-seed values."""
+    config = config or EvalConfig()
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError("give one or more distinct seeds")
+    started = time.perf_counter()
+    reports = {}
+    for seed in seeds:
+        seed_config = replace(config, seed=seed, train=replace(config.train))
+        reports[seed] = evaluate(load(seed), Path(out_dir) / f"seed-{seed}", seed_config, engine, log)
+        log(f"seed {seed}:\n{report_mod.format_table(reports[seed])}")
+    result = report_mod.aggregate(reports)
+    result["seed_folders"] = [f"seed-{seed}" for seed in seeds]
+    result["wall_seconds"] = time.perf_counter() - started
+    report_mod.write_reports(Path(out_dir), result)
+    return result
+
+
 def evaluate_folders(normal_dir: Path, defects_dir: Path, out_dir: Path, category: str,
                      config: EvalConfig | None = None, engine: Any = None,
-                     log: Callable[[str], None] = print) -> dict:
+                     log: Callable[[str], None] = print, seeds: Sequence[int] = ()) -> dict:
+    """``seeds``: run once per seed (``evaluate_seeds``) instead of once with ``config.seed``."""
     config = config or EvalConfig()
-    data = load_folders(normal_dir, defects_dir, config.size, config.seed, config.train_size,
-                        category, config.test_fraction)
-    return evaluate(data, out_dir, config, engine, log)
+
+    def load(seed: int) -> EvalData:
+        return load_folders(normal_dir, defects_dir, config.size, seed, config.train_size,
+                            category, config.test_fraction, config.few_shot)
+
+    if seeds:
+        return evaluate_seeds(load, out_dir, seeds, config, engine, log)
+    return evaluate(load(config.seed), out_dir, config, engine, log)
 
 
 def evaluate_mvtec(category_dir: Path, out_dir: Path, category: str | None = None,
                    config: EvalConfig | None = None, engine: Any = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, seeds: Sequence[int] = ()) -> dict:
+    """``seeds``: run once per seed (``evaluate_seeds``) instead of once with ``config.seed``."""
     config = config or EvalConfig()
-    data = load_mvtec_category(category_dir, config.size, config.seed, config.train_size, category)
-    return evaluate(data, out_dir, config, engine, log)
+
+    def load(seed: int) -> EvalData:
+        return load_mvtec_category(category_dir, config.size, seed, config.train_size, category,
+                                   config.few_shot)
+
+    if seeds:
+        return evaluate_seeds(load, out_dir, seeds, config, engine, log)
+    return evaluate(load(config.seed), out_dir, config, engine, log)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from appliance.evaluation.unet import SmallUNet, focal_loss
 
@@ -107,8 +108,13 @@ def _crop_origin(mask: np.ndarray | None, size: int, crop: int, draws: torch.Gen
 
 
 def train_unet(anomalies: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-               normals: Sequence[np.ndarray], config: TrainConfig) -> tuple[SmallUNet, TrainLog]:
-    """``anomalies[i]`` was made from ``normals[i]``; ``masks[i]`` marks its defect."""
+               normals: Sequence[np.ndarray], config: TrainConfig, progress: bool = False,
+               label: str = "UNet") -> tuple[SmallUNet, TrainLog]:
+    """``anomalies[i]`` was made from ``normals[i]``; ``masks[i]`` marks its defect.
+
+    ``progress``: a bar over the optimizer steps on stderr, named ``label``, with the epoch's
+    running loss and tqdm's time estimate (tqdm leaves it off where stderr is no tty).
+    """
     if not (len(anomalies) == len(masks) == len(normals)) or not anomalies:
         raise ValueError("need one mask and one source normal per anomaly, and at least one")
     set_determinism(config.seed, config.threads, config.device)
@@ -123,9 +129,11 @@ def train_unet(anomalies: Sequence[np.ndarray], masks: Sequence[np.ndarray],
     size = masks[0].shape[0]
     crop = crop_side(size, config.crop_fraction)
     log = TrainLog()
+    bar = tqdm(total=total_steps, desc=f"{label} training", unit="step",
+               disable=None if progress else True, leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     model.train()
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         order = torch.randperm(len(anomalies), generator=draws).tolist()
         use_normal = (torch.rand(len(anomalies), generator=draws) < config.normal_fraction).tolist()
         losses = []
@@ -148,7 +156,11 @@ def train_unet(anomalies: Sequence[np.ndarray], masks: Sequence[np.ndarray],
             schedule.step()
             losses.append(float(loss.detach()))
             log.steps += 1
+            bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{np.mean(losses):.4f}",
+                            refresh=False)
+            bar.update(1)
         log.epoch_losses.append(float(np.mean(losses)))
+    bar.close()
     log.seconds = time.perf_counter() - start
     model.eval()
     return model, log

@@ -112,6 +112,9 @@ class QualityRequest:
     edited: np.ndarray
     category: str
     defect: str
+    # The instruction the edit was made from: a judge checks that the defect is what was asked
+    # for (a "large" defect that covers a speck is a failure). Empty: not known.
+    instruction: str = ""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 directory that survives a crash.
 
     RUN/run.json             options, and each finished stage with its figures
+    (calibrate)              CPU engine: a calibration profile into MODELS/calibration/
     RUN/trajectories/        stage 1: expert trajectories (the batch's format) + index.jsonl
     RUN/sft/checkpoints/     stage 2: TRL checkpoints (``--resume`` continues from the last)
     RUN/sft/adapter/         stage 2: the trained LoRA adapter
@@ -27,7 +28,7 @@ from appliance.imaging import write_atomic
 from appliance.training.grpo import GRPOSettings
 from appliance.training.sft import SFTSettings
 
-STAGES = ("trajectories", "sft", "grpo", "gate")
+STAGES = ("calibrate", "trajectories", "sft", "grpo", "gate")
 
 
 class RetrainError(RuntimeError):
@@ -48,6 +49,8 @@ class RetrainOptions:
     holdout: float = 0.2  # share of each defect type never trained on
     steps: tuple[int, ...] = (1, 2, 3)  # image_gen steps of the expert trajectories
     margin: float = 0.02  # held-out reward a new adapter must gain over the active one
+    # Relative drop of the held-out distance to real defects a calibration profile must reach.
+    calibration_margin: float = 0.05
     heldout_repeats: int = 2  # episodes per held-out photo (other seeds, other tool draws)
     sft: SFTSettings = field(default_factory=SFTSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)

@@ -86,6 +86,37 @@ def _unique_stems(items: list[LabeledImage]) -> list[str]:
 
 # 1. Trajectories ---------------------------------------------------------------------------------
 
+def run_calibrate(ctx: StageContext) -> None:
+    from appliance.models.calibrations import CALIBRATIONS, store_profile
+    from appliance.models.manifest import default_models_dir
+    from appliance.training.calibrate import calibrate
+
+    train, heldout = ctx.split
+    if not train or not heldout:
+        raise RetrainError("calibration needs photos to measure and held-out photos to check the "
+                           "profile on (each defect type needs two or more photos, and --holdout "
+                           "above 0)")
+    repeats = ctx.options.heldout_repeats
+    with ctx.bar(2 * len(heldout) * repeats, "held-out check (current, calibrated)") as bar:
+        profile, figures = calibrate(ctx.engine, ctx.category, train, heldout, ctx.options.seed,
+                                     repeats, ctx.options.calibration_margin, bar)
+    models_dir = ctx.engine_config.models_dir or default_models_dir()
+    digest = store_profile(models_dir, profile, {"heldout": figures["after"],
+                                                 "baseline": figures["before"],
+                                                 "run": str(ctx.out)})
+    figures["profile"]["digest"] = digest
+    before, after = figures["before"]["distance"], figures["after"]["distance"]
+    if figures["promote"]:
+        CALIBRATIONS.promote(models_dir, ctx.category, digest)
+        ctx.say(f"calibrate: held-out distance to real defects {before:.4f} -> {after:.4f}; "
+                f"profile {digest} is now active for {ctx.category}")
+    else:
+        ctx.say(f"calibrate: held-out distance to real defects {before:.4f} -> {after:.4f} (needs "
+                f"{100 * ctx.options.calibration_margin:.0f} % lower); profile {digest} kept on "
+                "disk, NOT promoted")
+    ctx.state.finish("calibrate", figures)
+
+
 def run_trajectories(ctx: StageContext) -> None:
     train, heldout = ctx.split
     if not train:
@@ -293,6 +324,24 @@ def render_report(report: dict) -> str:
     if report["skipped"]:
         lines.append(f"- {len(report['skipped'])} file(s) left out:")
         lines += [f"  - `{s['path']}`: {s['reason']}" for s in report["skipped"]]
+    if "calibrate" in stages:
+        c = stages["calibrate"]
+        row = "| {label} | {episodes} | {accepted:.0%} | {distance:.4f} | {by} |"
+        lines += ["", "## Calibration of the CPU engine", "",
+                  f"- profile {c['profile']['digest']} from {c['train_photos']} photos; "
+                  f"{c['heldout_photos']} held out",
+                  *[f"- {d}: {p['defects']} defects, size p5/p50/p95 {p['size_p05_p50_p95']}, "
+                    f"peak change {p['peak_p05_p50_p95']}, {p['bank']} in the bank"
+                    for d, p in c["profile"]["defects"].items()], "",
+                  "| engine | held-out episodes | accepted | distance to real | accepted per type |",
+                  "|---|---|---|---|---|",
+                  *[row.format(label=label, by=", ".join(f"{d} {v:.0%}" for d, v in
+                                                         f["acceptance_by_defect"].items()), **f)
+                    for label, f in ((f"before ({c['before_profile'] or 'uncalibrated'})",
+                                      c["before"]), ("calibrated", c["after"]))], "",
+                  f"- distance {100 * c['distance_drop']:+.1f} % lower, {100 * c['margin']:.0f} % "
+                  "required: " + ("**promoted**" if c["promote"] else
+                                  "**refused** (kept on disk, not active)")]
     if "trajectories" in stages:
         t = stages["trajectories"]
         lines += ["", "## Expert trajectories", "",

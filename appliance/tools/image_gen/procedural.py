@@ -13,9 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
-from appliance.tools.image_gen.placement import cluster_centres, foreground_bbox, instances_within, place
+from appliance.imaging import is_grayscale
+from appliance.tools.image_gen.calibration import Calibrations, CalibrationProfile, calibrated_params
+from appliance.tools.image_gen.placement import (cluster_centres, foreground_bbox, instances_within,
+                                                 object_extent, place)
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
 from appliance.tools.image_gen.renderers import render_instances
+from appliance.tools.image_gen.transplant import transplant
 from appliance.tools.interfaces import Box, EditRequest, EditResult
 from appliance.tools.knowledge.base import KnowledgeBase
 from appliance.tools.knowledge.families import family_for_defect
@@ -23,6 +27,10 @@ from appliance.tools.object_map import ObjectMap, find_object
 
 # A policy's box with less of the object than this is off the part: place the defect ourselves.
 MIN_REGION_FOREGROUND = 0.05
+# With a calibration bank for the defect type: the share of edits that transplant a real defect
+# (the rest are procedural, sized from the plant's priors), so the dataset keeps both the
+# plant's real looks and shapes no photo showed.
+TRANSPLANT_SHARE = 0.5
 
 
 def _clip(box: Box, shape: tuple[int, ...]) -> Box:
@@ -52,8 +60,11 @@ class ProceduralImageGenerator:
 
     name = "procedural"
 
-    def __init__(self, kb: KnowledgeBase | None = None) -> None:
+    def __init__(self, kb: KnowledgeBase | None = None, calibrations: Calibrations | None = None,
+                 transplant_share: float = TRANSPLANT_SHARE) -> None:
         self.kb = kb
+        self.calibrations = calibrations
+        self.transplant_share = transplant_share
 
     def family_for(self, category: str, defect: str) -> str:
         if self.kb is None:
@@ -71,6 +82,13 @@ class ProceduralImageGenerator:
         object_map = find_object(image)
         params = parse_prompt(request.prompt, rng)
         family = self.family_for(request.category, request.defect)
+        profile = self.calibrations.get(request.category) if self.calibrations else None
+        priors, crops = profile.for_defect(request.defect) if profile else (None, [])
+        # Draws only when calibrated: an uncalibrated engine replays its old trajectories.
+        if priors is not None:
+            params = calibrated_params(params, priors, rng)
+            if crops and rng.random() < self.transplant_share:
+                return self._transplant(request, image, object_map, params, crops, profile, rng)
 
         boxes, placement_info, params = self._boxes(request, image, object_map, params, family, rng)
         render_info: dict = {}
@@ -88,7 +106,26 @@ class ProceduralImageGenerator:
             "object_map": object_summary(object_map),
             "mask_area": int(mask.sum()),
         }
+        if profile is not None:
+            record["calibration"] = profile.digest or "unstored"
         return EditResult(image=edited, region=_union(boxes, mask), mask=mask, params=record)
+
+    def _transplant(self, request: EditRequest, image: np.ndarray, object_map: ObjectMap,
+                    params: EditParams, crops: list, profile: CalibrationProfile,
+                    rng: np.random.Generator) -> EditResult:
+        """A real defect from the category's bank, sized and counted as the prompt and the
+        plant's priors say, placed on the part (inside the policy's box when it is on it)."""
+        region = _clip(request.region, image.shape) if request.region is not None else None
+        size_px = params.size * object_extent(object_map)
+        edited, mask, details = transplant(image, object_map.foreground, crops, params.count, rng,
+                                           size_px=size_px, region=region,
+                                           gray=is_grayscale(image))
+        record = {"backend": self.name, "family": "transplant", "seed": int(request.seed),
+                  "edit_params": asdict(params), "render": details,
+                  "object_map": object_summary(object_map), "mask_area": int(mask.sum()),
+                  "calibration": profile.digest or "unstored"}
+        box = foreground_bbox(mask) if mask.any() else (region or foreground_bbox(object_map.foreground))
+        return EditResult(image=edited, region=box, mask=mask, params=record)
 
     def _boxes(self, request: EditRequest, image: np.ndarray, object_map: ObjectMap,
                params: EditParams, family: str, rng: np.random.Generator

@@ -29,6 +29,16 @@ TOO_STRONG  mean change above 150 grey levels and above 25 texture spreads: glar
 HARD_SEAMS  the change is as strong at the region's outline as inside (edge hardness > 0.7),
             over half the outline runs in long straight sides, and the outline's gradient is
             1.5x the normal image's: a pasted patch. Thin regions (lines) are exempt.
+Against the instruction and the plant (when known):
+SIZE        the instruction names a size ("large", "tiny", "3 percent"): the main change's major
+            extent against the part's must be within a third and three times the size the
+            words ask for (on a calibrated category, the plant's own size at that rank):
+            TOO_SMALL / TOO_LARGE otherwise.
+PLANT       on a category with a calibration profile: the changed area against the part below
+            a third of the real defects' 5th percentile is TOO_SMALL (and that, not the generic
+            minimum, is the smallest visible defect, down to 4 px), above three times their
+            95th percentile TOO_LARGE; the peak change under half the real 5th percentile is
+            TOO_FAINT, over twice the real 95th percentile TOO_STRONG.
 Borderline (a 1-point penalty each): area 12-25 % of the part; peak change under 20 grey levels
 or under 1.5 texture spreads; hard edges without straight sides; the three largest regions
 holding under 85 % of the change.
@@ -58,7 +68,9 @@ import numpy as np
 from scipy.sparse.csgraph import connected_components
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map
-from appliance.tools.image_gen.prompt_params import expected_area_share
+from appliance.tools.image_gen.calibration import Calibrations, major_axis, size_rank
+from appliance.tools.image_gen.placement import foreground_bbox
+from appliance.tools.image_gen.prompt_params import expected_area_share, parse_prompt
 from appliance.tools.interfaces import Issue, QualityReport, QualityRequest
 from appliance.tools.object_map import ObjectMap, fill_holes, find_object
 
@@ -109,6 +121,20 @@ class Limits:
     min_interior: float = 0.3  # share of the region that is not outline, for hardness to count
     # Texture spread floor, so that a perfectly smooth surface does not make any change "glaring".
     min_spread: float = 2.0
+    # From the instruction and the category's calibration profile (None: not checked): the
+    # main change's major extent against the part's, its area against the part, its peak.
+    size_range: tuple[float, float] | None = None
+    min_area_share: float | None = None
+    max_area_share: float | None = None
+    min_peak: float | None = None
+    max_peak: float | None = None
+
+
+# How far from what was asked (or from the plant's range) a defect may land: sizes within a
+# third and three times, peaks within half the faintest and twice the strongest real ones.
+SIZE_TOLERANCE = 3.0
+SPECK_PX = 4  # below this no calibration makes a change a defect
+PEAK_LOW, PEAK_HIGH = 0.5, 2.0
 
 
 LIMITS = Limits()
@@ -119,9 +145,11 @@ class HeuristicQualityEvaluator:
 
     name = "heuristic"
 
-    def __init__(self, limits: Limits = LIMITS, knowledge_base: "KnowledgeBase | None" = None) -> None:
+    def __init__(self, limits: Limits = LIMITS, knowledge_base: "KnowledgeBase | None" = None,
+                 calibrations: Calibrations | None = None) -> None:
         self.limits = limits
         self.knowledge_base = knowledge_base
+        self.calibrations = calibrations
 
     def evaluate(self, requests: Sequence[QualityRequest]) -> list[QualityReport]:
         return [self.evaluate_one(request) for request in requests]
@@ -137,12 +165,35 @@ class HeuristicQualityEvaluator:
         return replace(self.limits, large_share=max(self.limits.large_share, share),
                        max_share=max(self.limits.max_share, min(0.9, 1.25 * share)))
 
+    def limits_for_request(self, request: QualityRequest) -> Limits:
+        """``limits_for`` narrowed by the category's calibration profile and the instruction."""
+        limits = self.limits_for(request.category, request.defect)
+        profile = self.calibrations.get(request.category) if self.calibrations else None
+        priors = profile.priors.get(request.defect) if profile else None
+        if priors is not None:
+            top_area = priors.quantile("areas", 0.95)
+            limits = replace(
+                limits, min_area_share=priors.quantile("areas", 0.05) / SIZE_TOLERANCE,
+                max_area_share=SIZE_TOLERANCE * top_area,
+                # A plant whose real defects are large must not see them called "not local".
+                large_share=max(limits.large_share, top_area),
+                max_share=max(limits.max_share, SIZE_TOLERANCE * top_area),
+                min_peak=PEAK_LOW * priors.quantile("peaks", 0.05),
+                max_peak=PEAK_HIGH * priors.quantile("peaks", 0.95))
+        if request.instruction:
+            asked = parse_prompt(request.instruction, np.random.default_rng(0))
+            if "size" in asked.specified:
+                size = (priors.quantile("sizes", size_rank(asked.size)) if priors is not None
+                        else asked.size)
+                limits = replace(limits, size_range=(size / SIZE_TOLERANCE, size * SIZE_TOLERANCE))
+        return limits
+
     def evaluate_one(self, request: QualityRequest,
                      object_map: ObjectMap | None = None) -> QualityReport:
         """Judge one edit; pass ``object_map`` when the caller already has it for this image."""
         if object_map is None:
             object_map = find_object(request.normal)
-        limits = self.limits_for(request.category, request.defect)
+        limits = self.limits_for_request(request)
         m = measure(request.normal, request.edited, object_map, limits)
         return score(m, object_map.is_texture, limits)
 
@@ -194,6 +245,10 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
     main_labels = order[changed_per_label[order] > 0] + 1
     region_crop = fill_holes(np.isin(labels, main_labels))
     region_area = float(region_crop.sum())
+    biggest = labels == order[0] + 1
+    box = foreground_bbox(foreground)
+    m["major_share"] = (major_axis(biggest & changed_crop)
+                        / math.sqrt(max(box.width, 1) * max(box.height, 1)))
     m["region_pixels"] = region_area
     m["region_density"] = float(changed_crop[region_crop].sum() / max(region_area, 1.0))
 
@@ -330,10 +385,17 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
     issues: list[str] = []
     penalties: list[str] = []
     min_area = max(float(limits.min_pixels), limits.min_frame_share * m["frame_pixels"])
+    if limits.min_area_share is not None:
+        # The plant's real defects say how small a defect can be and still be one (a pit of a
+        # few pixels on a small photo); the generic floor only guards against specks.
+        min_area = min(min_area, max(SPECK_PX, limits.min_area_share * m["object_pixels"]))
     measurements["min_area"] = m["min_area"] = min_area
-    if m["changed_pixels"] < min_area:
+    m["asked"] = 0.0  # 1: too small/large for what was asked
+    m["plant"] = 0.0  # 1: outside the plant's real range
+    small, large = _against_request(m, limits)
+    if m["changed_pixels"] < min_area or small:
         issues.append(Issue.TOO_SMALL)
-    if m["size_share"] > limits.max_share:
+    if m["size_share"] > limits.max_share or large:
         issues.append(Issue.TOO_LARGE)
     elif m["size_share"] > limits.large_share:
         penalties.append("large")
@@ -348,12 +410,18 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
         issues.append(Issue.OFF_OBJECT)
 
     peak, ratio = m["peak_change"], m["contrast_ratio"]
-    if peak < limits.faint_level or ratio < limits.faint_ratio:
+    faint_for_plant = limits.min_peak is not None and peak < limits.min_peak
+    strong_for_plant = limits.max_peak is not None and peak > limits.max_peak
+    if faint_for_plant or strong_for_plant:
+        m["plant"] = 1.0
+    measurements["asked"], measurements["plant"] = m["asked"], m["plant"]
+    if peak < limits.faint_level or ratio < limits.faint_ratio or faint_for_plant:
         issues.append(Issue.TOO_FAINT)
     elif peak < limits.weak_level or ratio < limits.weak_ratio:
         penalties.append("weak")
     mean = m["mean_change"]
-    if mean > limits.strong_level and mean / m["texture_spread"] > limits.strong_ratio:
+    if (mean > limits.strong_level and mean / m["texture_spread"] > limits.strong_ratio) \
+            or strong_for_plant:
         issues.append(Issue.TOO_STRONG)
 
     # A thin region (a line) is all outline, so its hardness says nothing about blending.
@@ -378,6 +446,22 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
     return QualityReport(location_score=location, quality_score=quality,
                          review=_review(m, issues, penalties, is_texture),
                          issues=issues, measurements=measurements)
+
+
+def _against_request(m: dict[str, float], limits: Limits) -> tuple[bool, bool]:
+    """(too small, too large) for what the instruction asked or the plant's defects measure;
+    marks which in ``m``."""
+    small = large = False
+    if limits.size_range is not None:
+        low, high = limits.size_range
+        if m["major_share"] < low or m["major_share"] > high:
+            m["asked"] = 1.0
+            small, large = m["major_share"] < low, m["major_share"] > high
+    if limits.min_area_share is not None and m["size_share"] < limits.min_area_share:
+        small, m["plant"] = True, 1.0
+    if limits.max_area_share is not None and m["size_share"] > limits.max_area_share:
+        large, m["plant"] = True, 1.0
+    return small, large
 
 
 def _location_score(on_object: float) -> int:
@@ -409,7 +493,12 @@ def _review(m: dict[str, float], issues: list[str], penalties: list[str],
 
     size = (f"It covers {m['changed_pixels']:.0f} px, {100 * m['size_share']:.2f} % of the "
             f"{surface}")
-    if Issue.TOO_SMALL in issues:
+    if m.get("asked") and m["major_share"] < 1:
+        size += (f"; its length is {100 * m['major_share']:.1f} % of the {surface}'s, "
+                 f"{'less' if Issue.TOO_SMALL in issues else 'more'} than the instruction asks")
+    if m.get("plant") and {Issue.TOO_SMALL, Issue.TOO_LARGE} & set(issues):
+        size += ", outside the sizes of this plant's real defects"
+    elif Issue.TOO_SMALL in issues:
         size += f", too small to see (below {m['min_area']:.0f} px)"
     elif Issue.TOO_LARGE in issues:
         size += ", far too large for a local defect"
@@ -420,10 +509,11 @@ def _review(m: dict[str, float], issues: list[str], penalties: list[str],
     contrast = (f"its change peaks at {m['peak_change']:.1f} grey levels (mean "
                 f"{m['mean_change']:.1f}) against a local texture spread of "
                 f"{m['texture_spread']:.1f} (ratio {m['contrast_ratio']:.1f})")
+    plant = " for this plant's real defects" if m.get("plant") else ""
     if Issue.TOO_FAINT in issues:
-        sentences.append(f"It is too faint: {contrast}.")
+        sentences.append(f"It is too faint{plant}: {contrast}.")
     elif Issue.TOO_STRONG in issues:
-        sentences.append(f"It is glaringly strong: {contrast}.")
+        sentences.append(f"It is glaringly strong{plant}: {contrast}.")
     elif "weak" in penalties:
         sentences.append(f"It is weak: {contrast}.")
     else:

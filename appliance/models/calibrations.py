@@ -1,0 +1,50 @@
+"""The CPU engine's calibration profiles per part category, kept like the adapters.
+
+    MODELS/calibration/<category>/<hash>/      profile.json + bank/ (``calibration.save``)
+    MODELS/calibration/<category>/active.json  the active profile and the history
+
+``appliance retrain`` on a CPU engine stores a profile and promotes it when the held-out check
+improves; ``appliance retrain --calibration --rollback`` returns to the previous one; every
+batch after that uses the active profile of its category, and each sample records its hash.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from appliance.models.shelf import Shelf
+from appliance.tools.image_gen.calibration import PROFILE_FILE, CalibrationProfile
+
+CALIBRATIONS = Shelf("calibration", "calibration profile", PROFILE_FILE,
+                     rollback_hint="appliance retrain --calibration --rollback --category {category}")
+
+
+def store_profile(models_dir: Path, profile: CalibrationProfile, figures: dict) -> str:
+    """Store ``profile`` under its hash (not yet active); returns the hash."""
+    with tempfile.TemporaryDirectory(prefix=".profile-", dir=_staging(models_dir)) as scratch:
+        profile.save(Path(scratch))
+        return CALIBRATIONS.store(models_dir, profile.category, Path(scratch), figures)
+
+
+def _staging(models_dir: Path) -> Path:
+    folder = Path(models_dir) / CALIBRATIONS.kind
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def active_profile(models_dir: Path, category: str) -> CalibrationProfile | None:
+    found = CALIBRATIONS.active(models_dir, category)
+    if found is None:
+        return None
+    digest, path, _ = found
+    return CalibrationProfile.load(path, digest)
+
+
+def active_profiles(models_dir: Path) -> dict[str, CalibrationProfile]:
+    """Every category's promoted profile."""
+    found = {}
+    for category in CALIBRATIONS.categories(models_dir):
+        profile = active_profile(models_dir, category)
+        if profile is not None:
+            found[profile.category] = profile
+    return found

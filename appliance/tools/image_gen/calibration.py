@@ -1,0 +1,293 @@
+"""A category's calibration: what the plant's real defects look like, measured once.
+
+Built by ``appliance retrain`` on a CPU engine from the plant's real defect photos and masks,
+a profile holds, per defect type:
+
+- **priors** measured on the real masks and pixels: the size of each defect (its major extent
+  against the part's extent, the unit ``EditParams.size`` uses), its area against the part,
+  how elongated it is, how many there are per photo, how strongly it stands out from its own
+  surroundings (the change a judge would measure) and whether it is darker or brighter;
+- a **bank** of the real defects cut out with their masks, which ``transplant`` carries onto
+  normal photos.
+
+The procedural renderer reads a prompt's size words as a rank ("large" = the upper part of the
+plant's own sizes) and the judge checks sizes and contrasts against the same figures, so
+"large", "small" or "faint" mean what they mean on this plant.
+
+On disk (``save``/``load``)::
+
+    profile.json                  category, format version, priors, bank index
+    bank/<defect>/<n>.png         a real defect with a margin of its surroundings
+    bank/<defect>/<n>_mask.png    its mask, the same size
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from appliance.imaging import CHANGE_THRESHOLD, load_rgb, png_bytes, write_atomic
+from appliance.names import Name, path_under
+from appliance.tools.image_gen.placement import foreground_bbox
+from appliance.tools.image_gen.prompt_params import EditParams
+from appliance.tools.object_map import find_object
+
+PROFILE_FILE = "profile.json"
+FORMAT_VERSION = 1
+# Pieces of a mask closer than this (px at the working size) are one defect: a crack with a
+# break in it is one crack, not two.
+JOIN_PX = 5
+MIN_PIECE_PX = 8
+CROP_MARGIN_PX = 6
+# The size scale of the prompt words (``prompt_params._SIZE_WORDS``: tiny 0.02 ... very large
+# 0.70), read as a rank from 0 to 1 on a log axis.
+WORD_SIZE_RANGE = (0.02, 0.70)
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass
+class BankCrop:
+    """One real defect: its pixels with a margin of surroundings, and its mask."""
+
+    image: np.ndarray  # uint8 RGB (h, w, 3)
+    mask: np.ndarray  # bool (h, w)
+    source: str  # the photo it was cut from
+
+    @property
+    def major_px(self) -> float:
+        return major_axis(self.mask)
+
+
+@dataclass
+class DefectPriors:
+    """Per-defect-type measurements of the real defects (each list sorted)."""
+
+    sizes: list[float] = field(default_factory=list)  # major extent / part extent, per defect
+    areas: list[float] = field(default_factory=list)  # all defects' area / part area, per photo
+    elongations: list[float] = field(default_factory=list)  # major / minor axis, per defect
+    peaks: list[float] = field(default_factory=list)  # 90th pct change vs surroundings, grey lvls
+    counts: list[int] = field(default_factory=list)  # defects per photo
+    dark_share: float = 0.5  # share of defects darker than their surroundings
+
+    def quantile(self, name: str, rank: float) -> float:
+        values = getattr(self, name)
+        return float(np.quantile(values, float(np.clip(rank, 0.0, 1.0))))
+
+    def sample_count(self, rng: np.random.Generator) -> int:
+        return int(self.counts[int(rng.integers(len(self.counts)))]) if self.counts else 1
+
+    def as_dict(self) -> dict:
+        return {"sizes": self.sizes, "areas": self.areas, "elongations": self.elongations,
+                "peaks": self.peaks, "counts": self.counts, "dark_share": self.dark_share}
+
+    def summary(self) -> dict:
+        """Medians and ranges, for reports."""
+        def span(values: list) -> list[float]:
+            return [round(float(np.quantile(values, q)), 4) for q in (0.05, 0.5, 0.95)] if values else []
+        return {"defects": len(self.sizes), "photos": len(self.counts),
+                "size_p05_p50_p95": span(self.sizes), "area_p05_p50_p95": span(self.areas),
+                "peak_p05_p50_p95": span(self.peaks), "count_p50": span(self.counts)[1:2],
+                "dark_share": round(self.dark_share, 3)}
+
+
+@dataclass
+class CalibrationProfile:
+    category: str
+    priors: dict[str, DefectPriors]
+    bank: dict[str, list[BankCrop]]
+    digest: str | None = None  # the stored profile's hash (set by the store that loaded it)
+
+    def for_defect(self, defect: str) -> tuple[DefectPriors | None, list[BankCrop]]:
+        return self.priors.get(defect), self.bank.get(defect, [])
+
+    def summary(self) -> dict:
+        return {"category": self.category, "digest": self.digest,
+                "defects": {d: p.summary() | {"bank": len(self.bank.get(d, []))}
+                            for d, p in sorted(self.priors.items())}}
+
+    def save(self, folder: Path) -> None:
+        """Write the profile into ``folder`` (which the caller makes fresh)."""
+        folder = Path(folder)
+        index: dict[str, list[dict]] = {}
+        for defect, crops in sorted(self.bank.items()):
+            target = path_under(folder / "bank", Name(defect, "defect"))
+            target.mkdir(parents=True, exist_ok=True)
+            index[defect] = []
+            for n, crop in enumerate(crops):
+                write_atomic(target / f"{n:03d}.png", png_bytes(Image.fromarray(crop.image)))
+                write_atomic(target / f"{n:03d}_mask.png",
+                             png_bytes(Image.fromarray(crop.mask.astype(np.uint8) * 255)))
+                index[defect].append({"file": f"{n:03d}.png", "source": crop.source})
+        body = {"format": FORMAT_VERSION, "category": self.category,
+                "priors": {d: p.as_dict() for d, p in sorted(self.priors.items())},
+                "bank": index}
+        write_atomic(folder / PROFILE_FILE, (json.dumps(body, indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, folder: Path, digest: str | None = None) -> "CalibrationProfile":
+        folder = Path(folder)
+        body = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
+        if body.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{folder / PROFILE_FILE}: format {body.get('format')!r}, this "
+                             f"version reads {FORMAT_VERSION}")
+        priors = {d: DefectPriors(**p) for d, p in body["priors"].items()}
+        bank = {}
+        for defect, entries in body["bank"].items():
+            base = path_under(folder / "bank", Name(defect, "defect"))
+            crops = []
+            for entry in entries:
+                image = load_rgb(base / entry["file"])
+                mask_file = base / entry["file"].replace(".png", "_mask.png")
+                with Image.open(mask_file) as pil:
+                    mask = np.asarray(pil.convert("L")) >= 128
+                crops.append(BankCrop(image, mask, entry["source"]))
+            bank[defect] = crops
+        return cls(body["category"], priors, bank, digest)
+
+
+def size_rank(size: float) -> float:
+    """Where a prompt's size (``EditParams.size``) sits on the words' scale, 0 to 1."""
+    low, high = WORD_SIZE_RANGE
+    return float(np.clip((math.log(max(size, 1e-6)) - math.log(low))
+                         / (math.log(high) - math.log(low)), 0.0, 1.0))
+
+
+def major_axis(mask: np.ndarray) -> float:
+    points = cv2.findNonZero(mask.astype(np.uint8))
+    if points is None:
+        return 0.0
+    (_, _), (w, h), _ = cv2.minAreaRect(points)
+    return float(max(w, h, 1.0))
+
+
+def _minor_axis(mask: np.ndarray) -> float:
+    points = cv2.findNonZero(mask.astype(np.uint8))
+    if points is None:
+        return 0.0
+    (_, _), (w, h), _ = cv2.minAreaRect(points)
+    return float(max(min(w, h), 1.0))
+
+
+def defect_pieces(mask: np.ndarray) -> list[np.ndarray]:
+    """The separate defects of a mask: pieces closer than ``JOIN_PX`` joined, specks dropped
+    (``MIN_PIECE_PX`` at 256 px, fewer on smaller photos)."""
+    joined = cv2.dilate(mask.astype(np.uint8),
+                        cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (JOIN_PX, JOIN_PX)))
+    count, labels = cv2.connectedComponents(joined, connectivity=8)
+    pieces = [(labels == n) & mask for n in range(1, count)]
+    smallest = max(2, round(MIN_PIECE_PX * mask.size / 256 ** 2))
+    return [p for p in pieces if int(p.sum()) >= smallest]
+
+
+def background_estimate(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The surface as it would be without the defect: the masked pixels inpainted from around."""
+    grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8))
+    return cv2.inpaint(np.ascontiguousarray(image), grown, 5, cv2.INPAINT_TELEA)
+
+
+def _crop(image: np.ndarray, mask: np.ndarray, source: str) -> BankCrop:
+    ys, xs = np.nonzero(mask)
+    height, width = mask.shape
+    y0, y1 = max(int(ys.min()) - CROP_MARGIN_PX, 0), min(int(ys.max()) + 1 + CROP_MARGIN_PX, height)
+    x0, x1 = max(int(xs.min()) - CROP_MARGIN_PX, 0), min(int(xs.max()) + 1 + CROP_MARGIN_PX, width)
+    return BankCrop(image[y0:y1, x0:x1].copy(), mask[y0:y1, x0:x1].copy(), source)
+
+
+def build_profile(category: str,
+                  examples: Sequence[tuple[np.ndarray, np.ndarray, str, str]]) -> CalibrationProfile:
+    """Measure ``examples`` (image uint8 RGB, mask bool, defect type, source name) into a profile."""
+    priors: dict[str, DefectPriors] = {}
+    bank: dict[str, list[BankCrop]] = {}
+    dark: dict[str, list[bool]] = {}
+    for image, mask, defect, source in examples:
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            continue
+        p = priors.setdefault(defect, DefectPriors())
+        foreground = find_object(image).foreground
+        extent_box = foreground_bbox(foreground)
+        extent = math.sqrt(max(extent_box.width, 1) * max(extent_box.height, 1))
+        part_area = float(max(int(foreground.sum()), 1))
+        delta = image.astype(np.float32) - background_estimate(image, mask).astype(np.float32)
+        change = np.abs(delta).max(axis=2)
+        luma_delta = delta @ LUMA
+        pieces = defect_pieces(mask)
+        if not pieces:
+            continue
+        p.counts.append(len(pieces))
+        p.areas.append(float(sum(int(piece.sum()) for piece in pieces)) / part_area)
+        for piece in pieces:
+            major = major_axis(piece)
+            p.sizes.append(major / extent)
+            p.elongations.append(major / _minor_axis(piece))
+            p.peaks.append(float(np.percentile(change[piece], 90)))
+            dark.setdefault(defect, []).append(float(luma_delta[piece].mean()) < 0)
+            bank.setdefault(defect, []).append(_crop(image, piece, source))
+    for defect, p in priors.items():
+        for name in ("sizes", "areas", "elongations", "peaks", "counts"):
+            setattr(p, name, sorted(getattr(p, name)))
+        flags = dark.get(defect, [])
+        p.dark_share = float(np.mean(flags)) if flags else 0.5
+    empty = [d for d, p in priors.items() if not p.sizes]
+    for defect in empty:
+        del priors[defect]
+    if not priors:
+        raise ValueError("no usable real defect to calibrate on: every mask is empty or a "
+                         f"speck (under {MIN_PIECE_PX} px at 256 px)")
+    return CalibrationProfile(category, priors, bank)
+
+
+def visible_floor(priors: DefectPriors) -> float:
+    """The faintest change that still reads as this plant's defect: half the real 5th percentile,
+    never below what counts as a change at all."""
+    return max(0.5 * priors.quantile("peaks", 0.05), CHANGE_THRESHOLD + 1.0)
+
+
+def calibrated_params(params: EditParams, priors: DefectPriors, rng: np.random.Generator
+                      ) -> EditParams:
+    """``params`` with size, count, elongation and polarity taken from the plant's defects.
+
+    A size the prompt names is read as a rank on the words' scale and becomes the plant's size
+    at that rank; an open size, count, elongation or polarity is drawn from the real ones.
+    """
+    specified = set(params.specified)
+    rank = size_rank(params.size) if "size" in specified else float(rng.random())
+    changes: dict = {"size": priors.quantile("sizes", rank)}
+    if "count" not in specified:
+        changes["count"] = max(1, priors.sample_count(rng))
+    if "elongation" not in specified and priors.elongations:
+        changes["elongation"] = max(1.0, priors.quantile("elongations", float(rng.random())))
+    if "polarity" not in specified and params.color is None:
+        changes["polarity"] = "dark" if rng.random() < priors.dark_share else "bright"
+    return replace(params, **changes)
+
+
+class Calibrations:
+    """The calibration profile each category uses (none: the uncalibrated defaults).
+
+    The engine fills it with the promoted profiles when it is built; ``use`` puts another
+    profile in place for its category (the evaluation's few-shot run).
+    """
+
+    def __init__(self, profiles: dict[str, CalibrationProfile] | None = None) -> None:
+        self._profiles: dict[str, CalibrationProfile] = dict(profiles or {})
+
+    def get(self, category: str) -> CalibrationProfile | None:
+        return self._profiles.get(category)
+
+    def use(self, profile: CalibrationProfile) -> None:
+        self._profiles[profile.category] = profile
+
+    def drop(self, category: str) -> None:
+        self._profiles.pop(category, None)
+
+    def digests(self) -> dict[str, str]:
+        """Category -> hash of the profile it uses (for provenance)."""
+        return {c: p.digest or "unstored" for c, p in sorted(self._profiles.items())}

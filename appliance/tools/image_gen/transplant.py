@@ -1,0 +1,179 @@
+"""Transplant: carry a real defect from the calibration bank onto a normal photo.
+
+What moves is the defect's *deviation from its own surroundings*: the crop minus the surface
+inpainted under its mask (``calibration.background_estimate``). Added onto the target, that
+deviation takes the target's colour and shading with it, so a pit cut from a bright tile
+stays a pit on a dark one; it is scaled by the ratio of the two surfaces' brightness (a
+surface twice as bright shows a defect's shading twice as strongly) and by a random gain.
+Before that the defect is flipped, rotated, scaled and warped elastically, its mask moving
+with its pixels, and its edge is feathered by a one-pixel blur.
+
+The mask returned is exactly the visibly changed pixels (holes inside a defect's footprint
+filled), as for the procedural renderers: pixels outside it are the input's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from appliance.imaging import CHANGE_THRESHOLD, change_map
+from appliance.tools.image_gen.calibration import LUMA, BankCrop, background_estimate
+from appliance.tools.interfaces import Box
+from appliance.tools.object_map import fill_holes
+
+SCALE_RANGE = (0.5, 2.0)  # never stretch a real defect further than this
+FREE_SCALE = (0.8, 1.25)  # log-uniform, when no size is asked for
+GAIN_RANGE = (0.8, 1.2)
+BRIGHTNESS_RATIO = (0.6, 1.6)
+MIN_ON_PART = 0.95  # share of a placed defect's mask that must lie on the part
+PLACEMENT_TRIES = 40
+BORDER_PX = 2
+FEATHER_SIGMA = 0.8
+
+
+def _affine(shape: tuple[int, int], angle: float, scale: float, flip: bool
+            ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Matrix taking crop pixels to a fresh canvas that holds the whole turned crop, and its size."""
+    height, width = shape
+    matrix = cv2.getRotationMatrix2D((width / 2.0, height / 2.0), angle, scale)
+    if flip:  # mirror the crop's x before turning it
+        matrix = matrix @ np.array([[-1, 0, width], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
+    corners = np.array([[0, 0, 1], [width, 0, 1], [0, height, 1], [width, height, 1]], np.float64)
+    moved = corners @ matrix.T
+    low = np.floor(moved.min(axis=0))
+    size = np.ceil(moved.max(axis=0) - low).astype(int) + 1
+    matrix[:, 2] -= low
+    return matrix, (int(size[1]), int(size[0]))
+
+
+def _elastic(shape: tuple[int, int], major_px: float, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth displacement field of a few percent of the defect's length (remap maps)."""
+    height, width = shape
+    sigma = max(2.0, 0.15 * major_px)
+    amplitude = max(0.7, 0.04 * major_px)
+    fields = []
+    for _ in range(2):
+        noise = cv2.GaussianBlur(rng.uniform(-1, 1, shape).astype(np.float32), (0, 0), sigma)
+        peak = float(np.abs(noise).max()) or 1.0
+        fields.append(noise / peak * amplitude)
+    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    return grid_x + fields[0], grid_y + fields[1]
+
+
+def warp_crop(crop: BankCrop, scale: float, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The crop's deviation from its surroundings (float (h, w, 3)) and its mask, turned, mirrored,
+    scaled and warped; with what was drawn."""
+    delta = crop.image.astype(np.float32) - background_estimate(crop.image, crop.mask).astype(np.float32)
+    delta[~cv2.dilate(crop.mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)] = 0.0
+    angle = float(rng.uniform(0.0, 360.0))
+    flip = bool(rng.random() < 0.5)
+    matrix, size = _affine(crop.mask.shape, angle, scale, flip)
+    out_size = (size[1], size[0])
+    delta = cv2.warpAffine(delta, matrix, out_size, flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    coverage = cv2.warpAffine(crop.mask.astype(np.float32), matrix, out_size, flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    map_x, map_y = _elastic(size, crop.major_px * scale, rng)
+    delta = cv2.remap(delta, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    coverage = cv2.remap(coverage, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return delta, coverage >= 0.5, {"angle_deg": round(angle, 1), "mirrored": flip,
+                                   "scale": round(scale, 3)}
+
+
+def _fit(delta: np.ndarray, mask: np.ndarray, shape: tuple[int, int], rng: np.random.Generator
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """A defect larger than the frame (a crack across the whole part, turned) keeps a random
+    frame-sized window of itself: it runs off the edges, as the real one did."""
+    height, width = shape[0] - 2 * BORDER_PX, shape[1] - 2 * BORDER_PX
+    mh, mw = mask.shape
+    if mh <= height and mw <= width:
+        return delta, mask
+    y = int(rng.integers(0, max(mh - height, 0) + 1))
+    x = int(rng.integers(0, max(mw - width, 0) + 1))
+    window = (slice(y, y + min(mh, height)), slice(x, x + min(mw, width)))
+    return delta[window], mask[window]
+
+
+def _place(mask: np.ndarray, foreground: np.ndarray, taken: np.ndarray, region: Box | None,
+           rng: np.random.Generator) -> tuple[int, int] | None:
+    """Top-left corner for ``mask`` on the part (inside ``region`` when given), or None."""
+    height, width = foreground.shape
+    mh, mw = mask.shape
+    allowed = foreground & ~taken
+    if region is not None:
+        inside = np.zeros_like(allowed)
+        inside[region.y0:region.y1, region.x0:region.x1] = True
+        allowed = allowed & inside if (allowed & inside).any() else allowed
+    ys, xs = np.nonzero(allowed)
+    if ys.size == 0:
+        return None
+    area = int(mask.sum())
+    for _ in range(PLACEMENT_TRIES):
+        pick = int(rng.integers(ys.size))
+        y = int(np.clip(ys[pick] - mh // 2, BORDER_PX, height - mh - BORDER_PX))
+        x = int(np.clip(xs[pick] - mw // 2, BORDER_PX, width - mw - BORDER_PX))
+        window = (slice(y, y + mh), slice(x, x + mw))
+        if (foreground[window] & mask).sum() >= MIN_ON_PART * area and not (taken[window] & mask).any():
+            return y, x
+    return None
+
+
+def transplant(image: np.ndarray, foreground: np.ndarray, crops: Sequence[BankCrop], count: int,
+               rng: np.random.Generator, size_px: float | None = None, region: Box | None = None,
+               gray: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Paste ``count`` real defects drawn from ``crops``; returns (edited, exact mask, details).
+
+    ``size_px``: the major extent to scale each defect to (within ``SCALE_RANGE`` of its own);
+    None keeps its own size give or take 25 %.
+    """
+    if not crops:
+        raise ValueError("transplant needs at least one bank crop")
+    foreground = foreground.astype(bool)
+    out = image.astype(np.float32)
+    footprint = np.zeros(foreground.shape, dtype=bool)
+    instances = []
+    for _ in range(max(1, count)):
+        index = int(rng.integers(len(crops)))
+        crop = crops[index]
+        if size_px is not None:
+            scale = size_px / max(crop.major_px, 1.0)
+        else:
+            scale = math.exp(rng.uniform(math.log(FREE_SCALE[0]), math.log(FREE_SCALE[1])))
+        scale = float(np.clip(scale, *SCALE_RANGE))
+        delta, mask, drawn = warp_crop(crop, scale, rng)
+        delta, mask = _fit(delta, mask, foreground.shape, rng)
+        if not mask.any():
+            continue
+        corner = _place(mask, foreground, footprint, region, rng)
+        if corner is None:
+            instances.append({"source": crop.source, "skipped": "no room on the part"})
+            continue
+        y, x = corner
+        window = (slice(y, y + mask.shape[0]), slice(x, x + mask.shape[1]))
+        target_level = float((out[window] @ LUMA)[mask].mean())
+        crop_level = float((background_estimate(crop.image, crop.mask).astype(np.float32) @ LUMA)[crop.mask].mean())
+        ratio = float(np.clip(target_level / max(crop_level, 1.0), *BRIGHTNESS_RATIO))
+        gain = ratio * float(rng.uniform(*GAIN_RANGE))
+        alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), FEATHER_SIGMA)
+        alpha = np.maximum(alpha, 0.5 * mask)  # the defect's own pixels keep most of it
+        change = delta * (gain * alpha)[..., None]
+        if gray:
+            change = np.repeat((change @ LUMA)[..., None], 3, axis=2)
+        out[window] += change
+        footprint[window] |= mask
+        instances.append({"source": crop.source, "bank_index": index, "at": [x, y],
+                          "size_px": round(crop.major_px * scale, 1), "gain": round(gain, 3),
+                          **drawn})
+    edited = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    edited[~foreground] = image[~foreground]
+    visible = change_map(image, edited) > CHANGE_THRESHOLD
+    grown = cv2.dilate(footprint.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    mask = (visible | (fill_holes(visible) & footprint)) & grown & foreground
+    edited[~mask] = image[~mask]
+    return edited, mask, {"family": "transplant", "instances": instances}

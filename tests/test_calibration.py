@@ -1,0 +1,211 @@
+"""The CPU engine calibrated from real defects (issue 12): the profile measured from the real
+magnetic tile defects, the transplant renderer's contract, the calibrated generator and judge,
+and `appliance retrain` on the CPU engine storing, promoting and rolling back a profile that
+the next batch records."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.imaging import changed_pixels, is_grayscale, mask_iou
+from appliance.tools.image_gen.calibration import (
+    CalibrationProfile,
+    Calibrations,
+    build_profile,
+    size_rank,
+)
+from appliance.tools.image_gen.procedural import ProceduralImageGenerator
+from appliance.tools.image_gen.transplant import transplant
+from appliance.tools.interfaces import EditRequest, Issue, QualityRequest
+from appliance.tools.object_map import find_object
+from appliance.tools.quality_eval.heuristic import HeuristicQualityEvaluator
+
+from conftest import require_tiles
+
+CATEGORY = "magnetic_tile"
+SIZE = 192
+TYPES = ("MT_Blowhole", "MT_Crack", "MT_Break")
+
+
+@pytest.fixture(scope="module")
+def defects_dir(tmp_path_factory) -> Path:
+    """Six real photos with masks of each of three defect types, in the DEFECTS layout."""
+    root = tmp_path_factory.mktemp("plant") / "defects"
+    for folder in TYPES:
+        target = root / folder
+        target.mkdir(parents=True)
+        for photo in sorted(require_tiles(folder, "Imgs").glob("*.jpg"))[:6]:
+            shutil.copy(photo, target / photo.name)
+            shutil.copy(photo.with_suffix(".png"), target / photo.with_suffix(".png").name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def profile(defects_dir) -> CalibrationProfile:
+    from appliance.evaluation.data import load_defect_folder
+
+    items = load_defect_folder(defects_dir, SIZE, skipped=[], nonempty=True)
+    return build_profile(CATEGORY, [(it.image, it.mask, it.defect, it.source) for it in items])
+
+
+@pytest.fixture(scope="module")
+def normals(tile_images) -> list[np.ndarray]:
+    from appliance.evaluation.data import resize_image
+
+    return [resize_image(image, SIZE) for image in tile_images]
+
+
+def test_profile_measures_the_real_defects_and_survives_a_round_trip(profile, tmp_path):
+    assert set(profile.priors) == {"blowhole", "crack", "break"}
+    blowhole, crack = profile.priors["blowhole"], profile.priors["crack"]
+    # Blowholes are small round pits, cracks long thin lines: the priors must say so.
+    assert blowhole.quantile("sizes", 0.5) < crack.quantile("sizes", 0.5)
+    assert blowhole.quantile("elongations", 0.5) < crack.quantile("elongations", 0.5)
+    assert blowhole.dark_share > 0.5  # pits are darker than the tile
+    assert all(c >= 1 for c in crack.counts) and len(crack.counts) == 6
+    assert all(p > 0 for p in crack.peaks)
+    for crops in profile.bank.values():
+        for crop in crops:
+            assert crop.image.shape[:2] == crop.mask.shape and crop.mask.any()
+
+    profile.save(tmp_path / "p")
+    loaded = CalibrationProfile.load(tmp_path / "p", digest="abc")
+    assert loaded.priors == profile.priors and loaded.digest == "abc"
+    for defect, crops in profile.bank.items():
+        for a, b in zip(crops, loaded.bank[defect]):
+            assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+
+
+def test_profile_refuses_examples_without_a_usable_mask(tile_image):
+    with pytest.raises(ValueError, match="no usable real defect"):
+        build_profile(CATEGORY, [(tile_image, np.zeros(tile_image.shape[:2], bool), "crack", "x")])
+
+
+def test_transplant_keeps_the_mask_contract_and_is_reproducible(profile, normals):
+    crops = profile.bank["crack"] + profile.bank["blowhole"]
+    for seed, normal in enumerate(normals[:4]):
+        foreground = find_object(normal).foreground
+        edited, mask, details = transplant(normal, foreground, crops, 2,
+                                           np.random.default_rng(seed), gray=is_grayscale(normal))
+        assert mask.any(), details
+        assert np.array_equal(edited[~mask], normal[~mask])  # bit-identical outside the mask
+        assert mask_iou(mask, changed_pixels(normal, edited)) >= 0.9
+        assert not (mask & ~foreground).any()
+        assert is_grayscale(edited) == is_grayscale(normal)
+        again, mask_again, _ = transplant(normal, foreground, crops, 2, np.random.default_rng(seed),
+                                          gray=is_grayscale(normal))
+        assert np.array_equal(again, edited) and np.array_equal(mask_again, mask)
+        assert details["family"] == "transplant" and details["instances"][0]["source"]
+
+
+def test_size_words_mean_the_plants_sizes(profile, normals):
+    """"small" and "large" pick the lower and upper part of the plant's own sizes, on the
+    procedural path and the transplant path alike."""
+    assert size_rank(0.03) < size_rank(0.3) <= 1.0
+    for share in (0.0, 1.0):
+        generator = ProceduralImageGenerator(calibrations=Calibrations({CATEGORY: profile}),
+                                             transplant_share=share)
+        areas = {}
+        for word in ("very small", "very large"):
+            masks = [generator.generate([EditRequest(normals[i % len(normals)], CATEGORY, "crack",
+                                                     f"a {word} crack", seed=i)])[0].mask
+                     for i in range(8)]
+            areas[word] = np.mean([m.sum() for m in masks])
+        assert areas["very large"] > 2 * areas["very small"], (share, areas)
+
+
+def test_uncalibrated_engine_is_unchanged_and_calibrated_one_records_its_profile(profile, normals):
+    request = EditRequest(normals[0], CATEGORY, "crack", "a thin crack", seed=5)
+    plain = ProceduralImageGenerator().generate([request])[0]
+    other_category = ProceduralImageGenerator(
+        calibrations=Calibrations({"screw": profile})).generate([request])[0]
+    assert np.array_equal(plain.image, other_category.image)
+    assert "calibration" not in plain.params
+    profile.digest = "0123456789abcdef"
+    calibrated = ProceduralImageGenerator(
+        calibrations=Calibrations({CATEGORY: profile}), transplant_share=1.0).generate([request])[0]
+    assert calibrated.params["calibration"] == "0123456789abcdef"
+    assert calibrated.params["family"] == "transplant"
+
+
+def test_judge_refuses_what_the_instruction_or_the_plant_rules_out(profile, normals):
+    normal = normals[1]
+    small = ProceduralImageGenerator().generate(
+        [EditRequest(normal, CATEGORY, "blowhole", "a tiny dark pit", seed=3)])[0].image
+    judge = HeuristicQualityEvaluator()
+    # The same small pit: fine when nothing asked for a size, refused when "large" was asked.
+    plain = judge.evaluate([QualityRequest(normal, small, CATEGORY, "blowhole")])[0]
+    asked_large = judge.evaluate([QualityRequest(normal, small, CATEGORY, "blowhole",
+                                                 "a very large blowhole")])[0]
+    assert Issue.TOO_SMALL not in plain.issues
+    assert Issue.TOO_SMALL in asked_large.issues and asked_large.measurements["asked"] == 1.0
+    assert "than the instruction asks" in asked_large.review
+
+    # A defect covering a third of the tile: within the generic limits' reach of a large
+    # defect type, but far beyond any real blowhole of this plant.
+    big = normal.copy()
+    big[40:140, 40:140] = (big[40:140, 40:140] * 0.6).astype(np.uint8)
+    calibrated = HeuristicQualityEvaluator(calibrations=Calibrations({CATEGORY: profile}))
+    report = calibrated.evaluate([QualityRequest(normal, big, CATEGORY, "blowhole")])[0]
+    assert Issue.TOO_LARGE in report.issues and report.measurements["plant"] == 1.0
+    assert "real defects" in report.review
+
+
+def _run(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "appliance.cli.main", *args], capture_output=True,
+                          text=True, timeout=600, cwd=cwd, env=env)
+
+
+def test_retrain_on_the_cpu_engine_calibrates_promotes_and_rolls_back(tmp_path, tile_paths,
+                                                                     defects_dir):
+    shutil.copytree(defects_dir, tmp_path / "defects")
+    env = {**os.environ, "APPLIANCE_MODELS": str(tmp_path / "models"), "PYTHONUNBUFFERED": "1"}
+
+    wrong = _run("retrain", "defects", "--category", CATEGORY, "--engine", "cpu", "--stage", "sft",
+                 env=env, cwd=tmp_path)
+    assert wrong.returncode == 2 and "scripted one" in wrong.stderr and "--stage calibrate" in wrong.stderr
+
+    done = _run("retrain", "defects", "--category", CATEGORY, "--engine", "cpu", "--out", "run",
+                "--calibration-margin", "0", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    figures = report["stages"]["calibrate"]
+    assert list(report["stages"]) == ["calibrate"]
+    assert figures["train_photos"] + figures["heldout_photos"] == 18
+    assert figures["promote"] is True  # margin 0: any profile that is not farther is promoted
+    digest = figures["profile"]["digest"]
+    assert "## Calibration of the CPU engine" in done.stdout and digest in done.stdout
+    active = json.loads((tmp_path / "models" / "calibration" / CATEGORY / "active.json").read_text())
+    assert active == {"active": digest, "history": []}
+    stored = tmp_path / "models" / "calibration" / CATEGORY / digest
+    from appliance.models.calibrations import CALIBRATIONS
+
+    assert CALIBRATIONS.version_hash(stored) == digest  # the folder is what its name says
+
+    # The next batch uses it, and every sample says which profile made it.
+    inbox = tmp_path / "inbox" / CATEGORY
+    inbox.mkdir(parents=True)
+    for path in tile_paths[:2]:
+        shutil.copy(path, inbox / path.name)
+    (inbox / "spec.toml").write_text('defects = ["crack", "blowhole"]\n')
+    batch = _run("batch", str(inbox.parent), "--out", "dataset", "--no-progress", "--engine", "cpu",
+                 env=env, cwd=tmp_path)
+    assert batch.returncode == 0, batch.stderr
+    records = [json.loads(line) for line in
+               (tmp_path / "dataset" / "manifest.jsonl").read_text().splitlines()]
+    assert records and all(r["engine_detail"]["calibration"] == {CATEGORY: digest} for r in records)
+
+    back = _run("retrain", "--rollback", "--calibration", "--category", CATEGORY, env=env,
+                cwd=tmp_path)
+    assert back.returncode == 0 and "no calibration profile is active" in back.stdout
+    again = _run("retrain", "--rollback", "--calibration", "--category", CATEGORY, env=env,
+                 cwd=tmp_path)
+    assert again.returncode == 1 and "nothing to roll back" in again.stderr
