@@ -99,6 +99,8 @@ class BatchSummary:
     notes: list[str] = field(default_factory=list)  # recovery done at start, warnings
     batch_id: str | None = None
     test_good: int = 0  # normal photos of the dataset held back in test/good
+    # "category/defect" -> [episodes, written]: a judge that accepts everything is not judging.
+    by_defect: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def accepted_rate(self) -> float:
@@ -119,6 +121,10 @@ class BatchSummary:
             f"test/good          {self.test_good} normal photos held back for testing "
             f"(whole dataset; never edited)",
         ]
+        if self.by_defect:
+            lines.append("accepted per type  " + ", ".join(
+                f"{key} {written}/{episodes}" for key, (episodes, written)
+                in sorted(self.by_defect.items())))
         if self.stopped != "done":
             lines.append(f"stopped early      {self.stopped}; the rest stays queued")
         for name, reason in self.unreadable:
@@ -130,7 +136,9 @@ class BatchSummary:
     def as_dict(self) -> dict:
         return {"episodes": self.episodes, "written": self.written, "rejected": self.rejected,
                 "failed": self.failed, "skipped_done": self.skipped_done,
-                "seconds": round(self.seconds, 3), "stopped": self.stopped}
+                "seconds": round(self.seconds, 3), "stopped": self.stopped,
+                "accepted_by_defect": {key: {"episodes": e, "written": w}
+                                       for key, (e, w) in sorted(self.by_defect.items())}}
 
 
 # Planning ---------------------------------------------------------------------------------------
@@ -495,6 +503,9 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
 def _count(summary: BatchSummary, result: EpisodeResult, written: bool) -> None:
     summary.episodes += 1
     summary.turns.append(result.turns)
+    tally = summary.by_defect.setdefault(f"{result.spec.category}/{result.spec.defect}", [0, 0])
+    tally[0] += 1
+    tally[1] += int(written)
     if "knowledge_retrieval" in result.tool_sequence:
         summary.knowledge_calls += 1
     if written:

@@ -72,6 +72,8 @@ def test_profile_measures_the_real_defects_and_survives_a_round_trip(profile, tm
     assert blowhole.dark_share > 0.5  # pits are darker than the tile
     assert all(c >= 1 for c in crack.counts) and len(crack.counts) == 6
     assert all(p > 0 for p in crack.peaks)
+    assert len(crack.positions) == len(crack.sizes)
+    assert all(-0.01 <= u <= 1.01 and -0.01 <= v <= 1.01 for u, v in crack.positions)
     for crops in profile.bank.values():
         for crop in crops:
             assert crop.image.shape[:2] == crop.mask.shape and crop.mask.any()
@@ -199,6 +201,7 @@ def test_retrain_on_the_cpu_engine_calibrates_promotes_and_rolls_back(tmp_path, 
     batch = _run("batch", str(inbox.parent), "--out", "dataset", "--no-progress", "--engine", "cpu",
                  env=env, cwd=tmp_path)
     assert batch.returncode == 0, batch.stderr
+    assert f"accepted per type  {CATEGORY}/blowhole " in batch.stdout  # the judge's rate per type
     records = [json.loads(line) for line in
                (tmp_path / "dataset" / "manifest.jsonl").read_text().splitlines()]
     assert records and all(r["engine_detail"]["calibration"] == {CATEGORY: digest} for r in records)

@@ -49,12 +49,8 @@ def active_adapter(models_dir: Path, category: str) -> ActiveAdapter | None:
 
 
 def active_adapters(models_dir: Path) -> dict[str, ActiveAdapter]:
-    found = {}
-    for category in ADAPTERS.categories(models_dir):
-        adapter = active_adapter(models_dir, category)
-        if adapter is not None:
-            found[adapter.category] = adapter
-    return found
+    return {Name(category, "category"): ActiveAdapter(Name(category, "category"), digest, path, figures)
+            for category, (digest, path, figures) in ADAPTERS.actives(models_dir).items()}
 
 
 def store_adapter(models_dir: Path, category: str, adapter_dir: Path, figures: dict) -> str:

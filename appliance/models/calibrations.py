@@ -42,9 +42,5 @@ def active_profile(models_dir: Path, category: str) -> CalibrationProfile | None
 
 def active_profiles(models_dir: Path) -> dict[str, CalibrationProfile]:
     """Every category's promoted profile."""
-    found = {}
-    for category in CALIBRATIONS.categories(models_dir):
-        profile = active_profile(models_dir, category)
-        if profile is not None:
-            found[profile.category] = profile
-    return found
+    return {category: CalibrationProfile.load(path, digest)
+            for category, (digest, path, _) in CALIBRATIONS.actives(models_dir).items()}

@@ -83,6 +83,15 @@ class Shelf:
         root = Path(models_dir) / self.kind
         return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
 
+    def actives(self, models_dir: Path) -> dict[str, tuple[str, Path, dict]]:
+        """category -> (hash, folder, figures) for every category with an active version."""
+        found = {}
+        for category in self.categories(models_dir):
+            active = self.active(models_dir, category)
+            if active is not None:
+                found[category] = active
+        return found
+
     def store(self, models_dir: Path, category: str, folder: Path, figures: dict) -> str:
         """Copy a version under its hash (idempotent); returns the hash. Not yet active."""
         digest = self.version_hash(folder)

@@ -75,6 +75,9 @@ class DefectPriors:
     peaks: list[float] = field(default_factory=list)  # 90th pct change vs surroundings, grey lvls
     counts: list[int] = field(default_factory=list)  # defects per photo
     dark_share: float = 0.5  # share of defects darker than their surroundings
+    # Each defect's centre within the part's bounding box, (x, y) in 0-1: an edge defect stays
+    # at an edge, a centre defect in the middle.
+    positions: list[list[float]] = field(default_factory=list)
 
     def quantile(self, name: str, rank: float) -> float:
         values = getattr(self, name)
@@ -85,7 +88,8 @@ class DefectPriors:
 
     def as_dict(self) -> dict:
         return {"sizes": self.sizes, "areas": self.areas, "elongations": self.elongations,
-                "peaks": self.peaks, "counts": self.counts, "dark_share": self.dark_share}
+                "peaks": self.peaks, "counts": self.counts, "dark_share": self.dark_share,
+                "positions": self.positions}
 
     def summary(self) -> dict:
         """Medians and ranges, for reports."""
@@ -226,6 +230,9 @@ def build_profile(category: str,
         for piece in pieces:
             major = major_axis(piece)
             p.sizes.append(major / extent)
+            ys, xs = np.nonzero(piece)
+            p.positions.append([round((float(xs.mean()) - extent_box.x0) / max(extent_box.width, 1), 4),
+                                round((float(ys.mean()) - extent_box.y0) / max(extent_box.height, 1), 4)])
             p.elongations.append(major / _minor_axis(piece))
             p.peaks.append(float(np.percentile(change[piece], 90)))
             dark.setdefault(defect, []).append(float(luma_delta[piece].mean()) < 0)

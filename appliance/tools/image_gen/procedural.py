@@ -117,9 +117,10 @@ class ProceduralImageGenerator:
         plant's priors say, placed on the part (inside the policy's box when it is on it)."""
         region = _clip(request.region, image.shape) if request.region is not None else None
         size_px = params.size * object_extent(object_map)
+        priors = profile.priors[request.defect]
         edited, mask, details = transplant(image, object_map.foreground, crops, params.count, rng,
                                            size_px=size_px, region=region,
-                                           gray=is_grayscale(image))
+                                           gray=is_grayscale(image), positions=priors.positions)
         record = {"backend": self.name, "family": "transplant", "seed": int(request.seed),
                   "edit_params": asdict(params), "render": details,
                   "object_map": object_summary(object_map), "mask_area": int(mask.sum()),

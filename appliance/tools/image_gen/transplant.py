@@ -22,6 +22,7 @@ import numpy as np
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map
 from appliance.tools.image_gen.calibration import LUMA, BankCrop, background_estimate
+from appliance.tools.image_gen.placement import foreground_bbox
 from appliance.tools.interfaces import Box
 from appliance.tools.object_map import fill_holes
 
@@ -32,6 +33,7 @@ BRIGHTNESS_RATIO = (0.6, 1.6)
 MIN_ON_PART = 0.95  # share of a placed defect's mask that must lie on the part
 PLACEMENT_TRIES = 40
 BORDER_PX = 2
+POSITION_JITTER = 0.08  # of the part's size, around a real defect's place
 FEATHER_SIGMA = 0.8
 
 
@@ -101,8 +103,13 @@ def _fit(delta: np.ndarray, mask: np.ndarray, shape: tuple[int, int], rng: np.ra
 
 
 def _place(mask: np.ndarray, foreground: np.ndarray, taken: np.ndarray, region: Box | None,
-           rng: np.random.Generator) -> tuple[int, int] | None:
-    """Top-left corner for ``mask`` on the part (inside ``region`` when given), or None."""
+           rng: np.random.Generator, positions: Sequence[Sequence[float]] = ()
+           ) -> tuple[int, int] | None:
+    """Top-left corner for ``mask`` on the part (inside ``region`` when given), or None.
+
+    ``positions``: where on the part (0-1 of its bounding box) the real defects sat; the first
+    half of the tries start near one of them, the rest anywhere on the part.
+    """
     height, width = foreground.shape
     mh, mw = mask.shape
     allowed = foreground & ~taken
@@ -114,10 +121,17 @@ def _place(mask: np.ndarray, foreground: np.ndarray, taken: np.ndarray, region: 
     if ys.size == 0:
         return None
     area = int(mask.sum())
-    for _ in range(PLACEMENT_TRIES):
-        pick = int(rng.integers(ys.size))
-        y = int(np.clip(ys[pick] - mh // 2, BORDER_PX, height - mh - BORDER_PX))
-        x = int(np.clip(xs[pick] - mw // 2, BORDER_PX, width - mw - BORDER_PX))
+    box = foreground_bbox(foreground)
+    for attempt in range(PLACEMENT_TRIES):
+        if positions and region is None and attempt < PLACEMENT_TRIES // 2:
+            u, v = positions[int(rng.integers(len(positions)))]
+            cx = box.x0 + u * box.width + rng.normal(0.0, POSITION_JITTER * box.width)
+            cy = box.y0 + v * box.height + rng.normal(0.0, POSITION_JITTER * box.height)
+        else:
+            pick = int(rng.integers(ys.size))
+            cx, cy = xs[pick], ys[pick]
+        y = int(np.clip(round(cy) - mh // 2, BORDER_PX, max(height - mh - BORDER_PX, BORDER_PX)))
+        x = int(np.clip(round(cx) - mw // 2, BORDER_PX, max(width - mw - BORDER_PX, BORDER_PX)))
         window = (slice(y, y + mh), slice(x, x + mw))
         if (foreground[window] & mask).sum() >= MIN_ON_PART * area and not (taken[window] & mask).any():
             return y, x
@@ -126,11 +140,13 @@ def _place(mask: np.ndarray, foreground: np.ndarray, taken: np.ndarray, region: 
 
 def transplant(image: np.ndarray, foreground: np.ndarray, crops: Sequence[BankCrop], count: int,
                rng: np.random.Generator, size_px: float | None = None, region: Box | None = None,
-               gray: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+               gray: bool = False, positions: Sequence[Sequence[float]] = ()
+               ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Paste ``count`` real defects drawn from ``crops``; returns (edited, exact mask, details).
 
     ``size_px``: the major extent to scale each defect to (within ``SCALE_RANGE`` of its own);
-    None keeps its own size give or take 25 %.
+    None keeps its own size give or take 25 %. ``positions``: the real defects' places on the
+    part (``DefectPriors.positions``), preferred when no ``region`` is given.
     """
     if not crops:
         raise ValueError("transplant needs at least one bank crop")
@@ -150,7 +166,7 @@ def transplant(image: np.ndarray, foreground: np.ndarray, crops: Sequence[BankCr
         delta, mask = _fit(delta, mask, foreground.shape, rng)
         if not mask.any():
             continue
-        corner = _place(mask, foreground, footprint, region, rng)
+        corner = _place(mask, foreground, footprint, region, rng, positions)
         if corner is None:
             instances.append({"source": crop.source, "skipped": "no room on the part"})
             continue
