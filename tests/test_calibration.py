@@ -212,3 +212,32 @@ def test_retrain_on_the_cpu_engine_calibrates_promotes_and_rolls_back(tmp_path, 
     again = _run("retrain", "--rollback", "--calibration", "--category", CATEGORY, env=env,
                  cwd=tmp_path)
     assert again.returncode == 1 and "nothing to roll back" in again.stderr
+
+
+def test_the_service_reloads_its_engine_when_a_profile_is_promoted(tmp_path, monkeypatch, profile):
+    """The nightly service picks up what `appliance retrain` promoted at its next batch, with no
+    restart; an unchanged shelf keeps the engine it has."""
+    from appliance.config import load_config
+    from appliance.models.calibrations import CALIBRATIONS, store_profile
+    from appliance.service.daemon import Service
+
+    models = tmp_path / "models"
+    monkeypatch.setenv("APPLIANCE_MODELS", str(models))
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'[paths]\nroot = "{tmp_path}"\n')
+    service = Service(load_config(config_file), role="runner")
+    assert service.start()
+    try:
+        assert service.runner.engine.calibrations.get(CATEGORY) is None
+        assert service.reload_if_promoted() is False
+        digest = store_profile(models, profile, {"note": "test"})
+        CALIBRATIONS.promote(models, CATEGORY, digest)
+        assert service.reload_if_promoted() is True
+        assert service.runner.engine.calibrations.get(CATEGORY).digest == digest
+        assert service.writer.engine["calibration"] == {CATEGORY: digest}
+        assert service.reload_if_promoted() is False
+        CALIBRATIONS.rollback(models, CATEGORY)
+        assert service.reload_if_promoted() is True
+        assert service.runner.engine.calibrations.get(CATEGORY) is None
+    finally:
+        service.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from appliance.batch import BatchSummary, EpisodeRunner, finish_batch, process_queue
 from appliance.config import Config, check_writable
+from appliance.models.shelf import ShelfError
 from appliance.names import printable
 from appliance.service.intake import Intake
 from appliance.service.notify import Notifier
@@ -63,6 +64,7 @@ class Service:
         self.store: JobStore | None = None  # opened by start(), which waits out a full disk
         self.writer = None
         self.runner: EpisodeRunner | None = None
+        self._promoted: dict | None = None  # what the engine loaded (``promoted_versions``)
         self.scanner = InboxScanner(config.inbox, config.intake.stable_polls,
                                     config.intake.settle_seconds,
                                     config.intake.quarantine_after_seconds)
@@ -76,20 +78,52 @@ class Service:
             return False
         engine_config = self.config.engine_config()
         if self.process:
-            self.runner = EpisodeRunner(config=engine_config, workers=self.config.engine.workers)
-            knowledge_base = (self.runner.engine.knowledge_base if self.runner.engine
-                              else _load_kb(engine_config))
-            describe = self.runner.describe()
+            knowledge_base = self._build_runner()
         else:
             knowledge_base = _load_kb(engine_config)
-            describe = {"engine": engine_config.name, **engine_config.backend_names()}
-        self.writer.engine = describe
+            self._describe({"engine": engine_config.name, **engine_config.backend_names()})
         self.intake = Intake(self.config, self.writer, knowledge_base)
+        log.info("inbox %s -> dataset %s; window %s%s", self.config.inbox, self.config.dataset,
+                 self.window, "" if self.process else "; intake only")
+        return True
+
+    def _build_runner(self):
+        """Build the engine (with the adapters and calibration profiles promoted now); returns
+        its knowledge base."""
+        engine_config = self.config.engine_config()
+        try:
+            self._promoted = promoted_versions(engine_config)
+        except (ShelfError, OSError):
+            self._promoted = None  # building the engine says what is wrong with them
+        self.runner = EpisodeRunner(config=engine_config, workers=self.config.engine.workers)
+        self._describe(self.runner.describe())
+        return (self.runner.engine.knowledge_base if self.runner.engine
+                else _load_kb(engine_config))
+
+    def _describe(self, describe: dict) -> None:
+        self.writer.engine = describe
         self.engine_line = ", ".join(f"{k}={v}" for k, v in describe.items()
                                      if k not in ("env", "knowledge_base_digest"))
         log.info("engine %s", self.engine_line)
-        log.info("inbox %s -> dataset %s; window %s%s", self.config.inbox, self.config.dataset,
-                 self.window, "" if self.process else "; intake only")
+
+    def reload_if_promoted(self) -> bool:
+        """Before a batch: when `appliance retrain` has promoted or rolled back an adapter or a
+        calibration profile since the engine was built, build it again; True if it did."""
+        if self.runner is None:
+            return False
+        try:
+            now = promoted_versions(self.config.engine_config())
+        except (ShelfError, OSError) as exc:
+            log.error("cannot read the promoted adapters/calibrations (%s); the engine keeps "
+                      "what it loaded", exc)
+            return False
+        if now == self._promoted:
+            return False
+        log.info("promoted adapters/calibration profiles changed (%s -> %s); reloading the engine",
+                 self._promoted, now)
+        self.runner.close()
+        self.runner = None
+        self._build_runner()
         return True
 
     def _open_store(self) -> bool:
@@ -263,6 +297,7 @@ class Service:
             return "intake only"
         try:
             if self.batch_id is None:
+                self.reload_if_promoted()
                 self.batch_id = self.store.begin_batch(self.role)
                 self.summary = BatchSummary(batch_id=self.batch_id)
                 self._batch_started = time.perf_counter()
@@ -476,6 +511,18 @@ def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def promoted_versions(engine_config) -> dict[str, dict[str, str]]:
+    """The active adapter and calibration profile hashes per category: what a built engine
+    loaded, and what to compare with before the next batch."""
+    from appliance.models.adapters import ADAPTERS
+    from appliance.models.calibrations import CALIBRATIONS
+    from appliance.models.manifest import default_models_dir
+
+    models_dir = engine_config.models_dir or default_models_dir()
+    return {shelf.kind: {category: active[0] for category, active in shelf.actives(models_dir).items()}
+            for shelf in (ADAPTERS, CALIBRATIONS)}
 
 
 def _load_kb(engine_config):
