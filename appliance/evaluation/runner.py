@@ -192,8 +192,15 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
                                 config.train.device)
         normal_reference = kernel_distance(anchor, real_features)
     examples = example_indices(data, config.examples_per_class)
-    outcomes = [run_generator(name, data, config, engine, real_features, grayscale, examples, log)
-                for name in config.generators]
+    outcomes = []
+    for done, name in enumerate(config.generators, start=1):
+        outcomes.append(run_generator(name, data, config, engine, real_features, grayscale,
+                                      examples, log))
+        # A time estimate that also reaches a log file, where tqdm's bars stay off.
+        spent = time.perf_counter() - started
+        left = len(config.generators) - done
+        log(f"[{name}] done; {done} of {len(config.generators)} generators in {spent:.0f} s"
+            + (f", about {spent / done * left:.0f} s left for this seed" if left else ""))
     shots_per_class = {d: sum(it.defect == d for it in data.shots) for d in data.defect_classes}
 
     result = {
@@ -240,10 +247,14 @@ def evaluate_seeds(load: Callable[[int], EvalData], out_dir: Path, seeds: Sequen
         raise ValueError("give one or more distinct seeds")
     started = time.perf_counter()
     reports = {}
-    for seed in seeds:
+    for done, seed in enumerate(seeds, start=1):
         seed_config = replace(config, seed=seed, train=replace(config.train))
         reports[seed] = evaluate(load(seed), Path(out_dir) / f"seed-{seed}", seed_config, engine, log)
         log(f"seed {seed}:\n{report_mod.format_table(reports[seed])}")
+        spent = time.perf_counter() - started
+        if done < len(seeds):
+            log(f"{done} of {len(seeds)} seeds in {spent / 60:.1f} min; about "
+                f"{spent / done * (len(seeds) - done) / 60:.1f} min left")
     result = report_mod.aggregate(reports)
     result["seed_folders"] = [f"seed-{seed}" for seed in seeds]
     result["wall_seconds"] = time.perf_counter() - started
