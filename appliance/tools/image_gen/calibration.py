@@ -36,14 +36,14 @@ from PIL import Image
 from appliance.imaging import CHANGE_THRESHOLD, load_rgb, png_bytes, write_atomic
 from appliance.names import Name, path_under
 from appliance.tools.image_gen.placement import foreground_bbox
-from appliance.tools.image_gen.prompt_params import EditParams
+from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
 from appliance.tools.object_map import find_object
 
 PROFILE_FILE = "profile.json"
 FORMAT_VERSION = 1
-# Pieces of a mask closer than this (px at the working size) are one defect: a crack with a
-# break in it is one crack, not two.
-JOIN_PX = 5
+# Pieces of a mask closer than this share of the photo's side are one defect: a crack with a
+# break in it is one crack, not two (8 px at 256 px).
+JOIN_SHARE = 0.03
 MIN_PIECE_PX = 8
 CROP_MARGIN_PX = 6
 # The size scale of the prompt words (``prompt_params._SIZE_WORDS``: tiny 0.02 ... very large
@@ -180,10 +180,11 @@ def _minor_axis(mask: np.ndarray) -> float:
 
 
 def defect_pieces(mask: np.ndarray) -> list[np.ndarray]:
-    """The separate defects of a mask: pieces closer than ``JOIN_PX`` joined, specks dropped
+    """The separate defects of a mask: pieces closer than ``JOIN_SHARE`` joined, specks dropped
     (``MIN_PIECE_PX`` at 256 px, fewer on smaller photos)."""
+    join = max(3, int(round(JOIN_SHARE * min(mask.shape))) | 1)
     joined = cv2.dilate(mask.astype(np.uint8),
-                        cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (JOIN_PX, JOIN_PX)))
+                        cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (join, join)))
     count, labels = cv2.connectedComponents(joined, connectivity=8)
     pieces = [(labels == n) & mask for n in range(1, count)]
     smallest = max(2, round(MIN_PIECE_PX * mask.size / 256 ** 2))
@@ -257,16 +258,40 @@ def visible_floor(priors: DefectPriors) -> float:
     return max(0.5 * priors.quantile("peaks", 0.05), CHANGE_THRESHOLD + 1.0)
 
 
-def calibrated_params(params: EditParams, priors: DefectPriors, rng: np.random.Generator
-                      ) -> EditParams:
+def typical_size(size_text: str | None) -> float | None:
+    """The size a knowledge-base description gives a defect type ("long and thin: one third
+    to most of the tile width"), on the prompt words' scale; None when it names none."""
+    if not size_text:
+        return None
+    params = parse_prompt(size_text, np.random.default_rng(0))
+    return params.size if "size" in params.specified else None
+
+
+def plant_size(priors: DefectPriors, asked: float, typical: float | None) -> float:
+    """The plant's size for a size a prompt asks for.
+
+    The words are read relative to what is typical for the type: asking for the size the
+    knowledge base describes gives the plant's median, asking for more or less moves up or down
+    the plant's own sizes by as many ranks as the words move on their scale. Without a typical
+    size the words' scale is read as ranks directly.
+    """
+    rank = size_rank(asked)
+    if typical is not None:
+        rank = 0.5 + rank - size_rank(typical)
+    return priors.quantile("sizes", rank)
+
+
+def calibrated_params(params: EditParams, priors: DefectPriors, rng: np.random.Generator,
+                      typical: float | None = None) -> EditParams:
     """``params`` with size, count, elongation and polarity taken from the plant's defects.
 
-    A size the prompt names is read as a rank on the words' scale and becomes the plant's size
-    at that rank; an open size, count, elongation or polarity is drawn from the real ones.
+    A size the prompt names becomes the plant's size at the rank it asks for (``plant_size``);
+    an open size, count, elongation or polarity is drawn from the real ones.
     """
     specified = set(params.specified)
-    rank = size_rank(params.size) if "size" in specified else float(rng.random())
-    changes: dict = {"size": priors.quantile("sizes", rank)}
+    size = (plant_size(priors, params.size, typical) if "size" in specified
+            else priors.quantile("sizes", float(rng.random())))
+    changes: dict = {"size": size}
     if "count" not in specified:
         changes["count"] = max(1, priors.sample_count(rng))
     if "elongation" not in specified and priors.elongations:

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from appliance.imaging import is_grayscale
-from appliance.tools.image_gen.calibration import Calibrations, CalibrationProfile, calibrated_params
+from appliance.tools.image_gen.calibration import (Calibrations, CalibrationProfile, calibrated_params,
+                                                   typical_size)
 from appliance.tools.image_gen.placement import (cluster_centres, foreground_bbox, instances_within,
                                                  object_extent, place)
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
@@ -71,6 +72,12 @@ class ProceduralImageGenerator:
             return family_for_defect(defect)
         return self.kb.renderer_for(category, defect)
 
+    def typical_size(self, request: EditRequest) -> float | None:
+        """What the knowledge base calls this defect's usual size (calibration reads the
+        prompt's size relative to it)."""
+        entry = self.kb.entry(request.category, request.defect) if self.kb is not None else None
+        return typical_size(entry.size) if entry is not None else None
+
     def generate(self, requests: Sequence[EditRequest]) -> list[EditResult]:
         return [self._generate_one(request) for request in requests]
 
@@ -86,7 +93,7 @@ class ProceduralImageGenerator:
         priors, crops = profile.for_defect(request.defect) if profile else (None, [])
         # Draws only when calibrated: an uncalibrated engine replays its old trajectories.
         if priors is not None:
-            params = calibrated_params(params, priors, rng)
+            params = calibrated_params(params, priors, rng, self.typical_size(request))
             if crops and rng.random() < self.transplant_share:
                 return self._transplant(request, image, object_map, params, crops, profile, rng)
 

@@ -34,16 +34,28 @@ MIN_ON_PART = 0.95  # share of a placed defect's mask that must lie on the part
 PLACEMENT_TRIES = 40
 BORDER_PX = 2
 POSITION_JITTER = 0.08  # of the part's size, around a real defect's place
+SIZE_PREFERENCE = 0.35  # log-size distance at which a crop's chance falls by e
+LINE_ELONGATION = 3.0  # from this length-to-width ratio a defect is a line: scaled lengthwise only
 FEATHER_SIGMA = 0.8
 
 
-def _affine(shape: tuple[int, int], angle: float, scale: float, flip: bool
+def _affine(shape: tuple[int, int], angle: float, scale: float, flip: bool,
+            axis_deg: float = 0.0, across: float | None = None
             ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Matrix taking crop pixels to a fresh canvas that holds the whole turned crop, and its size."""
+    """Matrix taking crop pixels to a fresh canvas that holds the whole turned crop, and its size.
+
+    The crop is mirrored (``flip``), scaled by ``scale`` along its axis ``axis_deg`` and by
+    ``across`` (default: ``scale`` too) across it, then turned by ``angle``.
+    """
     height, width = shape
-    matrix = cv2.getRotationMatrix2D((width / 2.0, height / 2.0), angle, scale)
-    if flip:  # mirror the crop's x before turning it
-        matrix = matrix @ np.array([[-1, 0, width], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
+    to_centre = np.array([[1, 0, -width / 2.0], [0, 1, -height / 2.0], [0, 0, 1]])
+    mirror = np.diag([-1.0 if flip else 1.0, 1.0, 1.0])
+    a = math.radians(axis_deg)
+    along_x = np.array([[math.cos(a), math.sin(a), 0], [-math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    stretch = np.diag([scale, scale if across is None else across, 1.0])
+    t = math.radians(angle)
+    turn = np.array([[math.cos(t), math.sin(t), 0], [-math.sin(t), math.cos(t), 0], [0, 0, 1]])
+    matrix = (turn @ stretch @ along_x @ mirror @ to_centre)[:2]
     corners = np.array([[0, 0, 1], [width, 0, 1], [0, height, 1], [width, height, 1]], np.float64)
     moved = corners @ matrix.T
     low = np.floor(moved.min(axis=0))
@@ -67,6 +79,21 @@ def _elastic(shape: tuple[int, int], major_px: float, rng: np.random.Generator
     return grid_x + fields[0], grid_y + fields[1]
 
 
+def _axis(mask: np.ndarray, flip: bool) -> tuple[float, float]:
+    """(direction of the defect's long axis in degrees, as seen after mirroring; elongation)."""
+    points = cv2.findNonZero(mask.astype(np.uint8))
+    if points is None or len(points) < 3:
+        return 0.0, 1.0
+    if flip:
+        points = points.copy()
+        points[..., 0] = mask.shape[1] - 1 - points[..., 0]
+    (_, _), (w, h), angle = cv2.minAreaRect(points)
+    if h > w:  # minAreaRect's angle is that of the side it calls width
+        angle += 90.0
+    # Image y points down: the rotation that brings this axis onto x is the angle itself.
+    return float(angle), float(max(w, h) / max(min(w, h), 1.0))
+
+
 def warp_crop(crop: BankCrop, scale: float, rng: np.random.Generator
               ) -> tuple[np.ndarray, np.ndarray, dict]:
     """The crop's deviation from its surroundings (float (h, w, 3)) and its mask, turned, mirrored,
@@ -75,7 +102,11 @@ def warp_crop(crop: BankCrop, scale: float, rng: np.random.Generator
     delta[~cv2.dilate(crop.mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)] = 0.0
     angle = float(rng.uniform(0.0, 360.0))
     flip = bool(rng.random() < 0.5)
-    matrix, size = _affine(crop.mask.shape, angle, scale, flip)
+    # A longer crack or scratch is not a wider one: a line-like defect grows along its length
+    # and keeps its real width.
+    axis_deg, elongation = _axis(crop.mask, flip)
+    across = 1.0 if elongation >= LINE_ELONGATION else None
+    matrix, size = _affine(crop.mask.shape, angle, scale, flip, axis_deg, across)
     out_size = (size[1], size[0])
     delta = cv2.warpAffine(delta, matrix, out_size, flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -138,6 +169,16 @@ def _place(mask: np.ndarray, foreground: np.ndarray, taken: np.ndarray, region: 
     return None
 
 
+def _choose(crops: Sequence[BankCrop], size_px: float | None, rng: np.random.Generator) -> int:
+    """A bank crop: with a size asked for, preferably one already about that size (the less a
+    real defect is stretched, the more it looks like itself)."""
+    if size_px is None:
+        return int(rng.integers(len(crops)))
+    gaps = np.array([abs(math.log(size_px / max(c.major_px, 1.0))) for c in crops])
+    weights = np.exp(-gaps / SIZE_PREFERENCE)
+    return int(rng.choice(len(crops), p=weights / weights.sum()))
+
+
 def transplant(image: np.ndarray, foreground: np.ndarray, crops: Sequence[BankCrop], count: int,
                rng: np.random.Generator, size_px: float | None = None, region: Box | None = None,
                gray: bool = False, positions: Sequence[Sequence[float]] = ()
@@ -155,7 +196,7 @@ def transplant(image: np.ndarray, foreground: np.ndarray, crops: Sequence[BankCr
     footprint = np.zeros(foreground.shape, dtype=bool)
     instances = []
     for _ in range(max(1, count)):
-        index = int(rng.integers(len(crops)))
+        index = _choose(crops, size_px, rng)
         crop = crops[index]
         if size_px is not None:
             scale = size_px / max(crop.major_px, 1.0)

@@ -68,7 +68,7 @@ import numpy as np
 from scipy.sparse.csgraph import connected_components
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map
-from appliance.tools.image_gen.calibration import Calibrations, major_axis, size_rank
+from appliance.tools.image_gen.calibration import Calibrations, major_axis, plant_size, typical_size
 from appliance.tools.image_gen.placement import foreground_bbox
 from appliance.tools.image_gen.prompt_params import expected_area_share, parse_prompt
 from appliance.tools.interfaces import Issue, QualityReport, QualityRequest
@@ -183,8 +183,10 @@ class HeuristicQualityEvaluator:
         if request.instruction:
             asked = parse_prompt(request.instruction, np.random.default_rng(0))
             if "size" in asked.specified:
-                size = (priors.quantile("sizes", size_rank(asked.size)) if priors is not None
-                        else asked.size)
+                entry = (self.knowledge_base.entry(request.category, request.defect)
+                         if self.knowledge_base else None)
+                size = (plant_size(priors, asked.size, typical_size(entry.size if entry else None))
+                        if priors is not None else asked.size)
                 limits = replace(limits, size_range=(size / SIZE_TOLERANCE, size * SIZE_TOLERANCE))
         return limits
 
