@@ -158,7 +158,7 @@ def test_judge_refuses_what_the_instruction_or_the_plant_rules_out(profile, norm
     big[40:140, 40:140] = (big[40:140, 40:140] * 0.6).astype(np.uint8)
     calibrated = HeuristicQualityEvaluator(calibrations=Calibrations({CATEGORY: profile}))
     report = calibrated.evaluate([QualityRequest(normal, big, CATEGORY, "blowhole")])[0]
-    assert Issue.TOO_LARGE in report.issues and report.measurements["plant"] == 1.0
+    assert Issue.TOO_LARGE in report.issues and report.measurements["plant_size"] == 1.0
     assert "real defects" in report.review
 
 
@@ -240,5 +240,19 @@ def test_the_service_reloads_its_engine_when_a_profile_is_promoted(tmp_path, mon
         CALIBRATIONS.rollback(models, CATEGORY)
         assert service.reload_if_promoted() is True
         assert service.runner.engine.calibrations.get(CATEGORY) is None
+
+        # A scratch folder left by a killed retrain, and a stray folder, are no categories.
+        (models / "calibration" / ".profile-abc").mkdir()
+        (models / "calibration" / CATEGORY / ".profile-def").mkdir()
+        assert service.reload_if_promoted() is False
+        # A promoted profile that cannot be read: the night goes on with the engine it has.
+        broken = models / "calibration" / CATEGORY / "badbadbadbadbad0"
+        broken.mkdir()
+        (broken / "profile.json").write_text('{"format": 1, "category": "magnetic_tile"}')
+        CALIBRATIONS.promote(models, CATEGORY, "badbadbadbadbad0")
+        before = service.runner
+        assert service.reload_if_promoted() is False
+        assert service.runner is before and service.runner.engine is not None
+        assert service.reload_if_promoted() is False  # not retried every batch
     finally:
         service.close()

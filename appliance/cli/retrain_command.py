@@ -30,7 +30,7 @@ def _stages(stage: str, config) -> tuple[str, ...]:
                 f"calibration tunes the CPU engine's procedural image generator; this engine's "
                 f"is {config.image_gen!r}")
         return ("calibrate",)
-    if config.policy == "scripted":
+    if config.policy == "scripted" and stage != "trajectories":
         raise click.UsageError(f"--stage {stage} trains the Qwen3-VL policy, and this engine's "
                                "policy is the scripted one: install a Qwen3-VL bundle, or use "
                                "--stage calibrate")
@@ -104,7 +104,8 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
                     temperature: float, heldout_runs: int, holdout: float, margin: float,
                     calibration_margin: float, size: int, seed: int, engine: str,
                     backends: tuple[str, ...], rollback: bool, calibration: bool) -> None:
-    """Adapt the Qwen3-VL policy to this plant from its real defect photos.
+    """Adapt the engine to this plant from its real defect photos: the Qwen3-VL policy (LoRA
+    SFT and GRPO), or on the CPU engine its calibration profile.
 
     DEFECTS holds the photos with their masks, in the layouts `appliance eval --defects` reads:
     one folder per defect type with each photo's mask beside it (NAME.png next to NAME.jpg, or

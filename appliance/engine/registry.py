@@ -208,16 +208,25 @@ def _promoted_adapters(ctx: BuildContext) -> dict[str, Path]:
         raise EngineError(str(exc)) from None
 
 
+# The backends that read a calibration profile; other engines never load one.
+CALIBRATED_BACKENDS = {"image_gen": "procedural", "quality_eval": "heuristic"}
+
+
 def promoted_calibrations(config: EngineConfig) -> Calibrations:
     """The calibration profiles `appliance retrain` promoted, by category."""
     from appliance.models.calibrations import active_profiles
     from appliance.models.manifest import default_models_dir
     from appliance.models.shelf import ShelfError
 
+    if all(getattr(config, role) != name for role, name in CALIBRATED_BACKENDS.items()):
+        return Calibrations()
+    models_dir = config.models_dir or default_models_dir()
     try:
-        return Calibrations(active_profiles(config.models_dir or default_models_dir()))
-    except (ShelfError, OSError, ValueError) as exc:
-        raise EngineError(f"calibration profile: {exc}") from None
+        return Calibrations(active_profiles(models_dir))
+    except (ShelfError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise EngineError(f"a promoted calibration profile under {Path(models_dir) / 'calibration'} "
+                          f"cannot be read ({type(exc).__name__}: {exc}); roll it back with "
+                          "`appliance retrain --rollback --calibration --category C`") from None
 
 
 @dataclass

@@ -321,7 +321,9 @@ class CopyPasteGenerator:
         self.cuts = [cut_defect(s.image, s.mask, s.defect) for s in shots if s.mask.any()]
         if not self.cuts:
             raise ValueError("copypaste pastes real defects and was given none with a non-empty "
-                             "mask: run with --few-shot K (K >= 1)")
+                             "mask: run with --few-shot K (K >= 1), on defect types with at "
+                             "least two photos each (one always stays for testing) whose masks "
+                             "survive the resize to --size")
 
     def generate(self, images: Sequence[np.ndarray], seed: int,
                  progress: Progress | None = None) -> list[TrainingSample]:

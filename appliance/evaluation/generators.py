@@ -53,6 +53,7 @@ class OursGenerator:
         self.defects = list(defects)
         self.engine = engine
         self.shots = list(shots)
+        self.calibration_used: dict | str | None = None
 
     def _engine(self) -> Any:
         if self.engine is None:
@@ -83,6 +84,9 @@ class OursGenerator:
             raise ValueError("this engine cannot be calibrated; run ours zero-shot")
         previous = calibrations.get(self.category) if calibrations is not None else None
         _set_profile(calibrations, self.category, profile)
+        # What ours ran with, for the report (the engine's own is restored afterwards).
+        self.calibration_used = (profile.summary() | {"from": f"{len(self.shots)} shots"}
+                                 if profile is not None else "none (zero-shot)")
         try:
             results = synthesize(list(images), self.category, self.defects, seed, engine=engine,
                                  progress=progress)

@@ -145,6 +145,8 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
     engine_info = None
     if hasattr(generator, "engine") and hasattr(generator.engine, "describe"):
         engine_info = {k: v for k, v in generator.engine.describe().items() if k != "env"}
+        if getattr(generator, "calibration_used", None) is not None:
+            engine_info["calibration"] = generator.calibration_used
     judged = name not in BASELINES  # the baselines have no judge: every sample counts
     generation: dict = {"engine": engine_info} if engine_info else {}
     generation |= {"acceptance_rate": generated.acceptance_rate if judged else None,

@@ -20,16 +20,13 @@ CALIBRATIONS = Shelf("calibration", "calibration profile", PROFILE_FILE,
 
 
 def store_profile(models_dir: Path, profile: CalibrationProfile, figures: dict) -> str:
-    """Store ``profile`` under its hash (not yet active); returns the hash."""
-    with tempfile.TemporaryDirectory(prefix=".profile-", dir=_staging(models_dir)) as scratch:
+    """Store ``profile`` under its hash (not yet active); returns the hash. It is written into a
+    hidden folder beside the versions (never taken for a category) and copied into place."""
+    folder = CALIBRATIONS.category_dir(models_dir, profile.category)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".profile-", dir=folder) as scratch:
         profile.save(Path(scratch))
         return CALIBRATIONS.store(models_dir, profile.category, Path(scratch), figures)
-
-
-def _staging(models_dir: Path) -> Path:
-    folder = Path(models_dir) / CALIBRATIONS.kind
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def active_profile(models_dir: Path, category: str) -> CalibrationProfile | None:

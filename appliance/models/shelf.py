@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.imaging import write_atomic
+from appliance.imaging import fsync_dir, write_atomic
 from appliance.names import Name, path_under
 
 ACTIVE = "active.json"
@@ -80,8 +81,17 @@ class Shelf:
         return state["active"], path, figures
 
     def categories(self, models_dir: Path) -> list[str]:
+        """The category folders (hidden scratch folders and stray names left out)."""
         root = Path(models_dir) / self.kind
-        return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        if not root.is_dir():
+            return []
+        found = []
+        for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            try:
+                found.append(Name(folder.name, "category"))
+            except ValueError:
+                continue
+        return found
 
     def actives(self, models_dir: Path) -> dict[str, tuple[str, Path, dict]]:
         """category -> (hash, folder, figures) for every category with an active version."""
@@ -100,8 +110,10 @@ class Shelf:
             target.parent.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=target.parent))
             shutil.copytree(folder, scratch, dirs_exist_ok=True)
+            _sync_tree(scratch)  # on disk before any active.json can name it
             shutil.rmtree(target, ignore_errors=True)
             scratch.rename(target)
+            fsync_dir(target.parent)
         write_atomic(target / FIGURES, (json.dumps(figures, indent=1) + "\n").encode())
         return digest
 
@@ -125,3 +137,12 @@ class Shelf:
         previous = history.pop() if history else None
         self._write_state(models_dir, category, {"active": previous, "history": history})
         return previous
+
+
+def _sync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for folder in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        fsync_dir(folder)

@@ -93,7 +93,7 @@ class Service:
         engine_config = self.config.engine_config()
         try:
             self._promoted = promoted_versions(engine_config)
-        except (ShelfError, OSError):
+        except (ShelfError, OSError, ValueError):
             self._promoted = None  # building the engine says what is wrong with them
         self.runner = EpisodeRunner(config=engine_config, workers=self.config.engine.workers)
         self._describe(self.runner.describe())
@@ -113,7 +113,7 @@ class Service:
             return False
         try:
             now = promoted_versions(self.config.engine_config())
-        except (ShelfError, OSError) as exc:
+        except (ShelfError, OSError, ValueError) as exc:
             log.error("cannot read the promoted adapters/calibrations (%s); the engine keeps "
                       "what it loaded", exc)
             return False
@@ -121,9 +121,17 @@ class Service:
             return False
         log.info("promoted adapters/calibration profiles changed (%s -> %s); reloading the engine",
                  self._promoted, now)
-        self.runner.close()
-        self.runner = None
-        self._build_runner()
+        old = self.runner
+        try:
+            self._build_runner()
+        except Exception as exc:  # noqa: BLE001 - the old engine keeps the night going
+            self.runner = old
+            self._promoted = now  # not retried every batch; the next change is
+            self._describe(old.describe())
+            log.error("the engine with the newly promoted adapter/profile cannot be built (%s); "
+                      "the previous engine keeps running", exc)
+            return False
+        old.close()
         return True
 
     def _open_store(self) -> bool:
@@ -520,9 +528,16 @@ def promoted_versions(engine_config) -> dict[str, dict[str, str]]:
     from appliance.models.calibrations import CALIBRATIONS
     from appliance.models.manifest import default_models_dir
 
+    from appliance.engine.registry import CALIBRATED_BACKENDS
+
     models_dir = engine_config.models_dir or default_models_dir()
+    shelves = []
+    if engine_config.policy != "scripted":  # the scripted policy has no adapters
+        shelves.append(ADAPTERS)
+    if any(getattr(engine_config, role) == name for role, name in CALIBRATED_BACKENDS.items()):
+        shelves.append(CALIBRATIONS)
     return {shelf.kind: {category: active[0] for category, active in shelf.actives(models_dir).items()}
-            for shelf in (ADAPTERS, CALIBRATIONS)}
+            for shelf in shelves}
 
 
 def _load_kb(engine_config):

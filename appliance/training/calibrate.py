@@ -27,6 +27,7 @@ from appliance.training.heldout import heldout_specs
 from appliance.training.trajectories import DefectExample
 
 DEFAULT_MARGIN = 0.05  # relative drop of the held-out distance a new profile must reach
+MIN_ACCEPTED = 5  # accepted held-out episodes below which a distance is not measured
 
 
 @dataclass
@@ -70,7 +71,9 @@ def heldout_check(engine: Engine, specs: Sequence[EpisodeSpec], real: np.ndarray
     kept = [r for r in results if r.accepted and r.final_image is not None and r.mask is not None
             and r.mask.mask.any()]
     crops = [defect_crop(r.final_image, r.mask.mask) for r in kept]
-    distance = kernel_distance(image_features(crops), real) if len(crops) >= 2 else float("inf")
+    # Too few accepted defects make the distance noise: count that as no match at all.
+    distance = (kernel_distance(image_features(crops), real) if len(crops) >= MIN_ACCEPTED
+                else float("inf"))
     episodes = Counter(r.spec.defect for r in results)
     accepted = Counter(r.spec.defect for r in kept)
     return CheckFigures(len(results), len(kept) / max(len(results), 1), distance,

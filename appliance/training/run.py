@@ -77,7 +77,8 @@ class RunState:
                                    "choose another --out")
             data = json.loads(path.read_text(encoding="utf-8"))
             mine = {k: v for k, v in options.as_dict().items() if k not in ("stages", "out")}
-            theirs = {k: v for k, v in data["options"].items() if k not in ("stages", "out")}
+            # An option added since the run started counts as its default.
+            theirs = {k: data["options"].get(k, v) for k, v in mine.items()}
             if mine != theirs:
                 changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
                 raise RetrainError(f"--resume with other settings than the run started with "

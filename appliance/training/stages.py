@@ -106,7 +106,12 @@ def run_calibrate(ctx: StageContext) -> None:
                                                  "run": str(ctx.out)})
     figures["profile"]["digest"] = digest
     before, after = figures["before"]["distance"], figures["after"]["distance"]
-    if figures["promote"]:
+    if digest == figures["before_profile"]:
+        # This run promoted it before it was interrupted (or an earlier run made the same one).
+        figures["promote"] = True
+        figures["note"] = "already the active profile"
+        ctx.say(f"calibrate: profile {digest} is already active for {ctx.category}")
+    elif figures["promote"]:
         CALIBRATIONS.promote(models_dir, ctx.category, digest)
         ctx.say(f"calibrate: held-out distance to real defects {before:.4f} -> {after:.4f}; "
                 f"profile {digest} is now active for {ctx.category}")
@@ -340,7 +345,8 @@ def render_report(report: dict) -> str:
                     for label, f in ((f"before ({c['before_profile'] or 'uncalibrated'})",
                                       c["before"]), ("calibrated", c["after"]))], "",
                   f"- distance {100 * c['distance_drop']:+.1f} % lower, {100 * c['margin']:.0f} % "
-                  "required: " + ("**promoted**" if c["promote"] else
+                  "required: " + (f"**{c['note']}**" if c.get("note") else
+                                  "**promoted**" if c["promote"] else
                                   "**refused** (kept on disk, not active)")]
     if "trajectories" in stages:
         t = stages["trajectories"]

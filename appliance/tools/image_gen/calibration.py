@@ -10,9 +10,10 @@ a profile holds, per defect type:
 - a **bank** of the real defects cut out with their masks, which ``transplant`` carries onto
   normal photos.
 
-The procedural renderer reads a prompt's size words as a rank ("large" = the upper part of the
-plant's own sizes) and the judge checks sizes and contrasts against the same figures, so
-"large", "small" or "faint" mean what they mean on this plant.
+The procedural renderer reads a prompt's size words relative to the knowledge base's usual size
+for the type (the usual words give the plant's median; "larger" moves up the plant's own sizes,
+"smaller" down) and the judge checks sizes and contrasts against the same figures, so "large",
+"small" or "faint" mean what they mean on this plant.
 
 On disk (``save``/``load``)::
 
@@ -35,7 +36,7 @@ from PIL import Image
 
 from appliance.imaging import CHANGE_THRESHOLD, load_rgb, png_bytes, write_atomic
 from appliance.names import Name, path_under
-from appliance.tools.image_gen.placement import foreground_bbox
+from appliance.tools.image_gen.placement import foreground_bbox, object_extent
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
 from appliance.tools.object_map import find_object
 
@@ -163,31 +164,30 @@ def size_rank(size: float) -> float:
                          / (math.log(high) - math.log(low)), 0.0, 1.0))
 
 
+def axes(mask: np.ndarray) -> tuple[float, float]:
+    """(length, width) of the mask's smallest enclosing rectangle, at least 1 px; (0, 0) empty."""
+    points = cv2.findNonZero(mask.astype(np.uint8))
+    if points is None:
+        return 0.0, 0.0
+    (_, _), (w, h), _ = cv2.minAreaRect(points)
+    return float(max(w, h, 1.0)), float(max(min(w, h), 1.0))
+
+
 def major_axis(mask: np.ndarray) -> float:
-    points = cv2.findNonZero(mask.astype(np.uint8))
-    if points is None:
-        return 0.0
-    (_, _), (w, h), _ = cv2.minAreaRect(points)
-    return float(max(w, h, 1.0))
+    return axes(mask)[0]
 
 
-def _minor_axis(mask: np.ndarray) -> float:
-    points = cv2.findNonZero(mask.astype(np.uint8))
-    if points is None:
-        return 0.0
-    (_, _), (w, h), _ = cv2.minAreaRect(points)
-    return float(max(min(w, h), 1.0))
-
-
-def defect_pieces(mask: np.ndarray) -> list[np.ndarray]:
+def defect_pieces(mask: np.ndarray, frame: tuple[int, ...] | None = None) -> list[np.ndarray]:
     """The separate defects of a mask: pieces closer than ``JOIN_SHARE`` joined, specks dropped
-    (``MIN_PIECE_PX`` at 256 px, fewer on smaller photos)."""
-    join = max(3, int(round(JOIN_SHARE * min(mask.shape))) | 1)
+    (``MIN_PIECE_PX`` at 256 px, fewer on smaller photos). ``frame``: the photo's shape when
+    ``mask`` is a crop of it."""
+    frame = tuple(frame or mask.shape)[:2]
+    join = max(3, int(round(JOIN_SHARE * min(frame))) | 1)
     joined = cv2.dilate(mask.astype(np.uint8),
                         cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (join, join)))
     count, labels = cv2.connectedComponents(joined, connectivity=8)
     pieces = [(labels == n) & mask for n in range(1, count)]
-    smallest = max(2, round(MIN_PIECE_PX * mask.size / 256 ** 2))
+    smallest = max(2, round(MIN_PIECE_PX * frame[0] * frame[1] / 256 ** 2))
     return [p for p in pieces if int(p.sum()) >= smallest]
 
 
@@ -216,9 +216,10 @@ def build_profile(category: str,
         if not mask.any():
             continue
         p = priors.setdefault(defect, DefectPriors())
-        foreground = find_object(image).foreground
+        part = find_object(image)
+        foreground = part.foreground
         extent_box = foreground_bbox(foreground)
-        extent = math.sqrt(max(extent_box.width, 1) * max(extent_box.height, 1))
+        extent = object_extent(part)
         part_area = float(max(int(foreground.sum()), 1))
         delta = image.astype(np.float32) - background_estimate(image, mask).astype(np.float32)
         change = np.abs(delta).max(axis=2)
@@ -229,12 +230,12 @@ def build_profile(category: str,
         p.counts.append(len(pieces))
         p.areas.append(float(sum(int(piece.sum()) for piece in pieces)) / part_area)
         for piece in pieces:
-            major = major_axis(piece)
+            major, minor = axes(piece)
             p.sizes.append(major / extent)
             ys, xs = np.nonzero(piece)
             p.positions.append([round((float(xs.mean()) - extent_box.x0) / max(extent_box.width, 1), 4),
                                 round((float(ys.mean()) - extent_box.y0) / max(extent_box.height, 1), 4)])
-            p.elongations.append(major / _minor_axis(piece))
+            p.elongations.append(major / minor)
             p.peaks.append(float(np.percentile(change[piece], 90)))
             dark.setdefault(defect, []).append(float(luma_delta[piece].mean()) < 0)
             bank.setdefault(defect, []).append(_crop(image, piece, source))

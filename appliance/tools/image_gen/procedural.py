@@ -123,6 +123,9 @@ class ProceduralImageGenerator:
         """A real defect from the category's bank, sized and counted as the prompt and the
         plant's priors say, placed on the part (inside the policy's box when it is on it)."""
         region = _clip(request.region, image.shape) if request.region is not None else None
+        if region is not None and not (region.width > 1 and region.height > 1 and object_map.foreground[
+                region.y0:region.y1, region.x0:region.x1].mean() >= MIN_REGION_FOREGROUND):
+            region = None  # off the part: placed on the part instead, as for the renderers
         size_px = params.size * object_extent(object_map)
         priors = profile.priors[request.defect]
         edited, mask, details = transplant(image, object_map.foreground, crops, params.count, rng,

@@ -224,6 +224,8 @@ class EditParams:
     # The width in pixels of a line-like defect when the prompt gives it ("one to three pixels
     # wide"); None lets the renderer choose from the length.
     width_px: float | None = None
+    # The range the prompt's size words allow (``size`` was drawn from it); None: not named.
+    size_band: tuple[float, float] | None = None
 
 
 @dataclass
@@ -340,19 +342,19 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
     extent_band, extent_words = _find(_SIZE_WORDS, texts.extent)
     percent = _PERCENT.search(size_text)
     band, words = _find(_SIZE_WORDS, size_text)
+    size_band = None
     if percent:
         low = float(percent.group(1)) / 100.0
         high = float(percent.group(2)) / 100.0 if percent.group(2) else low
-        size = _in_band((min(low, high), max(low, high)), u["size"])
+        size_band = (min(low, high), max(low, high))
         note("size", percent.group(0))
     elif extent_band:
-        size = _in_band(extent_band, u["size"])
+        size_band = extent_band
         note("size", extent_words)
     elif band:
-        size = _in_band(band, u["size"])
+        size_band = band
         note("size", words)
-    else:
-        size = _log_uniform(*SIZE_RANGE, u["size"])
+    size = _in_band(size_band, u["size"]) if size_band else _log_uniform(*SIZE_RANGE, u["size"])
 
     width_px = None
     width = _WIDTH_PX.search(" ".join((texts.size, texts.extent, texts.look)))
@@ -462,4 +464,4 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         orientation_deg=round(float(orientation), 2), location=location,
         elongation=round(float(elongation), 3), polarity=polarity, color=color, count=count,
         roughness=round(float(roughness), 3), side=side, form=form, edge_mode=edge_mode,
-        width_px=width_px, specified=specified, matched=matched)
+        width_px=width_px, size_band=size_band, specified=specified, matched=matched)

@@ -97,8 +97,10 @@ def _axis(mask: np.ndarray, flip: bool) -> tuple[float, float]:
 def warp_crop(crop: BankCrop, scale: float, rng: np.random.Generator
               ) -> tuple[np.ndarray, np.ndarray, dict]:
     """The crop's deviation from its surroundings (float (h, w, 3)) and its mask, turned, mirrored,
-    scaled and warped; with what was drawn."""
-    delta = crop.image.astype(np.float32) - background_estimate(crop.image, crop.mask).astype(np.float32)
+    scaled and warped; with what was drawn and the brightness of the crop's own surface
+    (``surface_level``) under the defect."""
+    background = background_estimate(crop.image, crop.mask).astype(np.float32)
+    delta = crop.image.astype(np.float32) - background
     delta[~cv2.dilate(crop.mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)] = 0.0
     angle = float(rng.uniform(0.0, 360.0))
     flip = bool(rng.random() < 0.5)
@@ -115,8 +117,9 @@ def warp_crop(crop: BankCrop, scale: float, rng: np.random.Generator
     map_x, map_y = _elastic(size, crop.major_px * scale, rng)
     delta = cv2.remap(delta, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     coverage = cv2.remap(coverage, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    level = float((background @ LUMA)[crop.mask].mean())
     return delta, coverage >= 0.5, {"angle_deg": round(angle, 1), "mirrored": flip,
-                                   "scale": round(scale, 3)}
+                                   "scale": round(scale, 3), "surface_level": round(level, 2)}
 
 
 def _fit(delta: np.ndarray, mask: np.ndarray, shape: tuple[int, int], rng: np.random.Generator
@@ -214,7 +217,7 @@ def transplant(image: np.ndarray, foreground: np.ndarray, crops: Sequence[BankCr
         y, x = corner
         window = (slice(y, y + mask.shape[0]), slice(x, x + mask.shape[1]))
         target_level = float((out[window] @ LUMA)[mask].mean())
-        crop_level = float((background_estimate(crop.image, crop.mask).astype(np.float32) @ LUMA)[crop.mask].mean())
+        crop_level = drawn.pop("surface_level")
         ratio = float(np.clip(target_level / max(crop_level, 1.0), *BRIGHTNESS_RATIO))
         gain = ratio * float(rng.uniform(*GAIN_RANGE))
         alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), FEATHER_SIGMA)

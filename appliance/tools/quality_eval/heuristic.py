@@ -68,8 +68,9 @@ import numpy as np
 from scipy.sparse.csgraph import connected_components
 
 from appliance.imaging import CHANGE_THRESHOLD, change_map
-from appliance.tools.image_gen.calibration import Calibrations, major_axis, plant_size, typical_size
-from appliance.tools.image_gen.placement import foreground_bbox
+from appliance.tools.image_gen.calibration import (Calibrations, defect_pieces, major_axis,
+                                                   plant_size, typical_size, visible_floor)
+from appliance.tools.image_gen.placement import object_extent
 from appliance.tools.image_gen.prompt_params import expected_area_share, parse_prompt
 from appliance.tools.interfaces import Issue, QualityReport, QualityRequest
 from appliance.tools.object_map import ObjectMap, fill_holes, find_object
@@ -131,10 +132,11 @@ class Limits:
 
 
 # How far from what was asked (or from the plant's range) a defect may land: sizes within a
-# third and three times, peaks within half the faintest and twice the strongest real ones.
+# third and three times; peaks at most twice the real 95th percentile (the faint end is
+# ``calibration.visible_floor``: half the real 5th percentile).
 SIZE_TOLERANCE = 3.0
 SPECK_PX = 4  # below this no calibration makes a change a defect
-PEAK_LOW, PEAK_HIGH = 0.5, 2.0
+PEAK_HIGH = 2.0
 
 
 LIMITS = Limits()
@@ -178,16 +180,18 @@ class HeuristicQualityEvaluator:
                 # A plant whose real defects are large must not see them called "not local".
                 large_share=max(limits.large_share, top_area),
                 max_share=max(limits.max_share, SIZE_TOLERANCE * top_area),
-                min_peak=PEAK_LOW * priors.quantile("peaks", 0.05),
+                min_peak=visible_floor(priors),
                 max_peak=PEAK_HIGH * priors.quantile("peaks", 0.95))
         if request.instruction:
             asked = parse_prompt(request.instruction, np.random.default_rng(0))
-            if "size" in asked.specified:
-                entry = (self.knowledge_base.entry(request.category, request.defect)
-                         if self.knowledge_base else None)
-                size = (plant_size(priors, asked.size, typical_size(entry.size if entry else None))
-                        if priors is not None else asked.size)
-                limits = replace(limits, size_range=(size / SIZE_TOLERANCE, size * SIZE_TOLERANCE))
+            if asked.size_band is not None:
+                low, high = asked.size_band
+                if priors is not None:
+                    entry = (self.knowledge_base.entry(request.category, request.defect)
+                             if self.knowledge_base else None)
+                    typical = typical_size(entry.size if entry else None)
+                    low, high = plant_size(priors, low, typical), plant_size(priors, high, typical)
+                limits = replace(limits, size_range=(low / SIZE_TOLERANCE, high * SIZE_TOLERANCE))
         return limits
 
     def evaluate_one(self, request: QualityRequest,
@@ -247,10 +251,9 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
     main_labels = order[changed_per_label[order] > 0] + 1
     region_crop = fill_holes(np.isin(labels, main_labels))
     region_area = float(region_crop.sum())
-    biggest = labels == order[0] + 1
-    box = foreground_bbox(foreground)
-    m["major_share"] = (major_axis(biggest & changed_crop)
-                        / math.sqrt(max(box.width, 1) * max(box.height, 1)))
+    # The defect's length as the calibration measures real ones (pieces joined the same way).
+    pieces = defect_pieces(changed_crop, frame=changed.shape) or [changed_crop]
+    m["major_share"] = max(major_axis(piece) for piece in pieces) / object_extent(object_map)
     m["region_pixels"] = region_area
     m["region_density"] = float(changed_crop[region_crop].sum() / max(region_area, 1.0))
 
@@ -393,7 +396,8 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
         min_area = min(min_area, max(SPECK_PX, limits.min_area_share * m["object_pixels"]))
     measurements["min_area"] = m["min_area"] = min_area
     m["asked"] = 0.0  # 1: too small/large for what was asked
-    m["plant"] = 0.0  # 1: outside the plant's real range
+    m["plant_size"] = 0.0  # 1: area outside the plant's real range
+    m["plant_contrast"] = 0.0  # 1: peak change outside the plant's real range
     small, large = _against_request(m, limits)
     if m["changed_pixels"] < min_area or small:
         issues.append(Issue.TOO_SMALL)
@@ -415,8 +419,9 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
     faint_for_plant = limits.min_peak is not None and peak < limits.min_peak
     strong_for_plant = limits.max_peak is not None and peak > limits.max_peak
     if faint_for_plant or strong_for_plant:
-        m["plant"] = 1.0
-    measurements["asked"], measurements["plant"] = m["asked"], m["plant"]
+        m["plant_contrast"] = 1.0
+    for flag in ("asked", "plant_size", "plant_contrast"):
+        measurements[flag] = m[flag]
     if peak < limits.faint_level or ratio < limits.faint_ratio or faint_for_plant:
         issues.append(Issue.TOO_FAINT)
     elif peak < limits.weak_level or ratio < limits.weak_ratio:
@@ -460,9 +465,9 @@ def _against_request(m: dict[str, float], limits: Limits) -> tuple[bool, bool]:
             m["asked"] = 1.0
             small, large = m["major_share"] < low, m["major_share"] > high
     if limits.min_area_share is not None and m["size_share"] < limits.min_area_share:
-        small, m["plant"] = True, 1.0
+        small, m["plant_size"] = True, 1.0
     if limits.max_area_share is not None and m["size_share"] > limits.max_area_share:
-        large, m["plant"] = True, 1.0
+        large, m["plant_size"] = True, 1.0
     return small, large
 
 
@@ -498,7 +503,7 @@ def _review(m: dict[str, float], issues: list[str], penalties: list[str],
     if m.get("asked") and m["major_share"] < 1:
         size += (f"; its length is {100 * m['major_share']:.1f} % of the {surface}'s, "
                  f"{'less' if Issue.TOO_SMALL in issues else 'more'} than the instruction asks")
-    if m.get("plant") and {Issue.TOO_SMALL, Issue.TOO_LARGE} & set(issues):
+    if m.get("plant_size") and {Issue.TOO_SMALL, Issue.TOO_LARGE} & set(issues):
         size += ", outside the sizes of this plant's real defects"
     elif Issue.TOO_SMALL in issues:
         size += f", too small to see (below {m['min_area']:.0f} px)"
@@ -511,7 +516,7 @@ def _review(m: dict[str, float], issues: list[str], penalties: list[str],
     contrast = (f"its change peaks at {m['peak_change']:.1f} grey levels (mean "
                 f"{m['mean_change']:.1f}) against a local texture spread of "
                 f"{m['texture_spread']:.1f} (ratio {m['contrast_ratio']:.1f})")
-    plant = " for this plant's real defects" if m.get("plant") else ""
+    plant = " for this plant's real defects" if m.get("plant_contrast") else ""
     if Issue.TOO_FAINT in issues:
         sentences.append(f"It is too faint{plant}: {contrast}.")
     elif Issue.TOO_STRONG in issues:
