@@ -3,7 +3,8 @@
 In Alg. 2 the image generator's results are given in advance (earlier, weaker attempts, then the
 real defect photo) and mask generation is "hard-coded" to the real mask. Everything else in an
 expert episode (prompt generation, the judge, knowledge retrieval, the rules, the messages) is
-the environment's own, so the trajectory is exactly what a batch episode would record.
+the environment's own, so the trajectory is exactly what a batch episode would record; only the
+instruction's Size part states the real defect's length (``RealSizePromptGenerator``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from appliance.tools.interfaces import Box, EditRequest, EditResult, MaskRequest, MaskResult
+from appliance.tools.image_gen.calibration import defect_pieces, major_axis
+from appliance.tools.image_gen.placement import object_extent
+from appliance.tools.interfaces import (Box, EditRequest, EditResult, MaskRequest, MaskResult,
+                                        PromptGenerator, PromptRequest, ToolFailure)
+from appliance.tools.object_map import find_object
+from appliance.tools.prompt_gen.composer import PromptParts
 
 
 def _box_of(mask: np.ndarray) -> Box:
@@ -42,6 +48,32 @@ class ReplayImageGenerator:
                 image=self.pictures[step], region=_box_of(self.mask), mask=self.mask.copy(),
                 params={"replayed": self.source, "step": step + 1, "of": len(self.pictures)}))
         return results
+
+
+class RealSizePromptGenerator:
+    """The environment's own prompt generator, with the Size part stating the real defect's
+    length: an expert trajectory's instruction describes the defect it ends with, so the judge,
+    which checks a defect against the size its instruction asks for, can accept the real one."""
+
+    def __init__(self, base: PromptGenerator, image: np.ndarray, mask: np.ndarray) -> None:
+        self.base = base
+        self.name = base.name
+        # Measured as the judge measures it: the longest defect of the mask, pieces joined.
+        length = max((major_axis(piece) for piece in defect_pieces(mask)), default=major_axis(mask))
+        share = length / object_extent(find_object(image))
+        low, high = (max(1, round(100 * share * f)) for f in (0.8, 1.2))
+        self.size = f"{low} to {high} percent of the part's width in length"
+
+    def generate_prompts(self, requests: Sequence[PromptRequest]) -> list:
+        prompts = self.base.generate_prompts(requests)
+        return [p if isinstance(p, ToolFailure) else self._sized(p) for p in prompts]
+
+    def _sized(self, prompt: str) -> str:
+        parts = PromptParts.parse(prompt)
+        if parts.category:
+            parts.size = self.size
+            return parts.render()
+        return f"{prompt.rstrip()} Size: {self.size}."
 
 
 class RealMaskGenerator:

@@ -25,7 +25,8 @@ from appliance.dataset.trajectory import save_trajectory
 from appliance.evaluation.data import LabeledImage
 from appliance.imaging import write_atomic
 from appliance.policies.scripted import ScriptedPolicy
-from appliance.training.replay_tools import RealMaskGenerator, ReplayImageGenerator
+from appliance.training.replay_tools import (RealMaskGenerator, RealSizePromptGenerator,
+                                             ReplayImageGenerator)
 from appliance.training.reverse_synthesis import (partial_defect, reverse_synthesize,
                                                   reverse_synthesize_from)
 
@@ -92,6 +93,8 @@ def expert_episode(environment: AgentEnvironment, example: DefectExample, catego
     real = example.defect
     pictures = [partial_defect(example.normal, real.image, real.mask, s) for s in STRENGTHS[steps]]
     tools = replace(environment.tools,
+                    prompt_gen=RealSizePromptGenerator(environment.tools.prompt_gen, real.image,
+                                                       real.mask),
                     image_gen=ReplayImageGenerator(pictures, real.mask, real.source),
                     mask_gen=RealMaskGenerator(real.mask))
     spec = EpisodeSpec(image=example.normal, category=category, defect=real.defect, seed=seed,
