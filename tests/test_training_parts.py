@@ -152,3 +152,26 @@ def test_reverse_synthesis_from_normals_borrows_the_matching_photo():
         reverse_synthesize_from(image, mask, [normals[0][:128]])
     with pytest.raises(ValueError, match="no normal photo"):
         reverse_synthesize_from(image, mask, [])
+
+
+def test_expert_instructions_state_the_real_defects_length(engine):
+    """An expert trajectory's instruction asks for the size of the real defect it ends with, so
+    the judge (which holds a defect to its instruction's size) can accept the real one."""
+    from appliance.evaluation.data import load_mask, resize_image
+    from appliance.imaging import load_rgb
+    from appliance.tools.image_gen.calibration import major_axis
+    from appliance.tools.image_gen.placement import object_extent
+    from appliance.tools.image_gen.prompt_params import parse_prompt
+    from appliance.tools.interfaces import PromptRequest
+    from appliance.tools.object_map import find_object
+    from appliance.training.replay_tools import RealSizePromptGenerator
+
+    photo = sorted(require_tiles("MT_Crack", "Imgs").glob("*.jpg"))[0]
+    image = resize_image(load_rgb(photo), 256)
+    mask = load_mask(photo.with_suffix(".png"), 256)
+    generator = RealSizePromptGenerator(engine.tools.prompt_gen, image, mask)
+    prompt = generator.generate_prompts([PromptRequest(_normal(), "magnetic_tile", "crack")])[0]
+    low, high = parse_prompt(prompt, np.random.default_rng(0)).size_band
+    share = major_axis(mask) / object_extent(find_object(image))
+    assert low <= share * 1.05 and share * 0.95 <= high and "Size:" in prompt
+    assert generator.name == engine.tools.prompt_gen.name
