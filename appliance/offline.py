@@ -14,6 +14,10 @@ OFFLINE_VARIABLES = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
+    # transformers >= 5.2x swaps layers for Hub kernels by default when `kernels` is installed (a
+    # dependency of transformers itself); on CUDA that fetches them from the Hub, so offline every
+    # from_pretrained fails. Measured on an H200 with transformers 5.25 (bench/RESULTS.md).
+    "USE_HUB_KERNELS": "0",
     # torch.load refuses pickled code: weights load only as tensors (or through safetensors).
     "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1",
 }

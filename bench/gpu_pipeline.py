@@ -290,7 +290,20 @@ def write_qwen_folder(folder: Path, tiny: bool, device: str) -> int:
     from appliance.vlm.chat_template import QWEN3_VL_CHAT_TEMPLATE
 
     tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer) if tiny else Qwen3VLConfig(**QWEN3_VL_4B)
+    if tiny:
+        config = tiny_config(tokenizer)
+    else:
+        # The published sizes with the special-token ids of the tokenizer saved beside them: the
+        # retraining bench tokenizes real chat text, whose image pads must be the config's.
+        ids = tokenizer.convert_tokens_to_ids
+        assert len(tokenizer) <= QWEN3_VL_4B["text_config"]["vocab_size"]
+        config = Qwen3VLConfig(**{
+            **QWEN3_VL_4B,
+            "text_config": {**QWEN3_VL_4B["text_config"], "eos_token_id": ids("<|im_end|>"),
+                            "pad_token_id": ids("<|endoftext|>")},
+            "image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"),
+            "vision_end_token_id": ids("<|vision_end|>")})
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with torch.device(device), DefaultDtype(dtype):
         model = Qwen3VLForConditionalGeneration(config)

@@ -235,3 +235,16 @@ def test_hub_libraries_stay_quiet_unless_debugging(debug, shown):
     assert done.returncode == 0, done.stderr
     assert ("Skipping publisher trust check" in done.stderr) is shown
     assert ("could not fetch a kernel" in done.stderr) is shown
+
+
+def test_hub_kernels_are_off_even_where_the_operator_turned_them_on():
+    """transformers swaps layers for Hub kernels when `kernels` is installed; on CUDA that is a
+    download, and offline it failed every NF4 load on an H200 (bench/RESULTS.md)."""
+    code = ("import appliance\n"
+            "from transformers.integrations.hub_kernels import _kernels_enabled\n"
+            "print(_kernels_enabled())\n")
+    env = {**os.environ, "USE_HUB_KERNELS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
