@@ -30,7 +30,7 @@ from appliance.agent.episode import EpisodeResult, EpisodeSpec
 from appliance.agent.schemas import TOOL_SCHEMAS
 from appliance.training.rewards import behaviour_reward, reflection_reward, task_reward
 from appliance.training.sft import assistant_labels, step_seconds, train_and_save
-from appliance.training.trajectories import DefectExample
+from appliance.training.trajectories import DefectExample, task_environment
 from appliance.vlm.budget import Budget
 from appliance.vlm.chat import ChatRequest, to_chat_request
 from appliance.vlm.transformers_runtime import render_chat
@@ -130,16 +130,22 @@ class EpisodeRollouts:
         # Seeds from the optimizer step being made, not from a count of calls in this process:
         # a run resumed from a checkpoint then draws the episodes the uninterrupted run drew.
         step = int(trainer.state.global_step) + 1
-        specs = []
+        # The G rollouts of one task run together, in that task's environment.
+        groups: dict[int, list[tuple[int, EpisodeSpec]]] = {}
         for k, row in enumerate(inputs):
             task = self.tasks[int(row["task"])]
             seed = int(np.random.SeedSequence([self.seed, step, k, 0x6290]).generate_state(1)[0])
-            specs.append(EpisodeSpec(image=task.normal, category=self.category,
-                                     defect=task.defect.defect, seed=seed, source=task.defect.source))
+            groups.setdefault(int(row["task"]), []).append((k, EpisodeSpec(
+                image=task.normal, category=self.category, defect=task.defect.defect, seed=seed,
+                source=task.defect.source)))
+        results: list = [None] * len(inputs)
         was_training = trainer.model.training
         trainer.model.eval()
         try:
-            results = self.environment.run(specs, policy)
+            for index, group in groups.items():
+                environment = task_environment(self.environment, self.tasks[index])
+                for (k, _), result in zip(group, environment.run([s for _, s in group], policy)):
+                    results[k] = result
         finally:
             trainer.model.train(was_training)
         tokens = [episode_tokens(runtime.processor, r) for r in results]
@@ -194,6 +200,9 @@ class GRPOResult:
     adapter_dir: Path
     rewards: list[float]  # mean reward of each step's rollouts
     runtime_seconds: float = 0.0  # the trainer's own time per step
+    # Steps where every group's rollouts scored alike: no advantage, so that step changed nothing
+    # (TRL's frac_reward_zero_std of 1).
+    tied_steps: int = 0
 
     @property
     def reward_gain(self) -> float:
@@ -242,4 +251,6 @@ def train_grpo(model_dir: Path, sft_adapter: Path, rollouts: EpisodeRollouts, ou
         reward_funcs=reward_functions(config, real_areas), rollouts=rollouts)
     with torch.random.fork_rng():
         adapter_dir, rewards = train_and_save(trainer, out_dir, "reward", "rewards.json")
-    return GRPOResult(adapter_dir, rewards, step_seconds(trainer))
+    tied = sum(1 for entry in trainer.state.log_history
+               if entry.get("frac_reward_zero_std", 0.0) >= 1.0)
+    return GRPOResult(adapter_dir, rewards, step_seconds(trainer), tied)

@@ -17,7 +17,7 @@ from appliance.agent.environment import AgentEnvironment
 from appliance.agent.episode import EpisodeSpec
 from appliance.agent.policy import Policy
 from appliance.training.rewards import RewardBreakdown, rewards
-from appliance.training.trajectories import DefectExample
+from appliance.training.trajectories import DefectExample, task_environment
 
 
 @dataclass
@@ -50,14 +50,19 @@ def heldout_specs(examples: Sequence[DefectExample], category: str, seed: int,
             for r in range(repeats) for index, example in enumerate(examples)]
 
 
-def run_heldout(environment: AgentEnvironment, policy: Policy, specs: Sequence[EpisodeSpec],
-                real_areas: dict[str, float], chunk: int = 8, progress=None
+def run_heldout(environment: AgentEnvironment, policy: Policy,
+                examples: Sequence[DefectExample], category: str, seed: int, repeats: int,
+                real_areas: dict[str, float], progress=None
                 ) -> tuple[HeldoutFigures, list[RewardBreakdown]]:
+    """``repeats`` episodes of each held-out defect, run together in that defect's environment
+    (``task_environment``: its instruction states the real defect's size, as in training)."""
     results = []
-    for start in range(0, len(specs), chunk):
-        results += environment.run(specs[start:start + chunk], policy)
+    specs = heldout_specs(examples, category, seed, repeats)
+    for index, example in enumerate(examples):
+        mine = specs[index::len(examples)]
+        results += task_environment(environment, example).run(mine, policy)
         if progress is not None:
-            progress.update(len(specs[start:start + chunk]))
+            progress.update(len(mine))
     scored = rewards(results, environment.config, real_areas)
     figures = HeldoutFigures(
         episodes=len(results), complete=mean(r.complete for r in scored) if scored else 0.0,

@@ -15,7 +15,7 @@ import numpy as np
 from appliance.engine import Engine, EngineConfig, EngineError, build_engine
 from appliance.evaluation.data import LabeledImage, Skipped
 from appliance.imaging import write_atomic
-from appliance.training.heldout import heldout_specs, real_area_medians, run_heldout
+from appliance.training.heldout import real_area_medians, run_heldout
 from appliance.training.run import RetrainError, RetrainOptions, RunState
 from appliance.training.trajectories import (
     DefectExample,
@@ -231,10 +231,14 @@ def run_grpo(ctx: StageContext) -> None:
                         ctx.engine.environment.config, real_area_medians(train + heldout))
     figures = {"steps": settings.steps, "generations": settings.generations,
                "rewards": [round(r, 4) for r in result.rewards],
-               "reward_gain": round(result.reward_gain, 4),
+               "reward_gain": round(result.reward_gain, 4), "tied_steps": result.tied_steps,
                "adapter": adapter_hash(result.adapter_dir),
                "seconds": round(time.perf_counter() - started, 1)}
     ctx.say(f"grpo: rollout reward {figures['rewards'][:1]} -> {figures['rewards'][-1:]}")
+    if result.tied_steps:
+        ctx.say(f"grpo: in {result.tied_steps} of {settings.steps} steps every rollout of a task "
+                "scored the same, so those steps changed nothing (a policy that never or always "
+                "succeeds gives GRPO nothing to compare; see docs/retraining.md)")
     ctx.state.finish("grpo", figures)
 
 
@@ -259,10 +263,10 @@ def measure(ctx: StageContext, adapter_dir: Path | None, label: str) -> dict:
     if not heldout:
         raise RetrainError("no held-out defect photos (each defect type needs two or more "
                            "photos, and --holdout above 0): the gate cannot measure anything")
-    specs = heldout_specs(heldout, ctx.category, ctx.options.seed, ctx.options.heldout_repeats)
     policy = _policy(ctx, adapter_dir, f"{label}@{adapter_dir.name if adapter_dir else 'base'}")
-    with ctx.bar(len(specs), f"held-out episodes ({label})") as bar:
-        figures, _ = run_heldout(ctx.engine.environment, policy, specs,
+    with ctx.bar(len(heldout) * ctx.options.heldout_repeats, f"held-out episodes ({label})") as bar:
+        figures, _ = run_heldout(ctx.engine.environment, policy, heldout, ctx.category,
+                                 ctx.options.seed, ctx.options.heldout_repeats,
                                  real_area_medians(ctx.split[0] + heldout), progress=bar)
     return figures.as_dict()
 
@@ -368,6 +372,8 @@ def render_report(report: dict) -> str:
                   f"- {r['steps']} steps, G = {r['generations']}, {r['seconds']} s",
                   f"- mean rollout reward per step: {', '.join(f'{x:.3f}' for x in r['rewards'])} "
                   f"(second half minus first half: {r['reward_gain']:+.3f})",
+                  f"- steps where every rollout of a task scored the same (nothing learned): "
+                  f"{r.get('tied_steps', 'not recorded')}",
                   f"- adapter {r['adapter']}"]
     if "gate" in stages:
         g = stages["gate"]

@@ -92,14 +92,24 @@ def expert_episode(environment: AgentEnvironment, example: DefectExample, catego
                          "image_gen attempts")
     real = example.defect
     pictures = [partial_defect(example.normal, real.image, real.mask, s) for s in STRENGTHS[steps]]
-    tools = replace(environment.tools,
-                    prompt_gen=RealSizePromptGenerator(environment.tools.prompt_gen, real.image,
-                                                       real.mask),
-                    image_gen=ReplayImageGenerator(pictures, real.mask, real.source),
+    task = task_environment(environment, example)
+    tools = replace(task.tools, image_gen=ReplayImageGenerator(pictures, real.mask, real.source),
                     mask_gen=RealMaskGenerator(real.mask))
     spec = EpisodeSpec(image=example.normal, category=category, defect=real.defect, seed=seed,
                        source=real.source)
     return AgentEnvironment(tools, environment.config).run([spec], ScriptedPolicy())[0]
+
+
+def task_environment(environment: AgentEnvironment, example: DefectExample) -> AgentEnvironment:
+    """The environment for episodes whose task is one real defect (expert trajectories, GRPO
+    rollouts, the gate's held-out episodes): its instruction states that defect's size, so the
+    instruction, the judge's size check and the task reward's area prior all ask for the same
+    thing. A task without a real mask keeps the environment as it is."""
+    if not example.defect.mask.any():
+        return environment
+    prompt_gen = RealSizePromptGenerator(environment.tools.prompt_gen, example.defect.image,
+                                         example.defect.mask)
+    return AgentEnvironment(replace(environment.tools, prompt_gen=prompt_gen), environment.config)
 
 
 def judge_problem(result: EpisodeResult, steps: int) -> str:
