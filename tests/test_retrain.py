@@ -152,6 +152,7 @@ def test_grpo_trains_the_sft_adapter_on_episodes_of_the_environment(trained):
     root, _, report, result = trained
     grpo = report["stages"]["grpo"]
     assert grpo["steps"] == 2 and grpo["generations"] == 4 and len(grpo["rewards"]) == 2
+    assert grpo["tied_steps"] < grpo["steps"], "no step had rollouts that scored differently"
     assert "## LoRA GRPO" in result.stdout
     sft = load_file(root / "run" / "sft" / "adapter" / "adapter_model.safetensors")
     tuned = load_file(root / "run" / "grpo" / "adapter" / "adapter_model.safetensors")

@@ -175,3 +175,21 @@ def test_expert_instructions_state_the_real_defects_length(engine):
     share = major_axis(mask) / object_extent(find_object(image))
     assert low <= share * 1.05 and share * 0.95 <= high and "Size:" in prompt
     assert generator.name == engine.tools.prompt_gen.name
+
+
+def test_groups_whose_rollouts_tied_leave_the_grpo_loss():
+    torch = pytest.importorskip("torch")
+    from appliance.training.grpo import drop_tied_groups
+
+    # Two groups of G = 2: the first tied (TRL's advantages are ~0 after /(std + 1e-4)), the
+    # second varied. Three completion tokens each; the policy wrote the first two.
+    output = {"advantages": torch.tensor([2e-5, -2e-5, 0.7, -0.7]),
+              "completion_mask": torch.ones(4, 3, dtype=torch.int64),
+              "tool_mask": torch.tensor([[1, 1, 0]] * 4),
+              "num_items_in_batch": torch.tensor(8)}
+    out = drop_tied_groups(output, group_size=2)
+    assert out["tool_mask"].tolist() == [[0, 0, 0], [0, 0, 0], [1, 1, 0], [1, 1, 0]]
+    assert int(out["num_items_in_batch"]) == 4
+    varied = {"advantages": torch.tensor([0.7, -0.7]), "completion_mask": torch.ones(2, 3),
+              "tool_mask": torch.ones(2, 3), "num_items_in_batch": torch.tensor(6)}
+    assert drop_tied_groups(dict(varied), group_size=2)["tool_mask"].sum() == 6

@@ -12,8 +12,8 @@ turn), a mask that trains on the policy's own tokens only, and all the episode's
 The reference is the SFT adapter: the policy starts as ``PeftModel`` of the SFT adapter and TRL
 copies it as its frozen "ref" adapter when ``beta`` > 0. Rewards are the batched functions of
 ``rewards.py``. Tokens a budget forced (a closed reasoning block) are trained as if sampled: a
-known approximation. TRL keeps zero-advantage groups in its normaliser (they add no gradient);
-the paper drops them.
+known approximation. Groups whose rollouts all scored the same are dropped from the loss, as the
+paper does (``drop_tied_groups``); TRL alone would keep them in its normaliser.
 """
 
 from __future__ import annotations
@@ -166,6 +166,27 @@ def freeze_full_modules(model) -> None:
             parameter.requires_grad_(False)
 
 
+def drop_tied_groups(output: dict, group_size: int) -> dict:
+    """Take groups whose rollouts all scored the same out of the loss, as the paper does.
+
+    Their advantages are zero (to rounding: TRL divides by std + 1e-4), so they add no policy
+    gradient; but TRL still counts their tokens in the loss normaliser, diluting the groups that
+    do teach, and keeps their KL term. Here their tokens leave the loss mask (``tool_mask``, where
+    our per-token mask travels) and the normaliser is recounted. Needs whole groups on this
+    process: one device, as retraining runs."""
+    import torch
+
+    advantages = output["advantages"]
+    tied = (advantages.abs().view(-1, group_size).amax(dim=1) < 1e-3)
+    if not bool(tied.any()):
+        return output
+    keep = (~tied).repeat_interleave(group_size).unsqueeze(1)
+    output["tool_mask"] = output["tool_mask"] * keep.to(output["tool_mask"].dtype)
+    kept_tokens = (output["completion_mask"] * output["tool_mask"]).sum()
+    output["num_items_in_batch"] = torch.as_tensor(kept_tokens, device=advantages.device)
+    return output
+
+
 def _trainer_class():
     from trl import GRPOTrainer
 
@@ -181,7 +202,8 @@ def _trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             self._rollout_inputs = inputs  # _generate only receives the prompts
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
+            return drop_tied_groups(output, self.num_generations)
 
         def _generate(self, prompts):
             return self.rollouts(self, self._rollout_inputs)
