@@ -181,15 +181,17 @@ def test_groups_whose_rollouts_tied_leave_the_grpo_loss():
     torch = pytest.importorskip("torch")
     from appliance.training.grpo import drop_tied_groups
 
-    # Two groups of G = 2: the first tied (TRL's advantages are ~0 after /(std + 1e-4)), the
-    # second varied. Three completion tokens each; the policy wrote the first two.
-    output = {"advantages": torch.tensor([2e-5, -2e-5, 0.7, -0.7]),
+    # Two groups of G = 2: the first tied (TRL leaves ~2e-3 there: float32 rounding of the mean
+    # over std + 1e-4), the second varied. Three completion tokens each; the policy wrote two.
+    output = {"advantages": torch.tensor([2.4e-3, -2.4e-3, 0.7, -0.7]),
               "completion_mask": torch.ones(4, 3, dtype=torch.int64),
               "tool_mask": torch.tensor([[1, 1, 0]] * 4),
               "num_items_in_batch": torch.tensor(8)}
-    out = drop_tied_groups(output, group_size=2)
+    out, tied = drop_tied_groups(output, group_size=2)
+    assert tied == 0.5
     assert out["tool_mask"].tolist() == [[0, 0, 0], [0, 0, 0], [1, 1, 0], [1, 1, 0]]
     assert int(out["num_items_in_batch"]) == 4
     varied = {"advantages": torch.tensor([0.7, -0.7]), "completion_mask": torch.ones(2, 3),
               "tool_mask": torch.ones(2, 3), "num_items_in_batch": torch.tensor(6)}
-    assert drop_tied_groups(dict(varied), group_size=2)["tool_mask"].sum() == 6
+    out, tied = drop_tied_groups(dict(varied), group_size=2)
+    assert tied == 0.0 and out["tool_mask"].sum() == 6

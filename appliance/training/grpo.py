@@ -144,7 +144,8 @@ class EpisodeRollouts:
         try:
             for index, group in groups.items():
                 environment = task_environment(self.environment, self.tasks[index])
-                for (k, _), result in zip(group, environment.run([s for _, s in group], policy)):
+                for (k, _), result in zip(group, environment.run([s for _, s in group], policy),
+                                          strict=True):
                     results[k] = result
         finally:
             trainer.model.train(was_training)
@@ -166,25 +167,33 @@ def freeze_full_modules(model) -> None:
             parameter.requires_grad_(False)
 
 
-def drop_tied_groups(output: dict, group_size: int) -> dict:
-    """Take groups whose rollouts all scored the same out of the loss, as the paper does.
+# Largest |advantage| of a group that counts as tied. With equal rewards TRL's float32 mean is off
+# by an ulp, leaving std ~1e-7 and advantages up to ~2.5e-3 after its /(std + 1e-4); a group whose
+# rewards really differ by s has advantages near s / (s + 1e-4), above 0.09 for any s above 1e-5.
+TIED_ADVANTAGE = 0.05
 
-    Their advantages are zero (to rounding: TRL divides by std + 1e-4), so they add no policy
-    gradient; but TRL still counts their tokens in the loss normaliser, diluting the groups that
-    do teach, and keeps their KL term. Here their tokens leave the loss mask (``tool_mask``, where
-    our per-token mask travels) and the normaliser is recounted. Needs whole groups on this
-    process: one device, as retraining runs."""
+
+def drop_tied_groups(output: dict, group_size: int) -> tuple[dict, float]:
+    """Take groups whose rollouts all scored the same out of the loss, as the paper does; returns
+    the output and the share of groups that tied.
+
+    Their advantages are zero (to rounding), so they add no policy gradient; but TRL still counts
+    their tokens in the loss normaliser, diluting the groups that do teach, and keeps their KL
+    term. Here their tokens leave the loss mask (``tool_mask``, where our per-token mask travels)
+    and the normaliser is recounted. Needs whole groups on this process: one device, as
+    retraining runs."""
     import torch
 
     advantages = output["advantages"]
-    tied = (advantages.abs().view(-1, group_size).amax(dim=1) < 1e-3)
+    tied = advantages.abs().view(-1, group_size).amax(dim=1) < TIED_ADVANTAGE
+    share = float(tied.float().mean())
     if not bool(tied.any()):
-        return output
+        return output, share
     keep = (~tied).repeat_interleave(group_size).unsqueeze(1)
     output["tool_mask"] = output["tool_mask"] * keep.to(output["tool_mask"].dtype)
     kept_tokens = (output["completion_mask"] * output["tool_mask"]).sum()
     output["num_items_in_batch"] = torch.as_tensor(kept_tokens, device=advantages.device)
-    return output
+    return output, share
 
 
 def _trainer_class():
@@ -203,7 +212,11 @@ def _trainer_class():
         def _generate_and_score_completions(self, inputs):
             self._rollout_inputs = inputs  # _generate only receives the prompts
             output = super()._generate_and_score_completions(inputs)
-            return drop_tied_groups(output, self.num_generations)
+            output, tied = drop_tied_groups(output, self.num_generations)
+            # Logged with the step (and kept in checkpoints' trainer state, so a resumed run
+            # counts the steps before its crash too).
+            self._metrics["train"]["frac_tied_groups"].append(tied)
+            return output
 
         def _generate(self, prompts):
             return self.rollouts(self, self._rollout_inputs)
@@ -222,8 +235,8 @@ class GRPOResult:
     adapter_dir: Path
     rewards: list[float]  # mean reward of each step's rollouts
     runtime_seconds: float = 0.0  # the trainer's own time per step
-    # Steps where every group's rollouts scored alike: no advantage, so that step changed nothing
-    # (TRL's frac_reward_zero_std of 1).
+    # Steps where every task's rollouts scored alike: no advantage, so the step's loss was zero
+    # (the optimizer's momentum from earlier steps may still move the weights).
     tied_steps: int = 0
 
     @property
@@ -274,5 +287,5 @@ def train_grpo(model_dir: Path, sft_adapter: Path, rollouts: EpisodeRollouts, ou
     with torch.random.fork_rng():
         adapter_dir, rewards = train_and_save(trainer, out_dir, "reward", "rewards.json")
     tied = sum(1 for entry in trainer.state.log_history
-               if entry.get("frac_reward_zero_std", 0.0) >= 1.0)
+               if (entry.get("frac_tied_groups") or 0.0) >= 1.0)
     return GRPOResult(adapter_dir, rewards, step_seconds(trainer), tied)

@@ -237,8 +237,8 @@ def run_grpo(ctx: StageContext) -> None:
     ctx.say(f"grpo: rollout reward {figures['rewards'][:1]} -> {figures['rewards'][-1:]}")
     if result.tied_steps:
         ctx.say(f"grpo: in {result.tied_steps} of {settings.steps} steps every rollout of a task "
-                "scored the same, so those steps changed nothing (a policy that never or always "
-                "succeeds gives GRPO nothing to compare; see docs/retraining.md)")
+                "scored the same, so those steps had nothing to learn from (a policy that never or "
+                "always succeeds gives GRPO nothing to compare; see docs/retraining.md)")
     ctx.state.finish("grpo", figures)
 
 
@@ -372,7 +372,7 @@ def render_report(report: dict) -> str:
                   f"- {r['steps']} steps, G = {r['generations']}, {r['seconds']} s",
                   f"- mean rollout reward per step: {', '.join(f'{x:.3f}' for x in r['rewards'])} "
                   f"(second half minus first half: {r['reward_gain']:+.3f})",
-                  f"- steps where every rollout of a task scored the same (nothing learned): "
+                  f"- steps where every rollout of a task scored the same (nothing to learn from): "
                   f"{r.get('tied_steps', 'not recorded')}",
                   f"- adapter {r['adapter']}"]
     if "gate" in stages:
