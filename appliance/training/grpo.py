@@ -182,8 +182,6 @@ def drop_tied_groups(output: dict, group_size: int) -> tuple[dict, float]:
     term. Here their tokens leave the loss mask (``tool_mask``, where our per-token mask travels)
     and the normaliser is recounted. Needs whole groups on this process: one device, as
     retraining runs."""
-    import torch
-
     advantages = output["advantages"]
     tied = advantages.abs().view(-1, group_size).amax(dim=1) < TIED_ADVANTAGE
     share = float(tied.float().mean())
@@ -191,8 +189,7 @@ def drop_tied_groups(output: dict, group_size: int) -> tuple[dict, float]:
         return output, share
     keep = (~tied).repeat_interleave(group_size).unsqueeze(1)
     output["tool_mask"] = output["tool_mask"] * keep.to(output["tool_mask"].dtype)
-    kept_tokens = (output["completion_mask"] * output["tool_mask"]).sum()
-    output["num_items_in_batch"] = torch.as_tensor(kept_tokens, device=advantages.device)
+    output["num_items_in_batch"] = (output["completion_mask"] * output["tool_mask"]).sum()
     return output, share
 
 
