@@ -97,6 +97,7 @@ class BatchSummary:
     seconds: float = 0.0
     stopped: str = "done"  # why processing ended: done, paused, deadline, signal, disk full
     notes: list[str] = field(default_factory=list)  # recovery done at start, warnings
+    runner_notes: list[str] = field(default_factory=list)  # e.g. cluster nodes refused or lost
     batch_id: str | None = None
     test_good: int = 0  # normal photos of the dataset held back in test/good
     # "category/defect" -> [episodes, written]: a judge that accepts everything is not judging.
@@ -125,6 +126,7 @@ class BatchSummary:
             lines.append("accepted per type  " + ", ".join(
                 f"{key} {written}/{episodes}" for key, (episodes, written)
                 in sorted(self.by_defect.items())))
+        lines += [f"workers            {note}" for note in self.runner_notes]
         if self.stopped != "done":
             lines.append(f"stopped early      {self.stopped}; the rest stays queued")
         for name, reason in self.unreadable:
@@ -277,10 +279,20 @@ def intake_image(writer, category: str, image: np.ndarray, sha256: str, source: 
 
 # Running episodes -------------------------------------------------------------------------------
 
-def _run_jobs(engine: Engine, jobs: list[EpisodeJob]) -> list[EpisodeResult]:
-    specs = [EpisodeSpec(image=load_rgb(Path(job.normal_path)), category=job.category,
-                         defect=job.defect, seed=job.seed, source=job.source,
-                         source_sha256=job.sha256) for job in jobs]
+class RunnerUnavailable(RuntimeError):
+    """No engine can run episodes now (a cluster that lost every node): the claimed episodes
+    go back to the queue without counting a try."""
+
+
+def run_jobs(engine: Engine, jobs: list[EpisodeJob],
+             images: Sequence[np.ndarray] | None = None) -> list[EpisodeResult]:
+    """Run claimed episodes on ``engine``. ``images`` are their normal photos when they come
+    from elsewhere (a cluster node cannot read the head's train/good); else they are read."""
+    if images is None:
+        images = [load_rgb(Path(job.normal_path)) for job in jobs]
+    specs = [EpisodeSpec(image=image, category=job.category, defect=job.defect, seed=job.seed,
+                         source=job.source, source_sha256=job.sha256)
+             for job, image in zip(jobs, images, strict=True)]
     return engine.environment.run(specs, engine.policy)
 
 
@@ -304,7 +316,7 @@ def _init_worker(config: EngineConfig) -> None:
 
 def _run_chunk(jobs: list[EpisodeJob]) -> list[EpisodeResult]:
     assert _WORKER_ENGINE is not None
-    return _run_jobs(_WORKER_ENGINE, jobs)
+    return run_jobs(_WORKER_ENGINE, jobs)
 
 
 class EpisodeRunner:
@@ -329,11 +341,24 @@ class EpisodeRunner:
             return self.engine.describe()
         return {"engine": self.config.name, **self.config.backend_names()}
 
+    def nodes(self) -> dict | None:
+        """Per-node progress for ``appliance status``; None on a single box."""
+        return None
+
+    # A second runner can be built beside this one (an engine reload keeps the old one until
+    # the new one works); a cluster runner's engines hold the nodes, so it is closed first.
+    exclusive = False
+
+    @property
+    def notes(self) -> list[str]:
+        """What the runner had to do that the batch summary should say (refused nodes)."""
+        return []
+
     def submit(self, jobs: list[EpisodeJob]) -> Future:
         if self.workers == 1:
             future: Future = Future()
             try:
-                future.set_result(_run_jobs(self.engine, jobs))
+                future.set_result(run_jobs(self.engine, jobs))
             except Exception as exc:  # noqa: BLE001 - reported per chunk by the caller
                 future.set_exception(exc)
             return future
@@ -439,6 +464,8 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
             unwritten = [job.episode_id for job in jobs]
             try:
                 results = future.result()
+            except RunnerUnavailable:
+                raise  # not the episodes' fault: they go back to the queue untried
             except Exception as exc:  # noqa: BLE001 - an engine failure must not stop the queue
                 if isinstance(exc, BrokenProcessPool):
                     runner.reset_pool()
@@ -477,6 +504,8 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
                     continue
                 unwritten.remove(job.episode_id)
                 _count(summary, result, written is not None)
+            if (nodes := runner.nodes()) is not None:
+                store.set("cluster", nodes)
             if progress is not None:
                 progress(summary.episodes, total, summary)
     except BaseException as exc:
@@ -571,15 +600,20 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
               defects: Sequence[str] | None = None, chunk: int = 4,
               progress: Callable[[int, int, BatchSummary], None] | None = None,
               engine: Engine | None = None, max_tries: int = DEFAULT_MAX_TRIES,
-              test_good_share: float = TEST_GOOD_SHARE) -> BatchSummary:
+              test_good_share: float = TEST_GOOD_SHARE,
+              runner: EpisodeRunner | None = None) -> BatchSummary:
     """Queue every photo of the inbox, run the dataset's queue and write the dataset.
-    ``test_good_share`` of the normal photos go to ``test/good`` instead of being edited."""
+    ``test_good_share`` of the normal photos go to ``test/good`` instead of being edited.
+    ``runner`` runs the episodes elsewhere (a cluster); by default this box does, with
+    ``workers`` processes."""
     from appliance.dataset.writer import DatasetWriter
     from appliance.storage.reconcile import reconcile
 
     started = time.perf_counter()
-    engine_config = engine_config or (engine.config if engine else EngineConfig())
-    runner = EpisodeRunner(engine, engine_config, workers)
+    if runner is None:
+        engine_config = engine_config or (engine.config if engine else EngineConfig())
+        runner = EpisodeRunner(engine, engine_config, workers)
+    engine_config = runner.config
     knowledge_base = runner.engine.knowledge_base if runner.engine else build_engine_kb(engine_config)
     plans, skipped = plan_inbox(inbox, knowledge_base, per_image, defects)
     summary = BatchSummary(skipped_categories=skipped)
@@ -607,8 +641,11 @@ def run_batch(inbox: Path, out: Path, engine_config: EngineConfig | None = None,
         summary.test_good = len(store.normals(split="test"))
         # 3. Run the queue (this inbox's episodes and any left by an interrupted run).
         summary.batch_id = store.begin_batch("batch")
-        process_queue(store, writer, runner, chunk=chunk, max_tries=max_tries,
-                      batch=summary.batch_id, summary=summary, progress=progress)
+        try:
+            process_queue(store, writer, runner, chunk=chunk, max_tries=max_tries,
+                          batch=summary.batch_id, summary=summary, progress=progress)
+        finally:
+            summary.runner_notes = runner.notes
         # 4. The contact sheet reflects the whole dataset, earlier runs included.
         summary.seconds = time.perf_counter() - started
         finish_batch(store, summary.batch_id, summary, always_sheet=True)

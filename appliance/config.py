@@ -124,6 +124,32 @@ class ServiceSection:
                                        min=0.01, max=86400)
 
 
+@dataclass
+class ClusterSection:
+    """Running episodes on a Ray cluster of boxes (the optional ``cluster`` extra); see
+    docs/cluster.md. Without an address the box runs alone and Ray is never imported."""
+
+    address: str | None = _opt(None, "Ray cluster to run episodes on: HOST:PORT of its head "
+                                     "(default: none, this box alone)")
+    token_file: Path = _opt(Path("cluster-token"), "the cluster's shared secret (Ray token "
+                                                   "authentication); `appliance cluster token` "
+                                                   "makes one")
+    node_ip: str | None = _opt(None, "the address Ray binds to on this box (default: Ray's "
+                                     "choice); `appliance cluster start` uses it")
+    port: int = _opt(6379, "the head's Ray port, which every box connects to", min=1024,
+                     max=65535)
+    cpus_per_engine: float = _opt(1.0, "CPUs each engine (one Ray actor, models loaded once) "
+                                       "holds; a node runs as many engines as fit", min=0.0,
+                                  max=1024)
+    gpus_per_engine: float = _opt(0.0, "GPUs each engine holds (1: one engine per GPU)",
+                                  min=0.0, max=64)
+    chunks_per_engine: int = _opt(2, "chunks in flight per engine: keeps each engine busy "
+                                     "while the head writes, and bounds the head's memory",
+                                  min=1, max=16)
+    dashboard: bool = _opt(False, "start Ray's dashboard with `appliance cluster start` (one "
+                                  "more open port)")
+
+
 # Work one photo may ask for: at most MAX_DEFECTS x MAX_PER_IMAGE episodes, so a spec dropped
 # into the inbox can never make intake allocate without bound.
 MAX_PER_IMAGE = 100
@@ -165,6 +191,7 @@ class Config:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     service: ServiceSection = field(default_factory=ServiceSection)
     defaults: DefaultsSection = field(default_factory=DefaultsSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     categories: dict[str, CategorySection] = field(default_factory=dict)
     source: Path | None = None  # the file it came from; None for built-in defaults
 
@@ -188,6 +215,11 @@ class Config:
     @property
     def dataset(self) -> Path:
         return self.path("dataset")
+
+    @property
+    def cluster_token_file(self) -> Path:
+        token = self.cluster.token_file
+        return token if token.is_absolute() else self.root / token
 
     def engine_config(self):
         """The EngineConfig this file asks for (engine, backend overrides, thresholds)."""

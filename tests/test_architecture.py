@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("appliance.models",),
     ("appliance.engine",),
     ("appliance.storage", "appliance.dataset"),
-    ("appliance.batch", "appliance.config", "appliance.evaluation", "appliance.training"),
+    ("appliance.batch", "appliance.config", "appliance.cluster", "appliance.evaluation",
+     "appliance.training"),
     ("appliance.service", "appliance.review"),
     ("appliance.cli",),
 ]

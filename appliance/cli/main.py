@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import textwrap
 from dataclasses import replace
@@ -153,12 +154,20 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
               type=click.FloatRange(0.0, 0.9),
               help="Share of the normal photos held back in <category>/test/good (never edited), "
                    "so that anomalib's image-level metrics have normal test images.")
+@click.option("--cluster", "cluster_address", metavar="HOST:PORT", default=None,
+              help="Run the episodes on the Ray cluster whose head is at HOST:PORT (this box "
+                   "must be one of its nodes: `appliance cluster start`); this box keeps the "
+                   "dataset. Default: the config's cluster.address, else this box alone. "
+                   "See docs/cluster.md.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The cluster's token file (default: the config's cluster.token_file).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and services).")
 @click.option("--profile", is_flag=True,
               help="Profile the run (cProfile) and print its 20 costliest functions to stderr.")
 @_engine_options
 def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed: int,
-          workers: int, chunk: int, test_good_share: float, no_progress: bool, profile: bool,
+          workers: int, chunk: int, test_good_share: float, cluster_address: str | None,
+          token_file: Path | None, no_progress: bool, profile: bool,
           engine: str,
           backends: tuple[str, ...],
           knowledge_base: Path | None, max_attempts: int | None, gpu_memory: float | None) -> None:
@@ -169,13 +178,14 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     """
     from tqdm import tqdm
 
-    from appliance.batch import InboxError, run_batch
+    from appliance.batch import InboxError, RunnerUnavailable, run_batch
     from appliance.storage import DiskFullError
 
     config = _engine_config(engine, knowledge_base, max_attempts, backends, gpu_memory)
     from appliance.engine import model_roles
 
-    if workers > 1 and model_roles(config):
+    runner = _cluster_runner(config, cluster_address, token_file)
+    if workers > 1 and model_roles(config) and runner is None:
         click.echo(f"note: each of the {workers} workers loads its own copy of the models "
                    "(the memory plan counts one); on one GPU, use --workers 1 and batch with "
                    "--chunk", err=True)
@@ -201,8 +211,8 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     try:
         summary = run_batch(inbox, out, config, per_image=per_image, seed=seed, workers=workers,
                             defects=[d for d in defects] or None, chunk=chunk, progress=progress,
-                            test_good_share=test_good_share)
-    except (InboxError, EngineError, DiskFullError) as exc:
+                            test_good_share=test_good_share, runner=runner)
+    except (InboxError, EngineError, DiskFullError, RunnerUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         if bar is not None:
@@ -218,6 +228,34 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
     for line in summary.lines():
         click.echo(line)
     click.echo(f"dataset            {out}  (contact sheet: {out / 'index.html'})")
+
+
+def _cluster_runner(config: EngineConfig, address: str | None, token_file: Path | None):
+    """The cluster runner when a cluster is named (flag or config), else None (this box)."""
+    from appliance.cluster.auth import ClusterError
+    from appliance.cluster.settings import ClusterSettings
+    from appliance.config import ConfigError, load_config
+
+    try:
+        settings = ClusterSettings.from_config(load_config(), address, token_file)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if settings is None:
+        return None
+    if importlib.util.find_spec("ray") is None:
+        raise click.ClickException("running on a cluster needs Ray, which is not installed: "
+                                   "install the cluster extra (pip install '.[cluster]')")
+    from appliance.cluster.runner import ClusterRunner
+
+    click.echo(f"cluster {settings.address}: starting engines on its nodes", err=True)
+    try:
+        runner = ClusterRunner(config, settings,
+                               say=lambda line: click.echo(f"cluster: {line}", err=True))
+    except (ClusterError, EngineError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for node in runner.nodes().values():
+        click.echo(f"  node {node['name']}: {node['engines']} engine(s), {node['state']}", err=True)
+    return runner
 
 
 @cli.group()
@@ -288,6 +326,7 @@ def knowledge_search(category: str, defect: str, k: int) -> None:
 
 def _register_commands() -> None:
     """Commands that live in their own modules register here."""
+    from appliance.cli.cluster_command import cluster_group
     from appliance.cli.eval_command import eval_command
     from appliance.cli.retrain_command import retrain_command
     from appliance.cli.review_command import export_command, review_command
@@ -295,6 +334,7 @@ def _register_commands() -> None:
     from appliance.cli.selftest_command import selftest_command
     from appliance.cli.service_commands import register as register_service_commands
 
+    cli.add_command(cluster_group, name="cluster")
     cli.add_command(eval_command, name="eval")
     cli.add_command(retrain_command, name="retrain")
     cli.add_command(review_command, name="review")

@@ -5,7 +5,7 @@
 ``build``: the GPU memory plan, then every backend and the environment that runs them.
 """
 
-from appliance.engine.build import Engine, build_engine, plan_gpu_memory
+from appliance.engine.build import Engine, build_engine, plan_gpu_memory, promoted_versions
 from appliance.engine.registry import (
                                        BACKENDS,
                                        ENGINES,
@@ -26,4 +26,4 @@ from appliance.tools.knowledge.retrieval import default_cache_dir
 
 __all__ = ["BACKENDS", "ENGINES", "GUIDES", "ROLES", "BuildContext", "Engine", "EngineChoice",
            "EngineConfig", "EngineError", "RoleChoice", "build_engine", "default_cache_dir",
-           "model_roles", "plan_gpu_memory", "resolve_engine_config", "select_engine"]
+           "model_roles", "plan_gpu_memory", "promoted_versions", "resolve_engine_config", "select_engine"]

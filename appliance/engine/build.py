@@ -10,8 +10,8 @@ from typing import Any
 
 from appliance.agent.environment import AgentEnvironment, Toolbox
 from appliance.agent.policy import Policy
-from appliance.engine.registry import (BACKENDS, BuildContext, EngineConfig, EngineError,
-                                      promoted_calibrations)
+from appliance.engine.registry import (BACKENDS, CALIBRATED_BACKENDS, BuildContext,
+                                      EngineConfig, EngineError, promoted_calibrations)
 from appliance.engine.selection import model_roles
 from appliance.tools.image_gen.calibration import Calibrations
 from appliance.tools.knowledge.base import KnowledgeBase, load_knowledge_base
@@ -110,3 +110,20 @@ def build_engine(config: EngineConfig | None = None) -> Engine:
     return Engine(config=config, policy=built["policy"], tools=tools,
                   environment=AgentEnvironment(tools, config.env), knowledge_base=knowledge_base,
                   memory=memory, calibrations=calibrations)
+
+
+def promoted_versions(engine_config) -> dict[str, dict[str, str]]:
+    """The active adapter and calibration profile hashes per category: what a built engine
+    loaded, and what to compare with before the next batch."""
+    from appliance.models.adapters import ADAPTERS
+    from appliance.models.calibrations import CALIBRATIONS
+    from appliance.models.manifest import default_models_dir
+
+    models_dir = engine_config.models_dir or default_models_dir()
+    shelves = []
+    if engine_config.policy != "scripted":  # the scripted policy has no adapters
+        shelves.append(ADAPTERS)
+    if any(getattr(engine_config, role) == name for role, name in CALIBRATED_BACKENDS.items()):
+        shelves.append(CALIBRATIONS)
+    return {shelf.kind: {category: active[0] for category, active in shelf.actives(models_dir).items()}
+            for shelf in shelves}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from appliance.batch import BatchSummary, EpisodeRunner, finish_batch, process_queue
 from appliance.config import Config, check_writable
+from appliance.engine import promoted_versions
 from appliance.models.shelf import ShelfError
 from appliance.names import printable
 from appliance.service.intake import Intake
@@ -95,7 +96,7 @@ class Service:
             self._promoted = promoted_versions(engine_config)
         except (ShelfError, OSError, ValueError):
             self._promoted = None  # building the engine says what is wrong with them
-        self.runner = EpisodeRunner(config=engine_config, workers=self.config.engine.workers)
+        self.runner = _runner_for(self.config, engine_config)
         self._describe(self.runner.describe())
         return (self.runner.engine.knowledge_base if self.runner.engine
                 else _load_kb(engine_config))
@@ -122,6 +123,18 @@ class Service:
         log.info("promoted adapters/calibration profiles changed (%s -> %s); reloading the engine",
                  self._promoted, now)
         old = self.runner
+        if old.exclusive:  # its engines hold the nodes the new ones need
+            old.close()
+            try:
+                self._build_runner()
+            except Exception as exc:  # noqa: BLE001 - reported; the queue waits for a restart
+                self.runner = None
+                self.store_safe_set("last_error", f"the engines with the newly promoted "
+                                                  f"adapter/profile cannot start: {exc}")
+                log.error("the engines with the newly promoted adapter/profile cannot start on "
+                          "the cluster (%s); episodes wait until the service is restarted", exc)
+                return False
+            return True
         try:
             self._build_runner()
         except Exception as exc:  # noqa: BLE001 - the old engine keeps the night going
@@ -514,30 +527,31 @@ class ServiceError(RuntimeError):
     """The service cannot run as configured (e.g. a folder it must write is not writable)."""
 
 
+def _runner_for(config: Config, engine_config) -> EpisodeRunner:
+    """This box's worker processes, or the engines of the cluster the config names."""
+    from appliance.cluster.settings import ClusterSettings
+
+    settings = ClusterSettings.from_config(config)
+    if settings is None:
+        return EpisodeRunner(config=engine_config, workers=config.engine.workers)
+    from appliance.cluster.auth import ClusterError
+
+    try:
+        from appliance.cluster.runner import ClusterRunner
+    except ImportError as exc:
+        raise ServiceError(f"cluster.address is set but Ray cannot be imported ({exc}); install "
+                           "the cluster extra: pip install '.[cluster]'") from None
+    try:
+        return ClusterRunner(engine_config, settings)
+    except ClusterError as exc:
+        raise ServiceError(f"cluster: {exc}") from None
+
+
 def _existing(path: Path) -> Path:
     """The path, or its nearest existing parent (disk usage of a folder not made yet)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def promoted_versions(engine_config) -> dict[str, dict[str, str]]:
-    """The active adapter and calibration profile hashes per category: what a built engine
-    loaded, and what to compare with before the next batch."""
-    from appliance.models.adapters import ADAPTERS
-    from appliance.models.calibrations import CALIBRATIONS
-    from appliance.models.manifest import default_models_dir
-
-    from appliance.engine.registry import CALIBRATED_BACKENDS
-
-    models_dir = engine_config.models_dir or default_models_dir()
-    shelves = []
-    if engine_config.policy != "scripted":  # the scripted policy has no adapters
-        shelves.append(ADAPTERS)
-    if any(getattr(engine_config, role) == name for role, name in CALIBRATED_BACKENDS.items()):
-        shelves.append(CALIBRATIONS)
-    return {shelf.kind: {category: active[0] for category, active in shelf.actives(models_dir).items()}
-            for shelf in shelves}
 
 
 def _load_kb(engine_config):

@@ -35,6 +35,7 @@ def collect_status(config: Config) -> dict:
                         "paused": store.paused, "last_error": store.get("last_error"),
                         "intake_failures": store.intake_failures(),
                         "review": ReviewLog(store).counts().as_dict()}
+        report["cluster"] = store.get("cluster") or {}
         for role in ("watcher", "runner"):
             beat, updated = store.get_with_time(role)
             report[role] = {"alive": _alive(beat, updated, now), "heartbeat": beat,
@@ -107,6 +108,12 @@ def status_lines(report: dict) -> list[str]:
         if progress["pending"]:
             text += f", ~{_duration(progress['eta_seconds'])} left"
     lines.append(text)
+    for node in report.get("cluster", {}).values():
+        rate = node.get("episodes_per_second")
+        ago = _duration(max(0.0, time.time() - node.get("updated", time.time())))
+        lines.append(f"node        {node['name']}: {node['state']}, {node['engines']} engine(s), "
+                     f"{node['episodes']} episodes" + (f", {rate:.2f}/s" if rate else "")
+                     + f" (as of {ago} ago)")
     review = report["review"]
     lines.append(f"review      {review['approved']} approved, {review['rejected']} rejected, "
                  f"{review['unreviewed']} not reviewed (appliance review)")

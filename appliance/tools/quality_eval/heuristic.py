@@ -267,7 +267,7 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
 
     # Visibility: mean change over the region against the fine texture of the surface around it
     # (grey levels minus their local mean, so that shading does not count as texture).
-    m["mean_change"] = float(diff_w[region].mean())
+    m["mean_change"] = float(diff_w[region].mean(dtype=np.float64))
     m["peak_change"] = float(np.percentile(diff_w[region], 90))
     grey_n = cv2.cvtColor(normal[window], cv2.COLOR_RGB2GRAY).astype(np.float32)
     grey_e = cv2.cvtColor(edited[window], cv2.COLOR_RGB2GRAY).astype(np.float32)
@@ -277,7 +277,7 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
     ring = (cv2.distanceTransform(outside, cv2.DIST_L2, 3) <= radius) & ~region
     if ring.sum() < 20:  # the change covers (nearly) everything: use the whole window
         ring = np.ones_like(region)
-    m["texture_spread"] = float(max(detail[ring].std(), limits.min_spread))
+    m["texture_spread"] = float(max(detail[ring].std(dtype=np.float64), limits.min_spread))
     m["contrast_ratio"] = m["peak_change"] / m["texture_spread"]
 
     m.update(_seam_measurements(grey_n, grey_e, diff_w, region, (ry0, rx0), changed.shape))
@@ -332,14 +332,17 @@ def _seam_measurements(grey_n: np.ndarray, grey_e: np.ndarray, diff: np.ndarray,
     # Erosion treats outside the array as set, so the frame edge is never counted as outline.
     eroded = cv2.erode(region_u8, square).astype(bool)
     inner = region & ~eroded
-    mean_change = float(diff[region].mean()) if region.any() else 0.0
-    hardness = float(diff[inner].mean() / mean_change) if inner.any() and mean_change else 0.0
+    # Sums in float64: a float32 sum's last digits follow the memory alignment of the array
+    # (numpy's SIMD paths), and the same episode must report the same figures on every box.
+    mean_change = float(diff[region].mean(dtype=np.float64)) if region.any() else 0.0
+    hardness = (float(diff[inner].mean(dtype=np.float64) / mean_change)
+                if inner.any() and mean_change else 0.0)
 
     outline = cv2.dilate(region_u8, square).astype(bool) & ~eroded
     gradient_ratio = 0.0
     if outline.any():
-        gradient_ratio = float(_gradient(grey_e)[outline].mean()
-                               / max(float(_gradient(grey_n)[outline].mean()), 1.0))
+        gradient_ratio = float(_gradient(grey_e)[outline].mean(dtype=np.float64)
+                               / max(float(_gradient(grey_n)[outline].mean(dtype=np.float64)), 1.0))
 
     straight = 0.0
     perimeter_total = 0.0
@@ -373,8 +376,11 @@ def _seam_measurements(grey_n: np.ndarray, grey_e: np.ndarray, diff: np.ndarray,
 
 
 def _gradient(grey: np.ndarray) -> np.ndarray:
-    return cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3),
-                         cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
+    # In float64: OpenCV's float32 path gives last-digit differences with its thread count, and
+    # an episode must be judged the same on a 2-core box and a 64-core one.
+    grey = grey.astype(np.float64)
+    return cv2.magnitude(cv2.Sobel(grey, cv2.CV_64F, 1, 0, ksize=3),
+                         cv2.Sobel(grey, cv2.CV_64F, 0, 1, ksize=3))
 
 
 def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> QualityReport:

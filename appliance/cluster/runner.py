@@ -1,0 +1,375 @@
+"""Episodes on a Ray cluster: the head keeps the job store and the writer, the nodes run engines.
+
+``ClusterRunner`` is an episode runner like ``batch.EpisodeRunner``: ``process_queue`` claims
+chunks in the store, hands them to it and writes each result exactly once, in claim order. Here a
+chunk goes to a Ray actor (an ``EngineActor``: one engine, models loaded once) on some node, with
+the normal photos' bytes, since a node cannot read the head's disk. Each node runs as many
+engines as its resources hold (``cpus_per_engine``, ``gpus_per_engine``).
+
+Faults: when an engine or its node dies, the chunks it held run again on another engine before
+``process_queue`` sees them, so they are written once and in the same order; an actor that
+crashed on a live node is restarted by Ray and reloads its models. A chunk whose own episodes
+fail (a Python error in the loop) fails as on a single box and counts a try. With no engine left
+anywhere, ``RunnerUnavailable`` puts the claimed episodes back in the queue untried.
+
+Seeds come from the episodes (their photo's content and number), not from which node ran them or
+when, so the dataset's images, masks and records do not depend on the cluster's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray.exceptions import RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from appliance.batch import EpisodeJob, RunnerUnavailable, decode_image, run_jobs
+from appliance.cluster.auth import ClusterError, ray_auth_env
+from appliance.cluster.settings import ClusterSettings
+from appliance.cluster.fingerprint import (engine_fingerprint, for_this_node, node_problems,
+                                          with_models_dir)
+from appliance.engine import EngineConfig, build_engine
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "appliance"
+ACTOR_RESTARTS = 3  # a crashing engine is restarted this often (models reloaded), then dropped
+ENGINE_FAILURES = 3  # chunks lost in a row before an engine on a live node is given up
+CHUNK_MOVES = 6  # a chunk that loses this many engines is treated as the cause: a failed try
+REFRESH_SECONDS = 10.0  # how often new nodes (or nodes back from a reboot) are looked for
+NODE_WAIT_SECONDS = 120.0  # with no engine left, how long to wait for one before giving up
+
+
+class EngineActor:
+    """One engine resident on a node. Refuses to build when the node's bundles, knowledge base
+    or promoted profiles differ from the head's (``problems`` says which)."""
+
+    def __init__(self, config: EngineConfig, expected: dict[str, str], threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.where = {"node": ray.get_runtime_context().get_node_id(),
+                      "host": socket.gethostname(), "ip": ray.util.get_node_ip_address(),
+                      "pid": os.getpid()}
+        self.engine = None
+        config = for_this_node(config)
+        try:
+            self.problems = node_problems(config, expected)
+            if not self.problems:
+                self.engine = build_engine(config)
+        except Exception as exc:  # noqa: BLE001 - reported to the head as this node's refusal
+            self.problems = [f"the engine does not build here: {type(exc).__name__}: {exc}"]
+
+    def ready(self) -> dict:
+        described = self.engine.describe() if self.engine is not None else None
+        return {**self.where, "problems": self.problems, "describe": described}
+
+    def run(self, jobs: list[EpisodeJob], pngs: list[bytes]):
+        if self.engine is None:  # restarted after the node's files changed
+            raise ClusterError("; ".join(self.problems))
+        return run_jobs(self.engine, jobs, [decode_image(data) for data in pngs])
+
+
+RemoteEngine = ray.remote(EngineActor)
+
+
+@dataclass
+class _Engine:
+    actor: object  # the actor's handle
+    node: str
+    name: str  # "host (ip)", for people
+    busy: int = 0  # chunks sent and not yet back
+    failures: int = 0  # chunks lost in a row
+
+
+@dataclass
+class _NodeTally:
+    name: str
+    engines: int = 0
+    episodes: int = 0
+    first: float | None = None
+    last: float | None = None
+    state: str = "running"
+
+
+def connect(address: str, token_file: Path) -> None:
+    """Join the cluster at ``address`` as its driver, with the token; ClusterError if the token
+    is missing or refused, or the cluster cannot be reached."""
+    os.environ.update(ray_auth_env(token_file))
+    try:
+        # Ray read its settings when it was imported; have it read them again, as
+        # ray._private.authentication.authentication_token_setup does when it turns tokens on.
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except ImportError:  # pragma: no cover - a Ray without token authentication
+        raise ClusterError("this Ray has no token authentication; install the cluster extra "
+                           "(Ray 2.60)") from None
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        chain, seen = [], exc
+        while seen is not None:
+            chain.append(f"{type(seen).__name__}: {seen}")
+            seen = seen.__cause__ or seen.__context__
+        if any("InvalidAuthToken" in text or "AuthenticationError" in text for text in chain):
+            raise ClusterError(f"the Ray cluster at {address} refused this box's token "
+                               f"({token_file}): every box must hold the same token file; copy "
+                               f"the head's") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {first}. Is "
+                           f"`appliance cluster start` running on this box, joined to it?") from None
+
+
+class _ChunkFuture(Future):
+    """A chunk in flight on the cluster. ``result()`` waits for it, moving it to another
+    engine when the one running it is lost."""
+
+    def __init__(self, runner: "ClusterRunner", jobs: list[EpisodeJob], pngs: list[bytes]):
+        super().__init__()
+        self.runner, self.jobs, self.pngs = runner, jobs, pngs
+        self.moves = 0
+        self.engine, self.ref = runner._dispatch(jobs, pngs)
+
+    def result(self, timeout=None):
+        while not self.done():
+            try:
+                results = ray.get(self.ref)
+            except RayTaskError as exc:  # the episodes' own code failed: as on one box
+                self.runner._returned(self.engine, 0)
+                self.set_exception(exc.as_instanceof_cause())
+                break
+            except RayError as exc:  # the engine or its node is gone
+                self.runner._lost(self.engine, exc)
+                self.moves += 1
+                if self.moves >= CHUNK_MOVES:
+                    self.set_exception(RuntimeError(f"this chunk lost {self.moves} engines in a "
+                                                    f"row; last: {_short(exc)}"))
+                    break
+                self.engine, self.ref = self.runner._dispatch(self.jobs, self.pngs,
+                                                              avoid=self.engine)
+                continue
+            self.runner._returned(self.engine, len(results))
+            self.set_result(results)
+        return super().result(timeout)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+class ClusterRunner:
+    """Runs chunks of episodes on engines spread over a Ray cluster (see the module's doc)."""
+
+    engine = None  # no engine on the head: the writer takes its description from the nodes
+    exclusive = True  # its engines hold the nodes' resources: close it before building another
+
+    def __init__(self, config: EngineConfig, settings: ClusterSettings,
+                 say: Callable[[str], None] | None = None):
+        self.config = with_models_dir(config)
+        self.settings = settings
+        self.say = say or log.warning
+        self.expected = engine_fingerprint(self.config)
+        self.engines: list[_Engine] = []
+        self._pending: dict[object, tuple[object, str, str]] = {}  # ready ref -> actor, node, name
+        self._refused: dict[str, str] = {}  # node id -> why
+        self._tally: dict[str, _NodeTally] = {}
+        self._notes: list[str] = []
+        self._described: dict | None = None
+        self._last_refresh = 0.0
+        connect(settings.address, settings.token_file)
+        try:
+            self._refresh(force=True)
+            while self._pending:
+                self._collect(block=True)
+            if not self.engines:
+                why = "; ".join(self._notes) or "no node has the resources for one engine " \
+                      f"({settings.cpus_per_engine:g} CPU, {settings.gpus_per_engine:g} GPU)"
+                raise ClusterError(f"no node of the cluster at {settings.address} can run this "
+                                   f"engine: {why}")
+        except BaseException:
+            self.close()
+            raise
+
+    # The runner protocol (batch.EpisodeRunner) -------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        return max(1, len(self.engines)) * self.settings.chunks_per_engine
+
+    def describe(self) -> dict:
+        assert self._described is not None
+        return self._described
+
+    def submit(self, jobs: list[EpisodeJob]) -> Future:
+        pngs = [Path(job.normal_path).read_bytes() for job in jobs]
+        return _ChunkFuture(self, jobs, pngs)
+
+    def reset_pool(self) -> None:
+        """Lost engines are handled per chunk; nothing to reset."""
+
+    def nodes(self) -> dict:
+        now = time.time()
+        report = {}
+        for node, tally in sorted(self._tally.items(), key=lambda item: item[1].name):
+            span = (tally.last - tally.first) if tally.first and tally.last else 0.0
+            report[node] = {"name": tally.name, "state": tally.state, "engines": tally.engines,
+                            "episodes": tally.episodes, "updated": now,
+                            "episodes_per_second": round(tally.episodes / span, 3) if span > 0 else None}
+        return report
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self._notes)
+
+    def close(self) -> None:
+        for engine in self.engines:
+            _kill(engine.actor)
+        for actor, _, _ in self._pending.values():
+            _kill(actor)
+        self.engines, self._pending = [], {}
+        if ray.is_initialized():
+            ray.shutdown()
+
+    # Placing engines ----------------------------------------------------------------------------
+
+    def _capacity(self, resources: dict) -> int:
+        """Engines a node with these resources holds."""
+        fits = []
+        for key, need in (("CPU", self.settings.cpus_per_engine),
+                          ("GPU", self.settings.gpus_per_engine)):
+            if need > 0:
+                fits.append(int(resources.get(key, 0.0) // need))
+        return min(fits) if fits else 1
+
+    def _refresh(self, force: bool = False) -> None:
+        """Start engines on live nodes that have room for more (new or returning nodes)."""
+        now = time.monotonic()
+        if not force and now - self._last_refresh < REFRESH_SECONDS:
+            return
+        self._last_refresh = now
+        placed: dict[str, int] = {}
+        for engine in self.engines:
+            placed[engine.node] = placed.get(engine.node, 0) + 1
+        for _, node, _ in self._pending.values():
+            placed[node] = placed.get(node, 0) + 1
+        expected = self.expected
+        threads = max(1, int(self.settings.cpus_per_engine))
+        for info in ray.nodes():
+            node = info["NodeID"]
+            if not info.get("Alive") or node in self._refused:
+                continue
+            name = (f"{info.get('NodeManagerHostname', '?')} ({info.get('NodeManagerAddress', '?')}, "
+                    f"node {node[:8]})")
+            tally = self._tally.setdefault(node, _NodeTally(name))
+            room = self._capacity(info.get("Resources", {}))
+            if room == 0 and tally.state == "running" and not tally.engines:
+                tally.state = "no room for an engine"
+            for _ in range(room - placed.get(node, 0)):
+                actor = RemoteEngine.options(
+                    num_cpus=self.settings.cpus_per_engine, num_gpus=self.settings.gpus_per_engine,
+                    max_restarts=ACTOR_RESTARTS, max_task_retries=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                ).remote(self.config, expected, threads)
+                self._pending[actor.ready.remote()] = (actor, node, name)
+                tally.state = "starting"
+
+    def _collect(self, block: bool = False) -> None:
+        """Take in the engines that finished loading; refuse the nodes that cannot run ours."""
+        if not self._pending:
+            return
+        ready, _ = ray.wait(list(self._pending), num_returns=1 if block else len(self._pending),
+                            timeout=None if block else 0)
+        for ref in ready:
+            actor, node, name = self._pending.pop(ref)
+            tally = self._tally[node]
+            try:
+                info = ray.get(ref)
+            except RayError as exc:
+                self._note(f"{name}: an engine did not start ({_short(exc)})")
+                _kill(actor)
+                tally.state = "lost"
+                continue
+            if info["problems"]:
+                self._refused[node] = "; ".join(info["problems"])
+                self._note(f"{name} refused: {self._refused[node]}")
+                _kill(actor)
+                tally.state = "refused"
+                continue
+            if self._described is None:
+                self._described = info["describe"]
+            self.engines.append(_Engine(actor, node, name))
+            tally.engines += 1
+            tally.state = "running"
+
+    def _note(self, text: str) -> None:
+        self._notes.append(text)
+        self.say(text)
+
+    # Sending and losing chunks -------------------------------------------------------------------
+
+    def _dispatch(self, jobs: list[EpisodeJob], pngs: list[bytes],
+                  avoid: _Engine | None = None) -> tuple[_Engine, object]:
+        self._refresh()
+        self._collect()
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while not self.engines:
+            if time.monotonic() > deadline:
+                raise RunnerUnavailable(f"no engine left on the cluster at "
+                                        f"{self.settings.address} for {NODE_WAIT_SECONDS:.0f} s")
+            time.sleep(1.0)
+            self._refresh(force=True)
+            self._collect()
+        choices = [engine for engine in self.engines if engine is not avoid] or self.engines
+        engine = min(choices, key=lambda e: e.busy)
+        engine.busy += 1
+        return engine, engine.actor.run.remote(jobs, pngs)
+
+    def _returned(self, engine: _Engine, episodes: int) -> None:
+        engine.busy -= 1
+        engine.failures = 0
+        if episodes:
+            tally = self._tally[engine.node]
+            now = time.time()
+            tally.first = tally.first or now
+            tally.last = now
+            tally.episodes += episodes
+
+    def _lost(self, engine: _Engine, exc: BaseException) -> None:
+        """A chunk came back without results: the engine crashed or its node is gone. Ray
+        restarts a crashed engine on a live node; a dead node's engines, or one that keeps
+        failing, are dropped (new nodes are picked up by ``_refresh``)."""
+        engine.busy -= 1
+        engine.failures += 1
+        if engine not in self.engines:
+            return
+        alive = {info["NodeID"] for info in ray.nodes() if info.get("Alive")}
+        if engine.node in alive and engine.failures < ENGINE_FAILURES:
+            log.warning("an engine on %s lost a chunk (%s); Ray restarts it", engine.name,
+                        _short(exc))
+            return
+        self.engines.remove(engine)
+        _kill(engine.actor)
+        tally = self._tally[engine.node]
+        tally.engines -= 1
+        tally.state = "lost" if engine.node not in alive else tally.state
+        self._note(f"{engine.name}: an engine was lost ({_short(exc)}); its chunks run on the "
+                   f"other engines")
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
