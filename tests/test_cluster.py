@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO, require_module
 from PIL import Image
 
-require_module("ray", extra="cluster")
+require_module("ray")  # the test extra includes the cluster extra
 
 from ray._private.authentication_test_utils import reset_auth_token_state  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402

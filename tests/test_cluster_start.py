@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, require_module
 from PIL import Image
 
-require_module("ray", extra="cluster")
+require_module("ray")  # the test extra includes the cluster extra
 
 pytestmark = pytest.mark.slow
 
