@@ -304,3 +304,92 @@ def test_the_nightly_run_sends_its_episodes_to_the_cluster_in_the_config(site, c
     config.write_text(config.read_text().replace(str(site["token"]), str(tmp_path / "nothing")))
     refused = appliance("run", env=env)
     assert refused.returncode != 0 and "no cluster token at" in refused.stderr, refused.stderr
+
+
+def test_grpo_rollouts_fan_out_to_the_engines_and_come_back_as_they_run_here(site, cluster,
+                                                                              tmp_path):
+    """`appliance retrain --cluster`: the trainer's current adapter goes to the nodes, each
+    task's G rollouts run on an engine there, and the episodes come back token for token what
+    the training box itself writes with the same weights and seeds."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from appliance.cluster.rollouts import ClusterRollouts
+    from appliance.cluster.runner import ClusterRunner
+    from appliance.cluster.settings import ClusterSettings
+    from appliance.engine import build_engine, resolve_engine_config
+    from appliance.engine.registry import role_options, settings_and_guide
+    from appliance.evaluation.data import LabeledImage
+    from appliance.models.tiny_models import build_tiny_models
+    from appliance.training.grpo import EpisodeRollouts
+    from appliance.training.sft import LANGUAGE_LORA_TARGETS, load_base_model
+    from appliance.training.stages import policy_model
+    from appliance.training.trajectories import DefectExample
+    from appliance.vlm.transformers_runtime import transformers_config
+
+    models = tmp_path / "models"
+    build_tiny_models(tmp_path / "bundle", parts=["qwen"])
+    installed = appliance("models", "install", str(tmp_path / "bundle"),
+                          env=clean_env(APPLIANCE_MODELS=str(models)))
+    assert installed.returncode == 0, installed.stderr
+    os.environ["APPLIANCE_MODELS"] = str(models)  # the policy bundle on the two new nodes
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    finally:
+        os.environ["APPLIANCE_MODELS"] = str(site["root"] / "models")
+    cluster.wait_for_nodes()
+
+    config, _ = resolve_engine_config("auto", models_dir=models)
+    entry, folder = policy_model(config)
+    runtime_config, _ = transformers_config(folder, settings_and_guide(entry)[0])
+    budget, _ = role_options(entry, "policy")
+    engine = build_engine(config)
+    blowholes = sorted((REPO.parent / "shared" / "datasets" / "magnetic-tile" / "MT_Blowhole"
+                        / "Imgs").glob("*.jpg"))[:2]
+    tasks = []
+    for path in blowholes:
+        image = np.asarray(Image.open(path).convert("RGB").resize((128, 128)))
+        mask = np.asarray(Image.open(path.with_suffix(".png")).convert("L").resize((128, 128))) > 127
+        normal = image.copy()
+        normal[mask] = int(np.median(image[~mask]))
+        tasks.append(DefectExample(f"blowhole/{path.stem}",
+                                   LabeledImage(image, mask, "blowhole", str(path)), normal))
+    torch.set_num_threads(1)  # as the engines on the nodes run
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(folder, "cpu"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                      target_modules=LANGUAGE_LORA_TARGETS))
+    trainer = SimpleNamespace(model=model, state=SimpleNamespace(global_step=3))
+    inputs = [{"task": 0}, {"task": 0}, {"task": 1}, {"task": 1}]
+    arguments = (engine.environment, tasks, "magnetic_tile", runtime_config, budget, 0)
+    untrained = EpisodeRollouts(*arguments)(trainer, inputs)
+    with torch.no_grad():  # a trained adapter: it changes what the policy writes
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    here = EpisodeRollouts(*arguments)(trainer, inputs)
+    assert here[1] != untrained[1]
+    runner = ClusterRunner(config, ClusterSettings(cluster.address, site["token"]))
+    try:
+        rollouts = ClusterRollouts(*arguments, runner=runner, bundle=entry.name)
+        there = rollouts(trainer, inputs)
+        # The next step: the nodes replace the adapter's weights in place.
+        trainer.state.global_step = 4
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.mul_(-1.0)
+        next_here = EpisodeRollouts(*arguments)(trainer, inputs)
+        next_there = rollouts(trainer, inputs)
+        tallies = runner.nodes()
+    finally:
+        runner.close()
+        for node in nodes:
+            cluster.remove_node(node)
+    assert there[0] == here[0] and there[1] == here[1] and there[2] == here[2]
+    assert next_here[1] != here[1] and next_there[1] == next_here[1]
+    assert sorted(t["episodes"] for t in tallies.values() if t["state"] == "running") == [4, 4]
+    refused = [t for t in tallies.values() if t["state"] == "refused"]
+    assert len(refused) == 2  # the first two nodes lack the policy bundle

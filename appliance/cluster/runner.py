@@ -60,7 +60,9 @@ class EngineActor:
                       "host": socket.gethostname(), "ip": ray.util.get_node_ip_address(),
                       "pid": os.getpid()}
         self.engine = None
+        self._rollouts = None
         config = for_this_node(config)
+        self.config = config
         try:
             self.problems = node_problems(config, expected)
             if not self.problems:
@@ -76,6 +78,16 @@ class EngineActor:
         if self.engine is None:  # restarted after the node's files changed
             raise ClusterError("; ".join(self.problems))
         return run_jobs(self.engine, jobs, [decode_image(data) for data in pngs])
+
+    def rollouts(self, adapter: dict[str, bytes], version: int, example, specs, settings):
+        """One task's GRPO rollouts with the trainer's current adapter (``cluster.rollouts``)."""
+        if self.engine is None:
+            raise ClusterError("; ".join(self.problems))
+        if self._rollouts is None:
+            from appliance.cluster.rollouts import NodeRollouts
+
+            self._rollouts = NodeRollouts(self.config, settings)
+        return self._rollouts.run(self.engine.environment, adapter, version, example, specs)
 
 
 RemoteEngine = ray.remote(EngineActor)
@@ -131,15 +143,15 @@ def connect(address: str, token_file: Path) -> None:
                            f"`appliance cluster start` running on this box, joined to it?") from None
 
 
-class _ChunkFuture(Future):
-    """A chunk in flight on the cluster. ``result()`` waits for it, moving it to another
-    engine when the one running it is lost."""
+class _Call(Future):
+    """Work in flight on one engine (a chunk of episodes, a group of GRPO rollouts).
+    ``result()`` waits for it, moving it to another engine when the one running it is lost."""
 
-    def __init__(self, runner: "ClusterRunner", jobs: list[EpisodeJob], pngs: list[bytes]):
+    def __init__(self, runner: "ClusterRunner", method: str, args: tuple, episodes: int):
         super().__init__()
-        self.runner, self.jobs, self.pngs = runner, jobs, pngs
+        self.runner, self.method, self.args, self.episodes = runner, method, args, episodes
         self.moves = 0
-        self.engine, self.ref = runner._dispatch(jobs, pngs)
+        self.engine, self.ref = runner._dispatch(method, args)
 
     def result(self, timeout=None):
         while not self.done():
@@ -153,13 +165,13 @@ class _ChunkFuture(Future):
                 self.runner._lost(self.engine, exc)
                 self.moves += 1
                 if self.moves >= CHUNK_MOVES:
-                    self.set_exception(RuntimeError(f"this chunk lost {self.moves} engines in a "
+                    self.set_exception(RuntimeError(f"this work lost {self.moves} engines in a "
                                                     f"row; last: {_short(exc)}"))
                     break
-                self.engine, self.ref = self.runner._dispatch(self.jobs, self.pngs,
+                self.engine, self.ref = self.runner._dispatch(self.method, self.args,
                                                               avoid=self.engine)
                 continue
-            self.runner._returned(self.engine, len(results))
+            self.runner._returned(self.engine, self.episodes)
             self.set_result(results)
         return super().result(timeout)
 
@@ -214,7 +226,12 @@ class ClusterRunner:
 
     def submit(self, jobs: list[EpisodeJob]) -> Future:
         pngs = [Path(job.normal_path).read_bytes() for job in jobs]
-        return _ChunkFuture(self, jobs, pngs)
+        return _Call(self, "run", (jobs, pngs), len(jobs))
+
+    def call(self, method: str, *args, episodes: int = 0) -> Future:
+        """Any other work of an ``EngineActor`` method on the least busy engine, with the same
+        care for lost engines as a chunk (GRPO rollouts)."""
+        return _Call(self, method, args, episodes)
 
     def reset_pool(self) -> None:
         """Lost engines are handled per chunk; nothing to reset."""
@@ -319,7 +336,7 @@ class ClusterRunner:
 
     # Sending and losing chunks -------------------------------------------------------------------
 
-    def _dispatch(self, jobs: list[EpisodeJob], pngs: list[bytes],
+    def _dispatch(self, method: str, args: tuple,
                   avoid: _Engine | None = None) -> tuple[_Engine, object]:
         self._refresh()
         self._collect()
@@ -334,7 +351,7 @@ class ClusterRunner:
         choices = [engine for engine in self.engines if engine is not avoid] or self.engines
         engine = min(choices, key=lambda e: e.busy)
         engine.busy += 1
-        return engine, engine.actor.run.remote(jobs, pngs)
+        return engine, getattr(engine.actor, method).remote(*args)
 
     def _returned(self, engine: _Engine, episodes: int) -> None:
         engine.busy -= 1

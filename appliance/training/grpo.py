@@ -118,15 +118,7 @@ class EpisodeRollouts:
         self.seed = seed
 
     def __call__(self, trainer, inputs: Sequence[dict]) -> tuple:
-        from appliance.policies.vlm import VLMPolicy
-        from appliance.vlm.transformers_runtime import QwenTransformersRuntime
-
-        if self._runtime is None or self._runtime.model is not trainer.model:
-            # Built once: the processor loads from disk, the weights are the trainer's own.
-            self._runtime = QwenTransformersRuntime(self.runtime_config, model=trainer.model)
-        runtime = self._runtime
-        policy = VLMPolicy(runtime, "qwen-transformers (GRPO rollout)", budget=self.budget,
-                           sampling={**ROLLOUT_SAMPLING, "temperature": self.temperature})
+        runtime = self.runtime(trainer)
         # Seeds from the optimizer step being made, not from a count of calls in this process:
         # a run resumed from a checkpoint then draws the episodes the uninterrupted run drew.
         step = int(trainer.state.global_step) + 1
@@ -139,16 +131,11 @@ class EpisodeRollouts:
                 image=task.normal, category=self.category, defect=task.defect.defect, seed=seed,
                 source=task.defect.source)))
         results: list = [None] * len(inputs)
-        was_training = trainer.model.training
-        trainer.model.eval()
-        try:
-            for index, group in groups.items():
-                environment = task_environment(self.environment, self.tasks[index])
-                for (k, _), result in zip(group, environment.run([s for _, s in group], policy),
-                                          strict=True):
-                    results[k] = result
-        finally:
-            trainer.model.train(was_training)
+        ran = self.run_groups(trainer, [(self.tasks[index], [spec for _, spec in group])
+                                        for index, group in groups.items()])
+        for group, group_results in zip(groups.values(), ran, strict=True):
+            for (k, _), result in zip(group, group_results, strict=True):
+                results[k] = result
         tokens = [episode_tokens(runtime.processor, r) for r in results]
         texts = [[{"role": "assistant", "content": runtime.tokenizer.decode(t.completion_ids)}]
                  for t in tokens]
@@ -157,6 +144,42 @@ class EpisodeRollouts:
         # pictures inside the completion, where it finds every picture by its pad tokens.
         return ([t.prompt_ids for t in tokens], [t.completion_ids for t in tokens],
                 [t.mask for t in tokens], texts, None, {"episode": results}, images, images)
+
+    def runtime(self, trainer):
+        """The runtime over the trainer's own weights (the processor loads from disk, once)."""
+        from appliance.vlm.transformers_runtime import QwenTransformersRuntime
+
+        if self._runtime is None or self._runtime.model is not trainer.model:
+            self._runtime = QwenTransformersRuntime(self.runtime_config, model=trainer.model)
+        return self._runtime
+
+    @property
+    def sampling(self) -> dict:
+        return {**ROLLOUT_SAMPLING, "temperature": self.temperature}
+
+    def policy(self, runtime):
+        from appliance.policies.vlm import VLMPolicy
+
+        return VLMPolicy(runtime, "qwen-transformers (GRPO rollout)", budget=self.budget,
+                         sampling=self.sampling)
+
+    def run_groups(self, trainer, groups: Sequence[tuple[DefectExample, list[EpisodeSpec]]]
+                   ) -> list[list[EpisodeResult]]:
+        """Each task's rollouts, here, with the trainer's current weights."""
+        policy = self.policy(self.runtime(trainer))
+        was_training = trainer.model.training
+        trainer.model.eval()
+        try:
+            return [run_group(self.environment, example, specs, policy)
+                    for example, specs in groups]
+        finally:
+            trainer.model.train(was_training)
+
+
+def run_group(environment: AgentEnvironment, example: DefectExample, specs: list[EpisodeSpec],
+              policy) -> list[EpisodeResult]:
+    """One task's G rollouts, together, in that task's environment."""
+    return task_environment(environment, example).run(specs, policy)
 
 
 def freeze_full_modules(model) -> None:

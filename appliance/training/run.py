@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+from appliance.cluster.settings import ClusterSettings
 from appliance.evaluation.data import Skipped, load_defect_folder
 from appliance.imaging import write_atomic
 from appliance.training.grpo import GRPOSettings
@@ -54,6 +55,8 @@ class RetrainOptions:
     heldout_repeats: int = 2  # episodes per held-out photo (other seeds, other tool draws)
     sft: SFTSettings = field(default_factory=SFTSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    # GRPO's rollouts on the engines of this Ray cluster (docs/cluster.md); None: here.
+    cluster: ClusterSettings | None = None
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -76,7 +79,8 @@ class RunState:
                 raise RetrainError(f"{out} already holds a run; pass --resume to continue it, or "
                                    "choose another --out")
             data = json.loads(path.read_text(encoding="utf-8"))
-            mine = {k: v for k, v in options.as_dict().items() if k not in ("stages", "out")}
+            mine = {k: v for k, v in options.as_dict().items()
+                    if k not in ("stages", "out", "cluster")}  # where rollouts run may change
             # An option added since the run started counts as its default.
             theirs = {k: data["options"].get(k, v) for k, v in mine.items()}
             if mine != theirs:

@@ -221,14 +221,23 @@ def run_grpo(ctx: StageContext) -> None:
     train, heldout = ctx.split
     settings = replace(ctx.options.grpo, device=_device())
     # Rollouts start from the training photos' normal counterparts: held-out ones stay unseen.
-    rollouts = EpisodeRollouts(ctx.engine.environment, train, ctx.category, config, budget,
-                               ctx.options.seed, temperature=settings.temperature)
+    arguments = (ctx.engine.environment, train, ctx.category, config, budget, ctx.options.seed)
+    runner = None
+    if ctx.options.cluster is None:
+        rollouts = EpisodeRollouts(*arguments, temperature=settings.temperature)
+    else:
+        runner, rollouts = _cluster_rollouts(ctx, arguments, settings.temperature, entry.name)
     ctx.say(f"grpo: {settings.steps} steps, G = {settings.generations} rollouts per task, "
             f"{settings.tasks_per_step} task(s) per step, temperature {settings.temperature}, "
             f"beta {settings.beta}")
     started = time.perf_counter()
-    result = train_grpo(folder, ctx.out / "sft" / "adapter", rollouts, ctx.out / "grpo", settings,
-                        ctx.engine.environment.config, real_area_medians(train + heldout))
+    try:
+        result = train_grpo(folder, ctx.out / "sft" / "adapter", rollouts, ctx.out / "grpo",
+                            settings, ctx.engine.environment.config,
+                            real_area_medians(train + heldout))
+    finally:
+        if runner is not None:
+            runner.close()
     figures = {"steps": settings.steps, "generations": settings.generations,
                "rewards": [round(r, 4) for r in result.rewards],
                "reward_gain": round(result.reward_gain, 4), "tied_steps": result.tied_steps,
@@ -240,6 +249,26 @@ def run_grpo(ctx: StageContext) -> None:
                 "scored the same, so those steps had nothing to learn from (a policy that never or "
                 "always succeeds gives GRPO nothing to compare; see docs/retraining.md)")
     ctx.state.finish("grpo", figures)
+
+
+def _cluster_rollouts(ctx: StageContext, arguments: tuple, temperature: float, bundle: str):
+    """GRPO's rollouts on the engines of the cluster the options name (docs/cluster.md)."""
+    try:
+        from appliance.cluster.auth import ClusterError
+        from appliance.cluster.rollouts import ClusterRollouts
+        from appliance.cluster.runner import ClusterRunner
+    except ImportError as exc:
+        raise RetrainError(f"rollouts on a cluster need Ray ({exc}): install the cluster extra "
+                           "(pip install '.[cluster]')") from None
+    try:
+        runner = ClusterRunner(ctx.engine_config, ctx.options.cluster,
+                               say=lambda line: ctx.say(f"cluster: {line}"))
+    except (ClusterError, EngineError) as exc:
+        raise RetrainError(f"cluster: {exc}") from None
+    ctx.say(f"grpo: rollouts on {len(runner.engines)} engine(s) of the cluster at "
+            f"{ctx.options.cluster.address}; gradients here")
+    return runner, ClusterRollouts(*arguments, temperature=temperature, runner=runner,
+                                   bundle=bundle)
 
 
 # 4. Gate -----------------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""GRPO rollouts on the cluster's engines; the gradients stay on the training box.
+
+``ClusterRollouts`` is ``training.grpo.EpisodeRollouts`` whose groups run on the cluster: at
+every step the trainer's current adapter (peft's own files, a few MB) is put in Ray's object store
+once, each task's G rollouts run together on one engine (the same ``EngineActor`` the batches
+use, its tools and environment), and the episodes come back for TRL to score and learn from
+here. Seeds are made on the training box as before, so a rollout does not depend on where it ran.
+
+``NodeRollouts`` lives in an engine on a node: a copy of the policy bundle (checked like every
+bundle of the engine) with the adapter, updated in place when a new step's arrives.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ray
+
+from appliance.cluster.auth import ClusterError
+from appliance.cluster.runner import ClusterRunner
+from appliance.training.grpo import EpisodeRollouts, run_group
+
+ADAPTER = "grpo"
+POLICY_BACKEND = "qwen-transformers"
+
+
+@dataclass
+class RolloutSettings:
+    bundle: str  # the policy bundle's name: the node must hold the same
+    runtime_config: object  # TransformersVLMConfig; its model_dir is the training box's
+    budget: object
+    sampling: dict
+
+
+def adapter_files(model) -> dict[str, bytes]:
+    """The trainer's current adapter as peft writes it (config and weights)."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, selected_adapters=["default"])
+        return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+
+
+class ClusterRollouts(EpisodeRollouts):
+    def __init__(self, *args, runner: ClusterRunner, bundle: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runner = runner
+        self.settings = RolloutSettings(bundle, self.runtime_config, self.budget, self.sampling)
+
+    def run_groups(self, trainer, groups):
+        version = int(trainer.state.global_step) + 1
+        adapter = ray.put(adapter_files(trainer.model))
+        calls = [self.runner.call("rollouts", adapter, version, example, specs, self.settings,
+                                  episodes=len(specs)) for example, specs in groups]
+        return [call.result() for call in calls]
+
+
+class NodeRollouts:
+    """The policy an engine on a node writes GRPO rollouts with."""
+
+    def __init__(self, config, settings: RolloutSettings):
+        from appliance.models.manifest import model_for
+        from appliance.policies.vlm import VLMPolicy
+        from appliance.vlm.transformers_runtime import QwenTransformersRuntime
+
+        entry, folder = model_for(config.models_dir, "policy", POLICY_BACKEND)
+        if entry.name != settings.bundle:
+            raise ClusterError(f"the training box trains {settings.bundle}, this node's policy "
+                               f"bundle is {entry.name}")
+        self.runtime = QwenTransformersRuntime(replace(settings.runtime_config, model_dir=folder))
+        self.policy = VLMPolicy(self.runtime, f"{POLICY_BACKEND} (GRPO rollout)", adapter=ADAPTER,
+                                budget=settings.budget, sampling=settings.sampling)
+        self.folder = Path(tempfile.mkdtemp(prefix="appliance-grpo-"))
+        self.version: int | None = None
+
+    def run(self, environment, adapter: dict[str, bytes], version: int, example, specs):
+        if version != self.version:
+            self._load(adapter, version)
+        return run_group(environment, example, specs, self.policy)
+
+    def _load(self, adapter: dict[str, bytes], version: int) -> None:
+        folder = self.folder / f"step-{version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in adapter.items():
+            (folder / name).write_bytes(data)
+        if ADAPTER not in self.runtime.adapters:
+            self.runtime.load_adapter(folder, name=ADAPTER)
+        else:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.runtime.model,
+                                      load_file(folder / "adapter_model.safetensors"),
+                                      adapter_name=ADAPTER)
+            self.runtime.prefixes.clear()  # cached prompt states were computed with old weights
+        if self.version is not None:
+            shutil.rmtree(self.folder / f"step-{self.version}", ignore_errors=True)
+        self.version = version
