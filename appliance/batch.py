@@ -279,6 +279,15 @@ def intake_image(writer, category: str, image: np.ndarray, sha256: str, source: 
 
 # Running episodes -------------------------------------------------------------------------------
 
+@dataclass
+class EncodedChunk:
+    """A chunk's results with their samples already encoded where they ran (a cluster node):
+    the box that writes them only writes."""
+
+    results: list[EpisodeResult]
+    encoded: list  # appliance.dataset.writer.EncodedSample, or None where no sample is written
+
+
 class RunnerUnavailable(RuntimeError):
     """No engine can run episodes now (a cluster that lost every node): the claimed episodes
     go back to the queue without counting a try."""
@@ -463,7 +472,7 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
             jobs, future = in_flight.popleft()
             unwritten = [job.episode_id for job in jobs]
             try:
-                results = future.result()
+                outcome = future.result()
             except RunnerUnavailable:
                 raise  # not the episodes' fault: they go back to the queue untried
             except Exception as exc:  # noqa: BLE001 - an engine failure must not stop the queue
@@ -477,12 +486,17 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
                 log.error("a chunk of %d episode(s) failed: %s", len(jobs), exc)
                 continue
             # 4. Encode this chunk's images while the engine runs the next (with one worker,
-            # submit() runs it right here), then write them.
-            encoding = encoder.submit(lambda done=results: [encode_sample(r) for r in done])
+            # submit() runs it right here), then write them. Chunks from a cluster node come
+            # encoded already.
+            if isinstance(outcome, EncodedChunk):
+                results, encoding = outcome.results, None
+            else:
+                results = outcome
+                encoding = encoder.submit(lambda done=results: [encode_sample(r) for r in done])
             ask()
             fill()
             try:
-                encoded = encoding.result()
+                encoded = outcome.encoded if encoding is None else encoding.result()
             except Exception as exc:  # noqa: BLE001 - write() encodes again, and says why
                 log.warning("encoding ahead failed (%s); encoding while writing", exc)
                 encoded = [None] * len(results)

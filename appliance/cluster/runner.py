@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from appliance.batch import EpisodeJob, RunnerUnavailable, decode_image, run_jobs
+from appliance.batch import EncodedChunk, EpisodeJob, RunnerUnavailable, decode_image, run_jobs
 from appliance.cluster.auth import ClusterError, ray_auth_env
 from appliance.cluster.settings import ClusterSettings
 from appliance.cluster.fingerprint import (engine_fingerprint, for_this_node, node_problems,
                                           with_models_dir)
+from appliance.dataset.writer import encode_sample
 from appliance.engine import EngineConfig, build_engine
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ ENGINE_FAILURES = 3  # chunks lost in a row before an engine on a live node is g
 CHUNK_MOVES = 6  # a chunk that loses this many engines is treated as the cause: a failed try
 REFRESH_SECONDS = 10.0  # how often new nodes (or nodes back from a reboot) are looked for
 NODE_WAIT_SECONDS = 120.0  # with no engine left, how long to wait for one before giving up
+RESTART_SECONDS = 900.0  # how long a crashed engine may take to come back (GPU models reload)
 
 
 class EngineActor:
@@ -77,7 +79,10 @@ class EngineActor:
     def run(self, jobs: list[EpisodeJob], pngs: list[bytes]):
         if self.engine is None:  # restarted after the node's files changed
             raise ClusterError("; ".join(self.problems))
-        return run_jobs(self.engine, jobs, [decode_image(data) for data in pngs])
+        results = run_jobs(self.engine, jobs, [decode_image(data) for data in pngs])
+        # Encoded here, not on the head: the head's time per episode is what bounds how many
+        # nodes one head can feed.
+        return EncodedChunk(results, [encode_sample(result) for result in results])
 
     def rollouts(self, adapter: dict[str, bytes], version: int, example, specs, settings):
         """One task's GRPO rollouts with the trainer's current adapter (``cluster.rollouts``)."""
@@ -99,7 +104,9 @@ class _Engine:
     node: str
     name: str  # "host (ip)", for people
     busy: int = 0  # chunks sent and not yet back
-    failures: int = 0  # chunks lost in a row
+    failures: int = 0  # crashes since its last chunk came back
+    probe: object = None  # while Ray restarts it: the ready() call that says it is back
+    crashed_at: float = 0.0
 
 
 @dataclass
@@ -340,15 +347,20 @@ class ClusterRunner:
                   avoid: _Engine | None = None) -> tuple[_Engine, object]:
         self._refresh()
         self._collect()
+        self._probe()
         deadline = time.monotonic() + NODE_WAIT_SECONDS
-        while not self.engines:
+        while not (usable := [engine for engine in self.engines if engine.probe is None]):
             if time.monotonic() > deadline:
                 raise RunnerUnavailable(f"no engine left on the cluster at "
                                         f"{self.settings.address} for {NODE_WAIT_SECONDS:.0f} s")
-            time.sleep(1.0)
+            if self.engines:  # only restarting ones: wait for the first back
+                ray.wait([engine.probe for engine in self.engines], num_returns=1, timeout=1.0)
+            else:
+                time.sleep(1.0)
             self._refresh(force=True)
             self._collect()
-        choices = [engine for engine in self.engines if engine is not avoid] or self.engines
+            self._probe()
+        choices = [engine for engine in usable if engine is not avoid] or usable
         engine = min(choices, key=lambda e: e.busy)
         engine.busy += 1
         return engine, getattr(engine.actor, method).remote(*args)
@@ -365,17 +377,47 @@ class ClusterRunner:
 
     def _lost(self, engine: _Engine, exc: BaseException) -> None:
         """A chunk came back without results: the engine crashed or its node is gone. Ray
-        restarts a crashed engine on a live node; a dead node's engines, or one that keeps
-        failing, are dropped (new nodes are picked up by ``_refresh``)."""
+        restarts a crashed engine on a live node (models loaded again); no work goes to it until
+        it answers again. A dead engine or node, or an engine that crashes again and again
+        without finishing a chunk, is dropped (new nodes are picked up by ``_refresh``)."""
         engine.busy -= 1
+        if engine not in self.engines or engine.probe is not None:
+            return  # already dropped, or already known to be restarting
         engine.failures += 1
-        if engine not in self.engines:
-            return
         alive = {info["NodeID"] for info in ray.nodes() if info.get("Alive")}
-        if engine.node in alive and engine.failures < ENGINE_FAILURES:
-            log.warning("an engine on %s lost a chunk (%s); Ray restarts it", engine.name,
-                        _short(exc))
+        if (engine.node in alive and engine.failures < ENGINE_FAILURES
+                and not isinstance(exc, ActorDiedError)):
+            log.warning("an engine on %s stopped (%s); its chunks run on the other engines while "
+                        "Ray restarts it", engine.name, _short(exc))
+            engine.probe = engine.actor.ready.remote()
+            engine.crashed_at = time.monotonic()
             return
+        self._drop(engine, exc, alive)
+
+    def _probe(self) -> None:
+        """Engines back from a restart take work again; one that did not come back is dropped."""
+        restarting = [engine for engine in self.engines if engine.probe is not None]
+        if not restarting:
+            return
+        done, _ = ray.wait([engine.probe for engine in restarting], num_returns=len(restarting),
+                           timeout=0)
+        for engine in restarting:
+            if engine.probe not in done:
+                continue
+            try:
+                ray.get(engine.probe)
+            except RayError as exc:
+                if (isinstance(exc, ActorUnavailableError)
+                        and time.monotonic() - engine.crashed_at < RESTART_SECONDS):
+                    engine.probe = engine.actor.ready.remote()  # still restarting: ask again
+                    continue
+                engine.probe = None
+                self._drop(engine, exc, {info["NodeID"] for info in ray.nodes() if info.get("Alive")})
+                continue
+            engine.probe = None
+            log.warning("the engine on %s is back", engine.name)
+
+    def _drop(self, engine: _Engine, exc: BaseException, alive: set[str]) -> None:
         self.engines.remove(engine)
         _kill(engine.actor)
         tally = self._tally[engine.node]
