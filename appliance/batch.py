@@ -442,6 +442,7 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
     store.release_mine()
     total = store.counts()["queued"]
     reason = "done"
+    nodes_written = 0.0
 
     def ask() -> None:
         nonlocal reason
@@ -518,8 +519,8 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
                     continue
                 unwritten.remove(job.episode_id)
                 _count(summary, result, written is not None)
-            if (nodes := runner.nodes()) is not None:
-                store.set("cluster", nodes)
+            if time.monotonic() - nodes_written >= NODES_EVERY_SECONDS:
+                nodes_written = _write_nodes(store, runner)
             if progress is not None:
                 progress(summary.episodes, total, summary)
     except BaseException as exc:
@@ -539,8 +540,19 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
         raise
     finally:
         encoder.shutdown(wait=True)
+    _write_nodes(store, runner)
     summary.stopped = reason
     return reason
+
+
+NODES_EVERY_SECONDS = 2.0  # how often per-node progress goes into the store for `status`
+
+
+def _write_nodes(store: JobStore, runner: EpisodeRunner) -> float:
+    """Per-node progress into the store (a cluster runner); returns when."""
+    if (nodes := runner.nodes()) is not None:
+        store.set("cluster", nodes)
+    return time.monotonic()
 
 
 def _count(summary: BatchSummary, result: EpisodeResult, written: bool) -> None:

@@ -424,6 +424,9 @@ def _check_semantics(config: Config, error) -> None:
     _check_paths(config, error)
     if config.intake.min_side > config.intake.max_side:
         error("intake.min_side", f"must not exceed intake.max_side ({config.intake.max_side})")
+    address = config.cluster.address
+    if address is not None and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", address):
+        error("cluster.address", f"must be HOST:PORT of the cluster's head, not {address!r}")
     for name, spec in config.categories.items():
         if not spec.defects and not spec.material:
             error(f"categories.{name}", "needs defects = [...] or material = \"...\"")
