@@ -437,6 +437,7 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
     in_flight: deque[tuple[list[EpisodeJob], Future]] = deque()
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png")
     unwritten: list[int] = []  # claimed ids of the chunk being written, not yet written
+    submitting: list[EpisodeJob] = []
     # Anything still marked running by this process is left from an earlier call that failed
     # (e.g. a full disk that also refused the release): it goes back to the queue first.
     store.release_mine()
@@ -457,7 +458,9 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
                 break
             jobs = _jobs_for(store, rows)
             if jobs:
+                submitting[:] = jobs  # claimed, not yet in flight: released if submit() fails
                 in_flight.append((jobs, runner.submit(jobs)))
+                submitting.clear()
 
     try:
         while True:
@@ -526,7 +529,8 @@ def process_queue(store: JobStore, writer, runner: EpisodeRunner, *, chunk: int 
     except BaseException as exc:
         # Whatever stopped us (a full disk, a signal that became an exception, a bug), the
         # claimed but unwritten episodes go back to the queue without counting as a try.
-        ids = unwritten + [job.episode_id for jobs, _ in in_flight for job in jobs]
+        ids = unwritten + [job.episode_id for job in submitting] + [
+            job.episode_id for jobs, _ in in_flight for job in jobs]
         for _, future in in_flight:
             future.cancel()
         try:

@@ -318,6 +318,7 @@ def test_the_nightly_run_sends_its_episodes_to_the_cluster_in_the_config(site, c
     config = tmp_path / "config.toml"
     config.write_text(f'[paths]\nroot = "{home}"\n\n[engine]\nname = "cpu"\n\n'
                       f'[defaults]\ntest_good_share = 0.0\n\n'
+                      f'[intake]\nsettle_seconds = 0.0\npoll_seconds = 0.2\n\n'
                       f'[cluster]\naddress = "{cluster.address}"\ntoken_file = "{site["token"]}"\n')
     env = clean_env(APPLIANCE_CONFIG=str(config))
     result = appliance("run", env=env)
@@ -326,10 +327,20 @@ def test_the_nightly_run_sends_its_episodes_to_the_cluster_in_the_config(site, c
     assert len(records) == 2 * DEFECTS
     status = json.loads(appliance("status", "--json", env=env).stdout)
     assert sum(node["episodes"] for node in status["cluster"].values()) == 2 * DEFECTS
-    # A wrong token in the config stops the service with the reason, before any work.
+    # A cluster that is not there (its head down): the photos are taken in, the work stays
+    # queued, and the run ends with the temporary-failure status, saying why.
+    for path in sorted(site["inbox"].glob("*/*.png"))[2:4]:
+        shutil.copy(path, inbox / path.name)
+    config.write_text(config.read_text().replace(cluster.address, "127.0.0.1:9"))
+    down = appliance("run", env=env)
+    assert down.returncode == 75, down.stderr
+    assert "cluster: cannot join the Ray cluster at 127.0.0.1:9" in down.stderr
+    status = json.loads(appliance("status", "--json", env=env).stdout)
+    assert status["counts"]["queued"] == 2 * DEFECTS and "cannot join" in status["last_error"]
+    # A missing token is the configuration's fault: refused before any work (EX_CONFIG).
     config.write_text(config.read_text().replace(str(site["token"]), str(tmp_path / "nothing")))
     refused = appliance("run", env=env)
-    assert refused.returncode != 0 and "no cluster token at" in refused.stderr, refused.stderr
+    assert refused.returncode == 78 and "no cluster token at" in refused.stderr, refused.stderr
 
 
 def test_grpo_rollouts_fan_out_to_the_engines_and_come_back_as_they_run_here(site, cluster,

@@ -115,7 +115,8 @@ def run_command(config_file: Path | None, until_text: str | None, verbose: bool)
     """Take what is in the inbox, then run the queue until it is empty or time is up.
 
     This is what the nightly timer starts. Outside the configured window (and without
-    --until) it does nothing. Exit status 75 means the disk stayed full; the work is queued.
+    --until) it does nothing. Exit status 75 means the disk stayed full or the configured
+    cluster could not run episodes; the work is queued.
     """
     from appliance.service.daemon import EXIT_CONFIG, Service, ServiceError, configure_logging
     from appliance.service.schedule import parse_until

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from importlib import metadata
 from dataclasses import replace
 from pathlib import Path
 
+import appliance
 from appliance.engine import EngineConfig, model_roles, promoted_versions
 from appliance.models.bundle import verify_files
 from appliance.models.manifest import ManifestError, default_models_dir, load_installed, model_for
@@ -33,10 +35,22 @@ def with_models_dir(config: EngineConfig) -> EngineConfig:
     return replace(config, models_dir=Path(config.models_dir or default_models_dir()).resolve())
 
 
+# Libraries whose version changes pixels or model outputs: a node on another release could make
+# other samples from the same seeds. (Not onnxruntime or faiss: a GPU box has their -gpu builds
+# under other names; not a build's local tag either: torch is 2.13.0+cpu here, +cu130 there.)
+PACKAGES = ("numpy", "pillow", "opencv-python-headless", "scipy", "scikit-image", "torch",
+            "transformers", "diffusers", "peft")
+
+
 def engine_fingerprint(config: EngineConfig) -> dict[str, str]:
-    """``what -> digest`` for everything the engine loads that must match across nodes.
-    A bundle this box lacks is listed as ``missing: ...``."""
-    items: dict[str, str] = {}
+    """``what -> digest or version`` for everything the engine loads that must match across
+    nodes. A bundle this box lacks is listed as ``missing: ...``."""
+    items: dict[str, str] = {"appliance": appliance.__version__}
+    for package in PACKAGES:
+        try:
+            items[f"package {package}"] = metadata.version(package).split("+")[0]
+        except metadata.PackageNotFoundError:
+            items[f"package {package}"] = "not installed"
     for role, backend in sorted(model_roles(config).items()):
         try:
             entry, _ = model_for(config.models_dir, role, backend)
@@ -51,6 +65,10 @@ def engine_fingerprint(config: EngineConfig) -> dict[str, str]:
         for category, digest in sorted(actives.items()):
             items[f"promoted {kind} {category}"] = str(digest)
     return items
+
+
+def _shown(value: str) -> str:
+    return f"sha256 {value[:12]}..." if len(value) == 64 else value
 
 
 def node_problems(config: EngineConfig, expected: dict[str, str]) -> list[str]:
@@ -68,7 +86,7 @@ def node_problems(config: EngineConfig, expected: dict[str, str]) -> list[str]:
         elif head is None:
             problems.append(f"{what}: on this node but not on the head")
         else:
-            problems.append(f"{what}: sha256 {here[:12]}... here, {head[:12]}... on the head")
+            problems.append(f"{what}: {_shown(here)} here, {_shown(head)} on the head")
     used = [what.split()[-1] for what, digest in mine.items()
             if " bundle " in what and not digest.startswith("missing")]
     if used:

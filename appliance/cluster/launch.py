@@ -39,6 +39,7 @@ def start_command(config: Config, join: str | None = None, num_cpus: int | None 
     else a worker node joining the head at ``join`` (HOST:PORT)."""
     cluster = config.cluster
     env = {**os.environ, **ray_auth_env(config.cluster_token_file)}
+    env.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the token file
     args = [ray_executable(), "start", "--disable-usage-stats",
             f"--node-manager-port={NODE_MANAGER_PORT}",
             f"--object-manager-port={OBJECT_MANAGER_PORT}",

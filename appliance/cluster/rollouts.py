@@ -12,15 +12,17 @@ bundle of the engine) with the adapter, updated in place when a new step's arriv
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import ray
 
 from appliance.cluster.auth import ClusterError
-from appliance.cluster.runner import ClusterRunner
 from appliance.training.grpo import EpisodeRollouts, run_group
 
 ADAPTER = "grpo"
@@ -42,8 +44,15 @@ def adapter_files(model) -> dict[str, bytes]:
         return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
 
 
+class Engines(Protocol):
+    """What the rollouts need of ``runner.ClusterRunner`` (which imports this module's node
+    half inside its engines)."""
+
+    def call(self, method: str, *args, episodes: int = 0) -> Future: ...
+
+
 class ClusterRollouts(EpisodeRollouts):
-    def __init__(self, *args, runner: ClusterRunner, bundle: str, **kwargs):
+    def __init__(self, *args, runner: Engines, bundle: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.runner = runner
         self.settings = RolloutSettings(bundle, self.runtime_config, self.budget, self.sampling)
@@ -72,6 +81,7 @@ class NodeRollouts:
         self.policy = VLMPolicy(self.runtime, f"{POLICY_BACKEND} (GRPO rollout)", adapter=ADAPTER,
                                 budget=settings.budget, sampling=settings.sampling)
         self.folder = Path(tempfile.mkdtemp(prefix="appliance-grpo-"))
+        atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
         self.version: int | None = None
 
     def run(self, environment, adapter: dict[str, bytes], version: int, example, specs):
@@ -90,9 +100,12 @@ class NodeRollouts:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(self.runtime.model,
-                                      load_file(folder / "adapter_model.safetensors"),
-                                      adapter_name=ADAPTER)
+            loaded = set_peft_model_state_dict(self.runtime.model,
+                                               load_file(folder / "adapter_model.safetensors"),
+                                               adapter_name=ADAPTER)
+            if loaded.unexpected_keys:  # they would silently keep the old weights
+                raise ClusterError(f"the training box's adapter does not fit this node's model: "
+                                   f"{loaded.unexpected_keys[:3]}")
             self.runtime.prefixes.clear()  # cached prompt states were computed with old weights
         if self.version is not None:
             shutil.rmtree(self.folder / f"step-{self.version}", ignore_errors=True)

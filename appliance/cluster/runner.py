@@ -47,6 +47,9 @@ ENGINE_FAILURES = 3  # chunks lost in a row before an engine on a live node is g
 CHUNK_MOVES = 6  # a chunk that loses this many engines is treated as the cause: a failed try
 REFRESH_SECONDS = 10.0  # how often new nodes (or nodes back from a reboot) are looked for
 NODE_WAIT_SECONDS = 120.0  # with no engine left, how long to wait for one before giving up
+START_SECONDS = 900.0  # how long engines may take to start (GPU models load) before giving up
+START_GRACE_SECONDS = 60.0  # once one engine is up, how long to wait for the others at start
+START_FAILURES = 3  # engines that fail to start on a node before the node is refused
 RESTART_SECONDS = 900.0  # how long a crashed engine may take to come back (GPU models reload)
 
 
@@ -123,6 +126,13 @@ def connect(address: str, token_file: Path) -> None:
     """Join the cluster at ``address`` as its driver, with the token; ClusterError if the token
     is missing or refused, or the cluster cannot be reached."""
     os.environ.update(ray_auth_env(token_file))
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the token file
+    host, _, port = address.rpartition(":")
+    try:  # Ray's own connect waits for ever on a head that is down
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"cannot join the Ray cluster at {address}: its head does not answer "
+                           f"({exc}). Is `appliance cluster start` running there?") from None
     try:
         # Ray read its settings when it was imported; have it read them again, as
         # ray._private.authentication.authentication_token_setup does when it turns tokens on.
@@ -164,23 +174,39 @@ class _Call(Future):
         while not self.done():
             try:
                 results = ray.get(self.ref)
-            except RayTaskError as exc:  # the episodes' own code failed: as on one box
-                self.runner._returned(self.engine, 0)
-                self.set_exception(exc.as_instanceof_cause())
-                break
+            except RayTaskError as exc:
+                if not isinstance(getattr(exc, "cause", None), ClusterError):
+                    # The episodes' own code failed: as on one box, a try.
+                    self.runner._returned(self.engine, 0)
+                    self.set_exception(exc.as_instanceof_cause())
+                    break
+                # An engine that cannot run here any more (refused after a restart).
+                self.runner._unusable(self.engine, exc)
             except RayError as exc:  # the engine or its node is gone
                 self.runner._lost(self.engine, exc)
-                self.moves += 1
-                if self.moves >= CHUNK_MOVES:
-                    self.set_exception(RuntimeError(f"this work lost {self.moves} engines in a "
-                                                    f"row; last: {_short(exc)}"))
-                    break
-                self.engine, self.ref = self.runner._dispatch(self.method, self.args,
-                                                              avoid=self.engine)
-                continue
-            self.runner._returned(self.engine, self.episodes)
-            self.set_result(results)
+            else:
+                self.runner._returned(self.engine, self.episodes)
+                self.set_result(results)
+                break
+            self.moves += 1
+            if self.moves >= CHUNK_MOVES:
+                self.set_exception(RuntimeError(f"this work lost {self.moves} engines in a row; "
+                                                f"last on {self.engine.name}"))
+                break
+            self.engine, self.ref = self.runner._dispatch(self.method, self.args,
+                                                          avoid=self.engine)
         return super().result(timeout)
+
+    def cancel(self) -> bool:
+        """Stops the work on its engine too (a stopped queue), so the engine is free again."""
+        if self.done():
+            return False
+        try:
+            ray.cancel(self.ref)
+        except Exception:  # noqa: BLE001 - already finished or gone
+            pass
+        self.engine.busy -= 1
+        return super().cancel()
 
 
 def _short(exc: BaseException) -> str:
@@ -207,19 +233,41 @@ class ClusterRunner:
         self._notes: list[str] = []
         self._described: dict | None = None
         self._last_refresh = 0.0
+        self._start_failures: dict[str, int] = {}
+        missing = [what for what, digest in self.expected.items() if digest.startswith("missing")]
+        if missing:  # the head's files are what every node must match
+            raise ClusterError(f"this box (the head) lacks {', '.join(missing)}: install the "
+                               f"bundles here too; they name what every node must hold")
         connect(settings.address, settings.token_file)
         try:
-            self._refresh(force=True)
-            while self._pending:
-                self._collect(block=True)
-            if not self.engines:
-                why = "; ".join(self._notes) or "no node has the resources for one engine " \
-                      f"({settings.cpus_per_engine:g} CPU, {settings.gpus_per_engine:g} GPU)"
-                raise ClusterError(f"no node of the cluster at {settings.address} can run this "
-                                   f"engine: {why}")
+            self._start()
         except BaseException:
             self.close()
             raise
+
+    def _start(self) -> None:
+        """Start engines on every node with room and wait for them: all of them, or once one
+        is up, the others for a minute more (engines another run holds leave no room; those
+        still loading join later)."""
+        self._refresh(force=True)
+        started = time.monotonic()
+        first_up = None
+        while self._pending:
+            now = time.monotonic()
+            if first_up is None and self.engines:
+                first_up = now
+            if now - started > START_SECONDS or (first_up and now - first_up > START_GRACE_SECONDS):
+                break
+            self._collect(block=True, timeout=5.0)
+        if not self.engines:
+            waiting = (f"{len(self._pending)} engine(s) still waiting for room or loading after "
+                       f"{START_SECONDS:.0f} s: is another batch or service holding the nodes? "
+                       "(one run at a time per cluster)") if self._pending else ""
+            why = "; ".join(self._notes + ([waiting] if waiting else [])) or (
+                "no node has the resources for one engine "
+                f"({self.settings.cpus_per_engine:g} CPU, {self.settings.gpus_per_engine:g} GPU)")
+            raise ClusterError(f"no node of the cluster at {self.settings.address} can run this "
+                               f"engine: {why}")
 
     # The runner protocol (batch.EpisodeRunner) -------------------------------------------------
 
@@ -232,7 +280,12 @@ class ClusterRunner:
         return self._described
 
     def submit(self, jobs: list[EpisodeJob]) -> Future:
-        pngs = [Path(job.normal_path).read_bytes() for job in jobs]
+        try:
+            pngs = [Path(job.normal_path).read_bytes() for job in jobs]
+        except OSError as exc:  # as on one box: the chunk fails and counts a try
+            failed: Future = Future()
+            failed.set_exception(exc)
+            return failed
         return _Call(self, "run", (jobs, pngs), len(jobs))
 
     def call(self, method: str, *args, episodes: int = 0) -> Future:
@@ -309,33 +362,46 @@ class ClusterRunner:
                 self._pending[actor.ready.remote()] = (actor, node, name)
                 tally.state = "starting"
 
-    def _collect(self, block: bool = False) -> None:
+    def _collect(self, block: bool = False, timeout: float | None = None) -> None:
         """Take in the engines that finished loading; refuse the nodes that cannot run ours."""
         if not self._pending:
             return
         ready, _ = ray.wait(list(self._pending), num_returns=1 if block else len(self._pending),
-                            timeout=None if block else 0)
+                            timeout=timeout if block else 0)
         for ref in ready:
             actor, node, name = self._pending.pop(ref)
             tally = self._tally[node]
             try:
                 info = ray.get(ref)
             except RayError as exc:
-                self._note(f"{name}: an engine did not start ({_short(exc)})")
                 _kill(actor)
                 tally.state = "lost"
+                self._start_failures[node] = self._start_failures.get(node, 0) + 1
+                if self._start_failures[node] >= START_FAILURES:
+                    self._refuse(node, name, f"{START_FAILURES} engines did not start there "
+                                             f"(last: {_short(exc)})")
+                else:
+                    log.warning("%s: an engine did not start (%s)", name, _short(exc))
                 continue
             if info["problems"]:
-                self._refused[node] = "; ".join(info["problems"])
-                self._note(f"{name} refused: {self._refused[node]}")
                 _kill(actor)
-                tally.state = "refused"
+                self._refuse(node, name, "; ".join(info["problems"]))
                 continue
             if self._described is None:
                 self._described = info["describe"]
             self.engines.append(_Engine(actor, node, name))
             tally.engines += 1
             tally.state = "running"
+
+    def _refuse(self, node: str, name: str, why: str) -> None:
+        """No more engines on this node for this run (its engines are dropped)."""
+        self._refused[node] = why
+        self._tally[node].state = "refused"
+        for engine in [e for e in self.engines if e.node == node]:
+            self.engines.remove(engine)
+            self._tally[node].engines -= 1
+            _kill(engine.actor)
+        self._note(f"{name} refused: {why}")
 
     def _note(self, text: str) -> None:
         self._notes.append(text)
@@ -364,6 +430,11 @@ class ClusterRunner:
         engine = min(choices, key=lambda e: e.busy)
         engine.busy += 1
         return engine, getattr(engine.actor, method).remote(*args)
+
+    def _unusable(self, engine: _Engine, exc: RayTaskError) -> None:
+        engine.busy -= 1
+        if engine in self.engines:
+            self._refuse(engine.node, engine.name, str(exc.cause))
 
     def _returned(self, engine: _Engine, episodes: int) -> None:
         engine.busy -= 1
@@ -405,7 +476,7 @@ class ClusterRunner:
             if engine.probe not in done:
                 continue
             try:
-                ray.get(engine.probe)
+                info = ray.get(engine.probe)
             except RayError as exc:
                 if (isinstance(exc, ActorUnavailableError)
                         and time.monotonic() - engine.crashed_at < RESTART_SECONDS):
@@ -415,16 +486,23 @@ class ClusterRunner:
                 self._drop(engine, exc, {info["NodeID"] for info in ray.nodes() if info.get("Alive")})
                 continue
             engine.probe = None
+            if info["problems"]:  # rebuilt after the node's files changed, or it failed to load
+                self._refuse(engine.node, engine.name, "; ".join(info["problems"]))
+                continue
             log.warning("the engine on %s is back", engine.name)
 
     def _drop(self, engine: _Engine, exc: BaseException, alive: set[str]) -> None:
-        self.engines.remove(engine)
-        _kill(engine.actor)
+        """Give up an engine; on a dead node, every engine of that node."""
+        dead = engine.node not in alive
+        gone = [e for e in self.engines if e is engine or (dead and e.node == engine.node)]
+        for lost in gone:
+            self.engines.remove(lost)
+            _kill(lost.actor)
         tally = self._tally[engine.node]
-        tally.engines -= 1
-        tally.state = "lost" if engine.node not in alive else tally.state
-        self._note(f"{engine.name}: an engine was lost ({_short(exc)}); its chunks run on the "
-                   f"other engines")
+        tally.engines -= len(gone)
+        tally.state = "lost" if dead else tally.state
+        self._note(f"{engine.name}: {'its node is gone' if dead else 'an engine was lost'} "
+                   f"({_short(exc)}); its chunks run on the other engines")
 
 
 def _kill(actor) -> None:

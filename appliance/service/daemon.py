@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from appliance.batch import BatchSummary, EpisodeRunner, finish_batch, process_queue
+from appliance.batch import (BatchSummary, EpisodeRunner, RunnerUnavailable, finish_batch,
+                             process_queue)
+from appliance.cluster.auth import ClusterError, read_token
 from appliance.config import Config, check_writable
 from appliance.engine import promoted_versions
 from appliance.models.shelf import ShelfError
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 ORPHAN_SWEEP_SECONDS = 60.0
 EXIT_OK, EXIT_DISK_FULL, EXIT_CONFIG = 0, 75, 78  # 75: EX_TEMPFAIL, 78: EX_CONFIG
+EXIT_TEMPFAIL = EXIT_DISK_FULL  # the work stays queued; a later run goes on with it
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Service:
         self.process = process
         self.stop_signal: str | None = None
         self.backoff_until = 0.0
+        self._cluster_retry_at = 0.0
         self.batch_id: str | None = None
         self.summary = BatchSummary()
         self.state = "starting"
@@ -96,10 +100,34 @@ class Service:
             self._promoted = promoted_versions(engine_config)
         except (ShelfError, OSError, ValueError):
             self._promoted = None  # building the engine says what is wrong with them
-        self.runner = _runner_for(self.config, engine_config)
+        try:
+            self.runner = _runner_for(self.config, engine_config)
+        except ClusterError as exc:  # nodes down or busy, the head up first: try again later
+            self._cluster_unavailable(exc)
+            self._describe({"engine": engine_config.name, **engine_config.backend_names()})
+            return _load_kb(engine_config)
         self._describe(self.runner.describe())
         return (self.runner.engine.knowledge_base if self.runner.engine
                 else _load_kb(engine_config))
+
+    def _cluster_unavailable(self, exc: Exception) -> None:
+        """The cluster cannot run episodes now: intake goes on, the work stays queued, and the
+        engines are started again in CLUSTER_RETRY_SECONDS."""
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = None
+        self._cluster_retry_at = time.time() + CLUSTER_RETRY_SECONDS
+        message = (f"cluster: {exc}; the work stays queued, trying again in "
+                   f"{CLUSTER_RETRY_SECONDS:.0f} s")
+        log.error(message)
+        self.store_safe_set("last_error", message)
+
+    def _retry_cluster(self) -> bool:
+        """After the cluster was unavailable, start its engines again when it is time."""
+        if self.config.cluster.address is None or time.time() < self._cluster_retry_at:
+            return False
+        self._build_runner()
+        return self.runner is not None
 
     def _describe(self, describe: dict) -> None:
         self.writer.engine = describe
@@ -273,6 +301,9 @@ class Service:
         if reason == "disk full":
             self.summary.stopped = "disk full"
             return RunResult(EXIT_DISK_FULL, self.summary, self.store.get("last_error") or reason)
+        if self.runner is None and self.config.cluster.address and self.store.counts()["queued"]:
+            self.summary.stopped = "cluster unavailable"  # a temporary failure, as a full disk
+            return RunResult(EXIT_TEMPFAIL, self.summary, self.store.get("last_error") or reason)
         if self.stop_signal:
             reason = f"signal {self.stop_signal}"
         elif self._past_deadline() and self.store.counts()["queued"]:
@@ -314,11 +345,13 @@ class Service:
 
     def _process(self, stop) -> str:
         """Run queued episodes until ``stop`` says otherwise; returns why it stopped."""
-        if self.runner is None:
+        if self.runner is None and not self._retry_cluster():
             return "intake only"
         try:
             if self.batch_id is None:
                 self.reload_if_promoted()
+                if self.runner is None:
+                    return "intake only"
                 self.batch_id = self.store.begin_batch(self.role)
                 self.summary = BatchSummary(batch_id=self.batch_id)
                 self._batch_started = time.perf_counter()
@@ -328,6 +361,9 @@ class Service:
                 max_tries=self.config.service.max_tries, batch=self.batch_id,
                 summary=self.summary, stop=stop, progress=self._progress,
                 min_free_bytes=int(self.config.service.min_free_mb * 1e6))
+        except RunnerUnavailable as exc:  # every node of the cluster lost
+            self._cluster_unavailable(exc)
+            return "cluster unavailable"
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
@@ -527,6 +563,9 @@ class ServiceError(RuntimeError):
     """The service cannot run as configured (e.g. a folder it must write is not writable)."""
 
 
+CLUSTER_RETRY_SECONDS = 60.0  # after the cluster could not run episodes, when to try again
+
+
 def _runner_for(config: Config, engine_config) -> EpisodeRunner:
     """This box's worker processes, or the engines of the cluster the config names."""
     from appliance.cluster.settings import ClusterSettings
@@ -534,17 +573,15 @@ def _runner_for(config: Config, engine_config) -> EpisodeRunner:
     settings = ClusterSettings.from_config(config)
     if settings is None:
         return EpisodeRunner(config=engine_config, workers=config.engine.workers)
-    from appliance.cluster.auth import ClusterError
-
     try:
+        read_token(settings.token_file)  # a configuration problem: no point retrying
         from appliance.cluster.runner import ClusterRunner
+    except ClusterError as exc:
+        raise ServiceError(f"cluster: {exc}") from None
     except ImportError as exc:
         raise ServiceError(f"cluster.address is set but Ray cannot be imported ({exc}); install "
                            "the cluster extra: pip install '.[cluster]'") from None
-    try:
-        return ClusterRunner(engine_config, settings)
-    except ClusterError as exc:
-        raise ServiceError(f"cluster: {exc}") from None
+    return ClusterRunner(engine_config, settings)  # ClusterError: the cluster, not the config
 
 
 def _existing(path: Path) -> Path:
