@@ -423,6 +423,7 @@ def test_grpo_rollouts_fan_out_to_the_engines_and_come_back_as_they_run_here(sit
         tallies = runner.nodes()
     finally:
         runner.close()
+        engine.close()  # its resident policy model is shared process-wide (other tests count them)
         for node in nodes:
             cluster.remove_node(node)
     assert there[0] == here[0] and there[1] == here[1] and there[2] == here[2]
