@@ -393,6 +393,7 @@ def test_grpo_rollouts_fan_out_to_the_engines_and_come_back_as_they_run_here(sit
         normal[mask] = int(np.median(image[~mask]))
         tasks.append(DefectExample(f"blowhole/{path.stem}",
                                    LabeledImage(image, mask, "blowhole", str(path)), normal))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the engines on the nodes run
     torch.manual_seed(0)
     model = get_peft_model(load_base_model(folder, "cpu"),
@@ -424,6 +425,7 @@ def test_grpo_rollouts_fan_out_to_the_engines_and_come_back_as_they_run_here(sit
     finally:
         runner.close()
         engine.close()  # its resident policy model is shared process-wide (other tests count them)
+        torch.set_num_threads(threads)
         for node in nodes:
             cluster.remove_node(node)
     assert there[0] == here[0] and there[1] == here[1] and there[2] == here[2]
