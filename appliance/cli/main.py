@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 import appliance  # noqa: F401  (forces offline mode before any HF import)
-from appliance.cli.options import CATEGORY, DEFECT, parse_backends
+from appliance.cli.options import CATEGORY, DEFECT, cluster_options, cluster_settings, parse_backends
 from appliance.config import MAX_PER_IMAGE, TEST_GOOD_SHARE
 from appliance.engine import EngineConfig, EngineError, resolve_engine_config
 
@@ -154,13 +154,7 @@ def synth(image: Path, category: str, defect: str, out: Path, seed: int, engine:
               type=click.FloatRange(0.0, 0.9),
               help="Share of the normal photos held back in <category>/test/good (never edited), "
                    "so that anomalib's image-level metrics have normal test images.")
-@click.option("--cluster", "cluster_address", metavar="HOST:PORT", default=None,
-              help="Run the episodes on the Ray cluster whose head is at HOST:PORT (this box "
-                   "must be one of its nodes: `appliance cluster start`); this box keeps the "
-                   "dataset. Default: the config's cluster.address, else this box alone. "
-                   "See docs/cluster.md.")
-@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The cluster's token file (default: the config's cluster.token_file).")
+@cluster_options("the episodes (this box keeps the dataset)")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and services).")
 @click.option("--profile", is_flag=True,
               help="Profile the run (cProfile) and print its 20 costliest functions to stderr.")
@@ -233,13 +227,8 @@ def batch(inbox: Path, out: Path, per_image: int, defects: tuple[str, ...], seed
 def _cluster_runner(config: EngineConfig, address: str | None, token_file: Path | None):
     """The cluster runner when a cluster is named (flag or config), else None (this box)."""
     from appliance.cluster.auth import ClusterError
-    from appliance.cluster.settings import ClusterSettings
-    from appliance.config import ConfigError, load_config
 
-    try:
-        settings = ClusterSettings.from_config(load_config(), address, token_file)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    settings = cluster_settings(address, token_file)
     if settings is None:
         return None
     if importlib.util.find_spec("ray") is None:

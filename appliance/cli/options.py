@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from appliance.names import InvalidName, Name
@@ -36,3 +38,28 @@ class NameParam(click.ParamType):
 
 CATEGORY = NameParam("category")
 DEFECT = NameParam("defect")
+
+
+def cluster_options(what: str):
+    """``--cluster`` and ``--token-file`` for a command that can run ``what`` on a Ray cluster."""
+    def decorate(command):
+        command = click.option(
+            "--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+            help="The cluster's token file (default: the config's cluster.token_file).")(command)
+        return click.option(
+            "--cluster", "cluster_address", metavar="HOST:PORT", default=None,
+            help=f"Run {what} on the Ray cluster whose head is at HOST:PORT (this box must be "
+                 "one of its nodes: `appliance cluster start`). Default: the config's "
+                 "cluster.address, else this box alone. See docs/cluster.md.")(command)
+    return decorate
+
+
+def cluster_settings(address: str | None, token_file: Path | None):
+    """The cluster the flags or the configuration name (``ClusterSettings``), else None."""
+    from appliance.cluster.settings import ClusterSettings
+    from appliance.config import ConfigError, load_config
+
+    try:
+        return ClusterSettings.from_config(load_config(), address, token_file)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc

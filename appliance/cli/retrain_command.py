@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.options import CATEGORY, parse_backends
+from appliance.cli.options import CATEGORY, cluster_options, cluster_settings, parse_backends
 
 
 def _bar(total: int, label: str):
@@ -98,11 +98,7 @@ def _stages(stage: str, config) -> tuple[str, ...]:
 @click.option("--calibration", "calibration", is_flag=True,
               help="With --rollback: roll back the CPU engine's calibration profile instead "
                    "of the adapter.")
-@click.option("--cluster", "cluster_address", metavar="HOST:PORT", default=None,
-              help="Run GRPO's rollouts on the engines of this Ray cluster (gradients stay "
-                   "here; default: the config's cluster.address, else here). docs/cluster.md.")
-@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The cluster's token file (default: the config's cluster.token_file).")
+@cluster_options("GRPO's rollouts (the gradients stay on this box)")
 def retrain_command(defects: Path | None, category: str, normal: Path | None, out: Path | None, stage: str,
                     resume: bool, steps: int, learning_rate: float, lora_rank: int,
                     grpo_steps: int, grpo_save_every: int, generations: int, grpo_learning_rate: float, beta: float,
@@ -180,7 +176,7 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
         grpo=GRPOSettings(steps=grpo_steps, save_every=grpo_save_every, generations=generations,
                           learning_rate=grpo_learning_rate, beta=beta, temperature=temperature,
                           seed=seed),
-        cluster=_cluster(cluster_address, token_file))
+        cluster=cluster_settings(cluster_address, token_file))
 
     def say(line: str) -> None:
         click.echo(line, err=True)
@@ -193,13 +189,3 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
     click.echo(report.read_text(encoding="utf-8"))
     click.echo(f"written: {report}, {options.out / 'report.json'}", err=True)
 
-
-def _cluster(address: str | None, token_file: Path | None):
-    """The cluster GRPO's rollouts run on: the flag's, else the config's, else None."""
-    from appliance.cluster.settings import ClusterSettings
-    from appliance.config import ConfigError, load_config
-
-    try:
-        return ClusterSettings.from_config(load_config(), address, token_file)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc

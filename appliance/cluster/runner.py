@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "appliance"
 ACTOR_RESTARTS = 3  # a crashing engine is restarted this often (models reloaded), then dropped
-ENGINE_FAILURES = 3  # chunks lost in a row before an engine on a live node is given up
+ENGINE_FAILURES = 3  # crashes without a finished chunk before an engine is given up
 CHUNK_MOVES = 6  # a chunk that loses this many engines is treated as the cause: a failed try
 REFRESH_SECONDS = 10.0  # how often new nodes (or nodes back from a reboot) are looked for
 NODE_WAIT_SECONDS = 120.0  # with no engine left, how long to wait for one before giving up
@@ -61,9 +61,6 @@ class EngineActor:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.where = {"node": ray.get_runtime_context().get_node_id(),
-                      "host": socket.gethostname(), "ip": ray.util.get_node_ip_address(),
-                      "pid": os.getpid()}
         self.engine = None
         self._rollouts = None
         config = for_this_node(config)
@@ -77,7 +74,7 @@ class EngineActor:
 
     def ready(self) -> dict:
         described = self.engine.describe() if self.engine is not None else None
-        return {**self.where, "problems": self.problems, "describe": described}
+        return {"problems": self.problems, "describe": described}
 
     def run(self, jobs: list[EpisodeJob], pngs: list[bytes]):
         if self.engine is None:  # restarted after the node's files changed
@@ -341,7 +338,6 @@ class ClusterRunner:
             placed[engine.node] = placed.get(engine.node, 0) + 1
         for _, node, _ in self._pending.values():
             placed[node] = placed.get(node, 0) + 1
-        expected = self.expected
         threads = max(1, int(self.settings.cpus_per_engine))
         for info in ray.nodes():
             node = info["NodeID"]
@@ -358,7 +354,7 @@ class ClusterRunner:
                     num_cpus=self.settings.cpus_per_engine, num_gpus=self.settings.gpus_per_engine,
                     max_restarts=ACTOR_RESTARTS, max_task_retries=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                ).remote(self.config, expected, threads)
+                ).remote(self.config, self.expected, threads)
                 self._pending[actor.ready.remote()] = (actor, node, name)
                 tally.state = "starting"
 
@@ -455,7 +451,7 @@ class ClusterRunner:
         if engine not in self.engines or engine.probe is not None:
             return  # already dropped, or already known to be restarting
         engine.failures += 1
-        alive = {info["NodeID"] for info in ray.nodes() if info.get("Alive")}
+        alive = _alive_nodes()
         if (engine.node in alive and engine.failures < ENGINE_FAILURES
                 and not isinstance(exc, ActorDiedError)):
             log.warning("an engine on %s stopped (%s); its chunks run on the other engines while "
@@ -483,7 +479,7 @@ class ClusterRunner:
                     engine.probe = engine.actor.ready.remote()  # still restarting: ask again
                     continue
                 engine.probe = None
-                self._drop(engine, exc, {info["NodeID"] for info in ray.nodes() if info.get("Alive")})
+                self._drop(engine, exc, _alive_nodes())
                 continue
             engine.probe = None
             if info["problems"]:  # rebuilt after the node's files changed, or it failed to load
@@ -503,6 +499,10 @@ class ClusterRunner:
         tally.state = "lost" if dead else tally.state
         self._note(f"{engine.name}: {'its node is gone' if dead else 'an engine was lost'} "
                    f"({_short(exc)}); its chunks run on the other engines")
+
+
+def _alive_nodes() -> set[str]:
+    return {info["NodeID"] for info in ray.nodes() if info.get("Alive")}
 
 
 def _kill(actor) -> None:
