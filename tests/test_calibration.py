@@ -256,3 +256,36 @@ def test_the_service_reloads_its_engine_when_a_profile_is_promoted(tmp_path, mon
         assert service.reload_if_promoted() is False  # not retried every batch
     finally:
         service.close()
+
+
+def test_procedural_contrast_follows_the_plants_peaks(profile, normals):
+    """On a calibrated category the rendered defect's peak change is the plant's at the rank the
+    severity asks ("faint" a faint one of theirs), and the mask stays the changed pixels."""
+    from appliance.imaging import change_map
+    from appliance.tools.image_gen.calibration import plant_peak
+
+    priors = profile.priors["crack"]
+    generator = ProceduralImageGenerator(calibrations=Calibrations({CATEGORY: profile}),
+                                         transplant_share=0.0)
+    peaks: dict[str, list[float]] = {}
+    close: list[bool] = []
+    for word in ("very faint", "strongly pronounced"):
+        for i in range(6):
+            normal = normals[i % len(normals)]
+            result = generator.generate([EditRequest(normal, CATEGORY, "crack",
+                                                     f"a single {word} dark crack", seed=i)])[0]
+            assert mask_iou(changed_pixels(normal, result.image), result.mask) >= 0.9
+            assert np.array_equal(result.image[~result.mask], normal[~result.mask])
+            info = result.params["render"]["contrast"]
+            measured = float(np.percentile(change_map(normal, result.image)[result.mask], 90))
+            target = plant_peak(priors, result.params["edit_params"]["severity"])
+            assert info["target_peak"] == round(target, 2)
+            # Never further from the plant's contrast than the renderer's own guess (a dark
+            # crack on a dark tile can saturate at black).
+            assert abs(measured - target) <= abs(info["peak"] - target) + 1.0, (word, i, info)
+            if "peak_after" in info:
+                assert round(measured, 2) == info["peak_after"]
+            close.append(abs(measured - target) <= 0.25 * target + 2.0)
+            peaks.setdefault(word, []).append(measured)
+    assert np.mean(peaks["very faint"]) < np.mean(peaks["strongly pronounced"]), peaks
+    assert np.mean(close) >= 0.6, close

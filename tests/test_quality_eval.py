@@ -328,3 +328,36 @@ def test_a_defect_type_the_knowledge_base_calls_large_is_not_too_large(part, eng
     assert 0.25 < uneven.measurements["size_share"] < 0.5
     assert Issue.TOO_LARGE in plain.issues and Issue.TOO_LARGE in blowhole.issues
     assert Issue.TOO_LARGE not in uneven.issues and uneven.location_score >= ACCEPT
+
+
+def _judge_asked(normal, edited, instruction):
+    return HeuristicQualityEvaluator().evaluate(
+        [QualityRequest(normal, edited, "part", "pit", instruction)])[0]
+
+
+def _pits(image, centres, radius=7):
+    for cy, cx in centres:
+        image = blotch(image, cy, cx, radius, soft=False)
+    return image
+
+
+def test_the_count_asked_for_is_checked(part):
+    """"two pits" showing five, or "a cluster of pores" showing one, is the wrong count; what
+    was asked (allowing close neighbours that merge) passes."""
+    two = _pits(part, [(230, 230), (262, 270)])
+    five = _pits(part, [(200, 200), (200, 260), (240, 230), (280, 200), (280, 260)])
+    one = _pits(part, [(256, 256)])
+    assert Issue.WRONG_COUNT not in _judge_asked(part, two, "two dark pits").issues
+    report = _judge_asked(part, five, "two dark pits")
+    assert Issue.WRONG_COUNT in report.issues, report.review
+    assert report.quality_score <= 1 and report.measurements["pieces"] == 5.0
+    assert "5 separate defects where 1 to 3" in report.review
+    crowd = _judge_asked(part, one, "a cluster of small dark pores")
+    assert Issue.WRONG_COUNT in crowd.issues, crowd.review
+    assert Issue.WRONG_COUNT not in _judge_asked(part, five, "a cluster of small dark pores").issues
+    # "sometimes two or three": one is as right as three.
+    for edited in (one, _pits(part, [(230, 230), (262, 270), (240, 290)])):
+        assert Issue.WRONG_COUNT not in _judge_asked(
+            part, edited, "small pits; sometimes two or three pores close together").issues
+    # No count asked and no calibration: not checked.
+    assert Issue.WRONG_COUNT not in judge(part, five).issues

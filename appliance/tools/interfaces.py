@@ -101,9 +101,10 @@ class Issue:
     SCATTERED = "scattered"
     HARD_SEAMS = "hard_seams"
     WRONG_TYPE = "wrong_type"
+    WRONG_COUNT = "wrong_count"  # more or fewer separate defects than asked for
 
     ALL = (NO_CHANGE, TOO_FAINT, TOO_STRONG, TOO_SMALL, TOO_LARGE, OFF_OBJECT, SCATTERED,
-           HARD_SEAMS, WRONG_TYPE)
+           HARD_SEAMS, WRONG_TYPE, WRONG_COUNT)
 
 
 @dataclass

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from appliance.imaging import CHANGE_THRESHOLD, load_rgb, png_bytes, write_atomic
+from appliance.imaging import CHANGE_THRESHOLD, change_map, load_rgb, png_bytes, write_atomic
 from appliance.names import Name, path_under
 from appliance.tools.image_gen.placement import foreground_bbox, object_extent
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
@@ -50,6 +50,10 @@ CROP_MARGIN_PX = 6
 # The size scale of the prompt words (``prompt_params._SIZE_WORDS``: tiny 0.02 ... very large
 # 0.70), read as a rank from 0 to 1 on a log axis.
 WORD_SIZE_RANGE = (0.02, 0.70)
+# A rendered defect's contrast is matched to the plant's when it is off by more than this
+# factor; the scale is kept within CONTRAST_SCALE so a renderer's shading keeps its shape.
+CONTRAST_SLACK = 1.15
+CONTRAST_SCALE = (0.3, 3.0)
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -300,6 +304,40 @@ def calibrated_params(params: EditParams, priors: DefectPriors, rng: np.random.G
     if "polarity" not in specified and params.color is None:
         changes["polarity"] = "dark" if rng.random() < priors.dark_share else "bright"
     return replace(params, **changes)
+
+
+def plant_peak(priors: DefectPriors, severity: float) -> float:
+    """The change a defect of this ``severity`` (0-1, ``EditParams.severity``) shows on this
+    plant: the real defects' peak at that rank, so "faint" is a faint one of theirs."""
+    return max(priors.quantile("peaks", severity), visible_floor(priors))
+
+
+def match_contrast(original: np.ndarray, edited: np.ndarray, mask: np.ndarray,
+                   target_peak: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Scale a rendered defect's change so its peak (90th percentile of the change over the
+    mask, as the calibration measures real defects) becomes ``target_peak``.
+
+    Pixels outside the mask stay as they are. Scaling up only strengthens what the mask holds;
+    scaling down, pixels whose change falls to the change threshold or below are put back
+    exactly and leave the mask, so the mask stays the renderers' contract (the changed pixels,
+    IoU >= 0.9). A scale that would erase most of the defect is not applied.
+    """
+    diff = change_map(original, edited)
+    peak = float(np.percentile(diff[mask], 90)) if mask.any() else 0.0
+    info = {"target_peak": round(float(target_peak), 2), "peak": round(peak, 2), "scale": 1.0}
+    if peak <= 0.0 or 1.0 / CONTRAST_SLACK <= target_peak / peak <= CONTRAST_SLACK:
+        return edited, mask, info
+    scale = float(np.clip(target_peak / peak, *CONTRAST_SCALE))
+    base = original.astype(np.float32)
+    scaled = np.clip(np.rint(base + scale * (edited.astype(np.float32) - base)), 0, 255)
+    result = np.where(mask[..., None], scaled.astype(np.uint8), edited)
+    kept = mask & (change_map(original, result) > CHANGE_THRESHOLD) if scale < 1.0 else mask
+    if int(kept.sum()) < 0.5 * int(mask.sum()):
+        return edited, mask, info | {"skipped": "the scaled change would leave under half the defect"}
+    result[mask & ~kept] = original[mask & ~kept]
+    # A dark defect on a dark surface cannot get darker than black: the peak reached is recorded.
+    reached = float(np.percentile(change_map(original, result)[kept], 90))
+    return result, kept, info | {"scale": round(scale, 3), "peak_after": round(reached, 2)}
 
 
 class Calibrations:

@@ -15,7 +15,7 @@ import numpy as np
 
 from appliance.imaging import is_grayscale
 from appliance.tools.image_gen.calibration import (Calibrations, CalibrationProfile, calibrated_params,
-                                                   typical_size)
+                                                   match_contrast, plant_peak, typical_size)
 from appliance.tools.image_gen.placement import (cluster_centres, foreground_bbox, instances_within,
                                                  object_extent, place)
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
@@ -103,6 +103,11 @@ class ProceduralImageGenerator:
             family, image, object_map.foreground, params, rng, boxes,
             is_texture=object_map.is_texture, background_color=object_map.background_color,
             details=render_info)
+        if priors is not None and priors.peaks:
+            # The renderers' contrast is their own guess; on a calibrated category the defect
+            # stands out as much as the plant's do at the severity asked.
+            edited, mask, render_info["contrast"] = match_contrast(
+                image, edited, mask, plant_peak(priors, params.severity))
         record = {
             "backend": self.name,
             "family": family,

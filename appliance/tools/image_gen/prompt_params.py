@@ -226,6 +226,9 @@ class EditParams:
     width_px: float | None = None
     # The range the prompt's size words allow (``size`` was drawn from it); None: not named.
     size_band: tuple[float, float] | None = None
+    # How many pieces the prompt's words allow ("two or three pores" -> (2, 3); "sometimes two
+    # or three" -> (1, 3), whichever this draw took); None: not named.
+    count_band: tuple[int, int] | None = None
 
 
 @dataclass
@@ -426,6 +429,7 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
             break
 
     count_band, words, sometimes = _find_count(" ".join((texts.look, texts.size)))
+    allowed_count = (1, count_band[1]) if count_band and sometimes else count_band
     if count_band and sometimes and u["sometimes"] >= SOMETIMES_SHARE:
         count_band = (1, 1)  # "sometimes two or three": this time, one
     if count_band:
@@ -464,4 +468,5 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         orientation_deg=round(float(orientation), 2), location=location,
         elongation=round(float(elongation), 3), polarity=polarity, color=color, count=count,
         roughness=round(float(roughness), 3), side=side, form=form, edge_mode=edge_mode,
-        width_px=width_px, size_band=size_band, specified=specified, matched=matched)
+        width_px=width_px, size_band=size_band, count_band=allowed_count, specified=specified,
+        matched=matched)

@@ -58,6 +58,7 @@ SMALL_WORDS = ("tiny", "minute", "small")
 LARGE_WORDS = ("very large", "huge", "large", "big", "sizeable")
 
 SHAPE_SINGLE = "a single compact patch, all in one place"
+SHAPE_COUNTED = "exactly the number of pieces the description gives, each one clearly separate"
 EDGES_SOFT = "soft edges blending into the surrounding material"
 # Clauses (between semicolons) that invite several pieces; dropped when the judge saw scatter.
 _MULTIPLE_RE = re.compile(
@@ -272,6 +273,8 @@ def refine_prompt(prompt: str, issues: Sequence[str], knowledge: Knowledge | Non
                                f"never on the background")
         elif issue == Issue.SCATTERED:
             parts.shape = SHAPE_SINGLE
+        elif issue == Issue.WRONG_COUNT:
+            parts.shape = SHAPE_COUNTED
         elif issue == Issue.HARD_SEAMS:
             parts.edges = EDGES_SOFT
         elif issue == Issue.WRONG_TYPE:

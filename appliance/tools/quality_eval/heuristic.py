@@ -34,6 +34,12 @@ SIZE        the instruction names a size ("large", "tiny", "3 percent"): the mai
             extent against the part's must be within a third and three times the size the
             words ask for (on a calibrated category, the plant's own size at that rank):
             TOO_SMALL / TOO_LARGE otherwise.
+COUNT       the instruction names a count ("two or three pores", "a single crack") or the category
+            is calibrated: WRONG_COUNT when the separate defects (pieces joined as the
+            calibration joins real ones) number under the asked minimum less half of it, or over
+            the asked maximum plus half of it (at least one more; a single defect: two more), or,
+            with no count asked, over twice the most the plant's real photos show plus one. The
+            slack is for close neighbours that merge, as real ones do in their masks.
 PLANT       on a category with a calibration profile: the changed area against the part below
             a third of the real defects' 5th percentile is TOO_SMALL (and that, not the generic
             minimum, is the smallest visible defect, down to 4 px), above three times their
@@ -50,7 +56,8 @@ location_score, from the share of changed pixels on the part (``on_object``):
     capped at 2 when the change is not local (SCATTERED or TOO_LARGE): a change everywhere has no
     location. Below 0.70 the report carries OFF_OBJECT.
 quality_score starts at 5:
-    capped at 1 by TOO_SMALL, TOO_LARGE or SCATTERED (not a visible local defect at all),
+    capped at 1 by TOO_SMALL, TOO_LARGE, SCATTERED or WRONG_COUNT (not the local defect asked
+    for at all),
     capped at 2 by TOO_FAINT, TOO_STRONG or HARD_SEAMS (a defect, but it does not look real),
     minus 1 for each borderline measurement (weak contrast, large size, hard edges, a change
     split into many pieces).
@@ -125,6 +132,7 @@ class Limits:
     # From the instruction and the category's calibration profile (None: not checked): the
     # main change's major extent against the part's, its area against the part, its peak.
     size_range: tuple[float, float] | None = None
+    count_range: tuple[int, int] | None = None  # separate defects allowed
     min_area_share: float | None = None
     max_area_share: float | None = None
     min_peak: float | None = None
@@ -182,8 +190,12 @@ class HeuristicQualityEvaluator:
                 max_share=max(limits.max_share, SIZE_TOLERANCE * top_area),
                 min_peak=visible_floor(priors),
                 max_peak=PEAK_HIGH * priors.quantile("peaks", 0.95))
+        if priors is not None and priors.counts:
+            limits = replace(limits, count_range=(1, 2 * max(priors.counts) + 1))
         if request.instruction:
             asked = parse_prompt(request.instruction, np.random.default_rng(0))
+            if asked.count_band is not None:
+                limits = replace(limits, count_range=count_range(asked.count_band))
             if asked.size_band is not None:
                 low, high = asked.size_band
                 if priors is not None:
@@ -202,6 +214,12 @@ class HeuristicQualityEvaluator:
         limits = self.limits_for_request(request)
         m = measure(request.normal, request.edited, object_map, limits)
         return score(m, object_map.is_texture, limits)
+
+
+def count_range(band: tuple[int, int]) -> tuple[int, int]:
+    """The separate defects a judge accepts for an asked count band (see COUNT above)."""
+    low, high = band
+    return max(1, low - low // 2), high + (2 if high == 1 else max(1, high // 2))
 
 
 def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
@@ -253,6 +271,7 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
     region_area = float(region_crop.sum())
     # The defect's length as the calibration measures real ones (pieces joined the same way).
     pieces = defect_pieces(changed_crop, frame=changed.shape) or [changed_crop]
+    m["pieces"] = float(len(pieces))
     m["major_share"] = max(major_axis(piece) for piece in pieces) / object_extent(object_map)
     m["region_pixels"] = region_area
     m["region_density"] = float(changed_crop[region_crop].sum() / max(region_area, 1.0))
@@ -420,6 +439,10 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
         penalties.append("split")
     if m["on_object"] < limits.min_on_object:
         issues.append(Issue.OFF_OBJECT)
+    if limits.count_range is not None and "pieces" in m and not (
+            limits.count_range[0] <= m["pieces"] <= limits.count_range[1]):
+        issues.append(Issue.WRONG_COUNT)
+        m["count_low"], m["count_high"] = (float(c) for c in limits.count_range)
 
     peak, ratio = m["peak_change"], m["contrast_ratio"]
     faint_for_plant = limits.min_peak is not None and peak < limits.min_peak
@@ -450,7 +473,7 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
         location = min(location, 2)
 
     quality = 5 - len(penalties)
-    if {Issue.TOO_SMALL, Issue.TOO_LARGE, Issue.SCATTERED} & set(issues):
+    if {Issue.TOO_SMALL, Issue.TOO_LARGE, Issue.SCATTERED, Issue.WRONG_COUNT} & set(issues):
         quality = min(quality, 1)
     if {Issue.TOO_FAINT, Issue.TOO_STRONG, Issue.HARD_SEAMS} & set(issues):
         quality = min(quality, 2)
@@ -503,6 +526,11 @@ def _review(m: dict[str, float], issues: list[str], penalties: list[str],
     else:
         where = f"The change sits on the {surface} ({share:.0f} % of changed pixels, {piece_text})"
     sentences = [where + "."]
+    if Issue.WRONG_COUNT in issues:
+        low, high = int(m["count_low"]), int(m["count_high"])
+        allowed = str(low) if low == high else f"{low} to {high}"
+        sentences.append(f"It shows {int(m['pieces'])} separate defects where {allowed} would "
+                         "fit what was asked.")
 
     size = (f"It covers {m['changed_pixels']:.0f} px, {100 * m['size_share']:.2f} % of the "
             f"{surface}")

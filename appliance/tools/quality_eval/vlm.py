@@ -65,6 +65,8 @@ _ISSUE_WORDS: dict[str, tuple[str, ...]] = {
     Issue.HARD_SEAMS: ("seam", "pasted", "hard edge", "sharp border", "sticker", "overlay"),
     Issue.WRONG_TYPE: ("wrong type", "different defect", "does not look like a", "not a real",
                        "resembles a"),
+    Issue.WRONG_COUNT: ("wrong number", "too many defects", "too few defects", "more defects than",
+                        "fewer defects than"),
 }
 _NEGATION = re.compile(r"\b(no|not|without|free of|lacks?)\b[\w\s,-]{0,20}$", re.IGNORECASE)
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The quality evaluation on a lent GPU box, in one call: `appliance eval` zero-shot and with
+# --few-shot 5 over seeds 0, 1, 2, the six runs side by side (each 2 CPU threads and the GPU).
+# Each run's report.json comes back as $OUT/<mode>-seed<N>.json; combine them here with
+#   python bench/eval_combine.py DIR
+# Needs: the magnetic tile photos in DATA (default evaldata/magnetic-tile), and the wheels of the
+# appliance's pure-Python dependencies the device image lacks in .whl/ (docs/evaluation.md says
+# which). Knowledge retrieval's embedder (88 MB) does not travel: an episode whose policy asks
+# for knowledge gets the tool's error and goes on, and the log counts those calls.
+set -u
+DATA=${DATA:-evaldata/magnetic-tile}
+OUT=${OUT:-/tmp/eval-gpu}
+SEEDS=${SEEDS:-0 1 2}
+DEVICE=${DEVICE:-cuda}
+EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--train-size 20 --epochs 1" for a smoke run
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"; } | tee "$OUT/device.txt"
+python3 -c "import torch, numpy, cv2; print('torch', torch.__version__, 'numpy', numpy.__version__, 'cv2', cv2.__version__)" | tee -a "$OUT/device.txt"
+start=$(date +%s)
+pids=()
+for mode in zs fs5; do
+    for seed in $SEEDS; do
+        shots=0
+        [ "$mode" = fs5 ] && shots=5
+        (
+            python3 -m appliance.cli.main eval --normal "$DATA/MT_Free" --defects "$DATA" \
+                --out "/tmp/ev-$mode-$seed" --seed "$seed" --few-shot "$shots" --device "$DEVICE" \
+                --threads 2 $EVAL_ARGS --no-generation-metrics --no-progress > "/tmp/ev-$mode-$seed.log" 2>&1
+            echo "rc=$? after $(( $(date +%s) - start )) s" >> "/tmp/ev-$mode-$seed.log"
+            cp "/tmp/ev-$mode-$seed/report.json" "$OUT/$mode-seed$seed.json" 2>/dev/null
+        ) &
+        pids+=($!)
+    done
+done
+wait "${pids[@]}"
+for log in /tmp/ev-*.log; do echo "== $log"; cat "$log"; done > "$OUT/logs.txt"
+grep -h "rc=\|knowledge" "$OUT/logs.txt"
+echo "all done in $(( $(date +%s) - start )) s"
