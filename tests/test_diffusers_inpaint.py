@@ -145,3 +145,74 @@ def test_engine_builds_the_backend_from_an_installed_manifest(tmp_path, photo):
     assert result.status in ("accepted", "rejected"), result.end_reason
     params = result.attempts[0].result.params
     assert params["backend"] == "sdxl-inpaint" and params["model"].startswith("local/sdxl-inpaint-tiny@")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restore_paints_a_real_defect_back_within_its_hole(generators, photo, backend):
+    """Reverse synthesis through the inpainter (``appliance retrain``'s normal counterparts):
+    the grown hole is repainted, the photo beyond its feathered rim is kept bit for bit, and a
+    seed gives the same counterpart every time."""
+    import cv2
+
+    from appliance.training.reverse_synthesis import GROW_PIXELS, reverse_synthesize_with
+
+    defect = photo.copy()
+    cv2.line(defect, (30, 40), (90, 52), (0, 0, 0), 2)
+    mask = np.any(defect != photo, axis=2)
+    generator = generators[backend]
+    restored = reverse_synthesize_with(defect, mask, generator, "magnetic_tile", seed=4)
+    assert restored.shape == defect.shape and restored.dtype == np.uint8
+    grown = cv2.dilate(mask.astype(np.uint8), np.ones((2 * GROW_PIXELS + 1,) * 2, np.uint8)) > 0
+    # The feather reaches 2 sigma (sigma >= 1 px, 8 % of the hole's shorter side) past the hole.
+    far = cv2.dilate(grown.astype(np.uint8), np.ones((13, 13), np.uint8)) == 0
+    assert np.array_equal(restored[far], defect[far])
+    assert np.any(restored[mask] != defect[mask], axis=1).mean() > 0.9  # the line was painted over
+    assert np.array_equal(restored, reverse_synthesize_with(defect, mask, generator,
+                                                            "magnetic_tile", seed=4))
+    assert np.array_equal(reverse_synthesize_with(defect, np.zeros_like(mask), generator,
+                                                  "magnetic_tile", seed=4), defect)
+
+
+def test_retrain_takes_normal_counterparts_from_the_engines_inpainter(tmp_path, photo):
+    """With a diffusion engine and no --normal photos, the retrain run's examples are painted by
+    that engine's inpainter; with --normal photos they are borrowed from them."""
+    import cv2
+
+    from appliance.engine import EngineConfig
+    from appliance.evaluation.data import LabeledImage
+    from appliance.models.tiny_models import build_tiny_models
+    from appliance.training.run import RetrainOptions
+    from appliance.training.stages import StageContext
+
+    build_tiny_models(tmp_path / "models", parts=["sdxl"])
+    config = replace(EngineConfig(), name="test", image_gen="sdxl-inpaint",
+                     models_dir=tmp_path / "models")
+    items = []
+    for n in range(2):
+        image = photo.copy()
+        cv2.circle(image, (40 + 30 * n, 50), 6, (10, 10, 10), -1)
+        items.append(LabeledImage(image, np.any(image != photo, axis=2), "blowhole", f"p{n}.png"))
+    said: list[str] = []
+
+    def context(normals):
+        return StageContext(RetrainOptions(tmp_path / "defects", "magnetic_tile", tmp_path / "run",
+                                           holdout=0.5),
+                            "magnetic_tile", None, items, [], said.append, None, config,
+                            normals=normals)
+
+    ctx = context([])
+    try:
+        assert ctx.restorer() is ctx.engine.tools.image_gen
+        train, heldout = ctx.split
+        assert len(train) == len(heldout) == 1
+        assert "painted by the engine's inpainter (sdxl-inpaint)" in said[-1]
+        for example in train + heldout:
+            hole = example.defect.mask
+            assert np.any(example.normal[hole] != example.defect.image[hole], axis=1).mean() > 0.9
+        borrowed = context([photo])
+        borrowed._engine = ctx.engine
+        borrowed_train, _ = borrowed.split
+        assert "borrowed from the best-matching --normal photo" in said[-1]
+        assert not np.array_equal(borrowed_train[0].normal, train[0].normal)
+    finally:
+        ctx.engine.close()

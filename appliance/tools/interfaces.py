@@ -86,6 +86,14 @@ class ImageGenerator(Protocol):
     def generate(self, requests: Sequence[EditRequest]) -> list[EditResult]: ...
 
 
+class SurfaceRestorer(Protocol):
+    """An image generator that can also paint a region back to intact surface (a diffusion
+    inpainter): ``appliance retrain`` turns real defect photos into their normal counterparts
+    with it."""
+
+    def restore(self, image: np.ndarray, hole: np.ndarray, category: str, seed: int) -> np.ndarray: ...
+
+
 # --- QE: quality evaluation -------------------------------------------------------------------
 
 

@@ -2,8 +2,11 @@
 
 Alg. 2 starts from a real defect and needs the same part without it, pixel-aligned, so that
 the trajectory can go normal -> defect with the real mask. The masked region (grown a little, so
-the defect's soft edge goes too) is filled in one of two ways:
+the defect's soft edge goes too) is filled in one of three ways:
 
+- by the engine's diffusion inpainter when it has one (SDXL inpainting, Flux Fill;
+  ``reverse_synthesize_with``), asked for the part's intact surface: the paper's way, and the
+  one that invents plausible texture for large defects;
 - from its surroundings by OpenCV's Telea inpainting (``reverse_synthesize``): for the
   textured, mostly flat surfaces of industrial parts this leaves a plausible normal surface,
   and it needs no model on a CPU box;
@@ -18,6 +21,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+from appliance.tools.interfaces import SurfaceRestorer
 
 # How far the hole reaches beyond the mask: real masks are drawn tight, and a defect's halo
 # (shadow, discolouration) left behind would teach the policy that "normal" has it.
@@ -37,6 +42,16 @@ def reverse_synthesize(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     filled = cv2.inpaint(np.ascontiguousarray(image[..., ::-1]), hole, INPAINT_RADIUS,
                          cv2.INPAINT_TELEA)
     return np.ascontiguousarray(filled[..., ::-1])
+
+
+def reverse_synthesize_with(image: np.ndarray, mask: np.ndarray, restorer: SurfaceRestorer,
+                            category: str, seed: int) -> np.ndarray:
+    """``image`` with the region of ``mask`` painted as intact surface by ``restorer``."""
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
+    if not mask.any():
+        return image.copy()
+    return restorer.restore(image, _hole(mask), category, seed)
 
 
 MATCH_SIDE = 64  # photos are compared at this size: position and brightness, not texture

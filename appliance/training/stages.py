@@ -15,11 +15,13 @@ import numpy as np
 from appliance.engine import Engine, EngineConfig, EngineError, build_engine
 from appliance.evaluation.data import LabeledImage, Skipped
 from appliance.imaging import write_atomic
+from appliance.tools.interfaces import SurfaceRestorer
 from appliance.training.heldout import real_area_medians, run_heldout
 from appliance.training.run import RetrainError, RetrainOptions, RunState
 from appliance.training.trajectories import (
     DefectExample,
     build_trajectories,
+    counterpart_method,
     example_from,
     split_examples,
 )
@@ -38,6 +40,7 @@ class StageContext:
     progress: Callable | None
     engine_config: EngineConfig = field(default_factory=EngineConfig)
     normals: list[np.ndarray] = field(default_factory=list)  # --normal photos, at the defects' size
+    counterparts: str = ""  # how the normal counterparts were made (``counterpart_method``)
     _engine: Engine | None = None
     _split: tuple[list[DefectExample], list[DefectExample]] | None = None
 
@@ -63,14 +66,25 @@ class StageContext:
         if self._split is None:
             train, heldout = split_examples(self.items, self.options.seed, self.options.holdout)
             stems = _unique_stems(self.items)
+            restorer = None if self.normals else self.restorer()
+            self.counterparts = counterpart_method(self.normals, restorer)
+            self.say(f"reverse synthesis: normal counterparts {self.counterparts}")
             with self.bar(len(self.items), "reverse synthesis") as bar:
                 examples = []
-                for item, stem in zip(self.items, stems):
-                    examples.append(example_from(item, stem, self.normals))
+                for index, (item, stem) in enumerate(zip(self.items, stems)):
+                    examples.append(example_from(item, stem, self.normals, restorer,
+                                                 self.category, self.options.seed + index))
                     if bar is not None:
                         bar.update(1)
             self._split = [examples[i] for i in train], [examples[i] for i in heldout]
         return self._split
+
+
+    def restorer(self) -> SurfaceRestorer | None:
+        """The engine's image generator when it can paint a region back to intact surface (a
+        diffusion inpainter); None on the CPU engine."""
+        image_gen = self.engine.tools.image_gen
+        return image_gen if callable(getattr(image_gen, "restore", None)) else None
 
 
 def _unique_stems(items: list[LabeledImage]) -> list[str]:
@@ -135,7 +149,7 @@ def run_trajectories(ctx: StageContext) -> None:
     kept = [o for o in outcomes if o.kept]
     figures = {
         "train_photos": len(train), "heldout_photos": len(heldout),
-        "heldout": [e.id for e in heldout],
+        "heldout": [e.id for e in heldout], "counterparts": ctx.counterparts,
         "built": len(outcomes), "kept": len(kept),
         "kept_by_steps": {str(n): sum(1 for o in kept if o.steps == n) for n in ctx.options.steps},
         "not_kept": dict(Counter(o.reason.split(" (")[0] for o in outcomes if not o.kept)),

@@ -25,10 +25,11 @@ from appliance.dataset.trajectory import save_trajectory
 from appliance.evaluation.data import LabeledImage
 from appliance.imaging import write_atomic
 from appliance.policies.scripted import ScriptedPolicy
+from appliance.tools.interfaces import SurfaceRestorer
 from appliance.training.replay_tools import (RealMaskGenerator, RealSizePromptGenerator,
                                              ReplayImageGenerator)
 from appliance.training.reverse_synthesis import (partial_defect, reverse_synthesize,
-                                                  reverse_synthesize_from)
+                                                  reverse_synthesize_from, reverse_synthesize_with)
 
 # Contrast of each attempt relative to the real defect, per number of image_gen steps: the
 # earlier attempts are the real defect too faint, as a first simple prompt often gives.
@@ -72,12 +73,27 @@ def split_examples(items: Sequence[LabeledImage], seed: int, holdout_fraction: f
     return sorted(train), sorted(heldout)
 
 
-def example_from(item: LabeledImage, stem: str,
-                 normals: Sequence[np.ndarray] = ()) -> DefectExample:
+def counterpart_method(normals: Sequence[np.ndarray], restorer: SurfaceRestorer | None) -> str:
+    """How ``example_from`` makes normal counterparts, in words for the run's log and report."""
+    if normals:
+        return "borrowed from the best-matching --normal photo"
+    if restorer is not None:
+        return f"painted by the engine's inpainter ({getattr(restorer, 'name', 'diffusion')})"
+    return "inpainted from the surroundings (OpenCV Telea; the engine has no diffusion inpainter)"
+
+
+def example_from(item: LabeledImage, stem: str, normals: Sequence[np.ndarray] = (),
+                 restorer: SurfaceRestorer | None = None, category: str = "",
+                 seed: int = 0) -> DefectExample:
     """The defect with its normal counterpart: from the best-matching normal photo when there
-    are some (``--normal``), else inpainted."""
-    normal = reverse_synthesize_from(item.image, item.mask, normals)[0] if normals else \
-        reverse_synthesize(item.image, item.mask)
+    are some (``--normal``), else painted by the engine's diffusion inpainter when it has one,
+    else inpainted from the surroundings."""
+    if normals:
+        normal = reverse_synthesize_from(item.image, item.mask, normals)[0]
+    elif restorer is not None:
+        normal = reverse_synthesize_with(item.image, item.mask, restorer, category, seed)
+    else:
+        normal = reverse_synthesize(item.image, item.mask)
     return DefectExample(f"{item.defect}/{stem}", item, normal)
 
 

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
     from appliance.tools.knowledge.base import KnowledgeBase
 
 NEGATIVE_PROMPT = "blurry, cartoon, drawing, text, watermark, frame, distorted, low quality"
+# Reverse synthesis (``restore``): the region of a real defect painted back as intact surface.
+RESTORE_PROMPT = ("the intact surface of a good part: the same material, grain and lighting as "
+                  "around it, flawless")
+RESTORE_NEGATIVE = ("crack, scratch, hole, pit, pore, stain, dent, chip, break, fray, defect, "
+                    "damage, " + NEGATIVE_PROMPT)
 
 
 @dataclass(frozen=True)
@@ -187,10 +192,56 @@ class DiffusersInpaintGenerator:
         return results
 
     def _generate_batch(self, requests: Sequence[EditRequest]) -> list[EditResult]:
+        plans = [self.plan(r) for r in requests]
+        painted, texts, seconds = self._paint(requests, plans, self.settings.negative_prompt)
+        res = self.settings.resolution
+        results = []
+        for request, plan, text, out in zip(requests, plans, texts, painted):
+            edited = blend(request.image, out, plan)
+            params = {"backend": self.name, "model": self.model_id, "seed": int(request.seed),
+                      "steps": self.settings.steps, "guidance": self.settings.guidance,
+                      "strength": self.settings.strength, "resolution": res,
+                      "crop": plan.crop.as_list(), "region_source": plan.region_source,
+                      "footprint_pixels": int(plan.footprint.sum()), "device": self.device,
+                      "dtype": self.dtype, "batch_size": len(requests),
+                      "batch_seconds": round(seconds, 3), "text_prompt": text.prompt,
+                      "text_prompt_2": text.prompt_2, **plan.notes}
+            results.append(EditResult(image=edited, region=plan.region, mask=None, params=params))
+        return results
+
+    def restore(self, image: np.ndarray, hole: np.ndarray, category: str, seed: int) -> np.ndarray:
+        """Reverse synthesis: ``image`` with the pixels of ``hole`` (bool, the real defect's mask
+        grown past its halo) painted as the part's intact surface. Replaced fully inside the
+        hole and feathered a little outside it, as ``reverse_synthesis`` blends its other
+        sources; the rest of the photo is kept bit for bit."""
+        if image.shape[:2] != hole.shape:
+            raise ValueError(f"image {image.shape[:2]} and hole {hole.shape} differ in size")
+        if not hole.any():
+            return image.copy()
+        ys, xs = np.nonzero(hole)
+        region = Box(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        crop = self._crop(region, image.shape)
+        inside = hole[crop.y0:crop.y1, crop.x0:crop.x1].astype(np.float32)
+        sigma = max(1.0, self.settings.feather * min(region.width, region.height))
+        alpha = np.maximum(cv2.GaussianBlur(inside, (0, 0), sigmaX=sigma), inside)
+        # The model paints latent cells: a hairline crack's hole must span a few of them, or
+        # the pipeline keeps the crack's own latents there.
+        cell = self.latent_cell * max(crop.width, crop.height) / self.settings.resolution
+        reach = max(int(math.ceil(cell)), 1)
+        footprint = cv2.dilate(hole.astype(np.uint8), np.ones((2 * reach + 1, 2 * reach + 1),
+                                                              np.uint8)).astype(bool)
+        plan = Plan(region, "reverse-synthesis", footprint, crop, alpha.astype(np.float32))
+        # No defect named: the caption leads with the part alone.
+        request = EditRequest(image, category, "", RESTORE_PROMPT, int(seed), region=region)
+        painted, _, _ = self._paint([request], [plan], RESTORE_NEGATIVE)
+        return blend(image, painted[0], plan)
+
+    def _paint(self, requests: Sequence[EditRequest], plans: Sequence[Plan], negative: str):
+        """One pipeline call over the requests' crops: (painted crops uint8 at the model's
+        resolution, the fitted prompts, seconds)."""
         import torch
         from PIL import Image
 
-        plans = [self.plan(r) for r in requests]
         res = self.settings.resolution
         images, masks = [], []
         for request, plan in zip(requests, plans):
@@ -214,26 +265,14 @@ class DiffusersInpaintGenerator:
         if self.name == "flux-fill":
             call["max_sequence_length"] = self.settings.max_sequence_length
         else:
-            negative = fit_caption(self.settings.negative_prompt, *encoders)
-            call["negative_prompt"] = [negative] * len(requests)
+            call["negative_prompt"] = [fit_caption(negative, *encoders)] * len(requests)
         started = time.perf_counter()
         with torch.inference_mode():
             painted = self.pipeline(**call).images  # float (N, res, res, 3) in [0, 1]
         seconds = time.perf_counter() - started
         painted = np.nan_to_num(np.asarray(painted, dtype=np.float32), nan=0.0)
-        results = []
-        for request, plan, text, out in zip(requests, plans, texts, painted):
-            edited = blend(request.image, (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8), plan)
-            params = {"backend": self.name, "model": self.model_id, "seed": int(request.seed),
-                      "steps": self.settings.steps, "guidance": self.settings.guidance,
-                      "strength": self.settings.strength, "resolution": res,
-                      "crop": plan.crop.as_list(), "region_source": plan.region_source,
-                      "footprint_pixels": int(plan.footprint.sum()), "device": self.device,
-                      "dtype": self.dtype, "batch_size": len(requests),
-                      "batch_seconds": round(seconds, 3), "text_prompt": text.prompt,
-                      "text_prompt_2": text.prompt_2, **plan.notes}
-            results.append(EditResult(image=edited, region=plan.region, mask=None, params=params))
-        return results
+        crops = [(np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8) for out in painted]
+        return crops, texts, seconds
 
     # -- placement and blending -----------------------------------------------------------------
 
