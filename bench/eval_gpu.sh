@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The quality evaluation on a lent GPU box, in one call: `appliance eval` zero-shot and with
-# --few-shot 5 over seeds 0, 1, 2, the six runs side by side (each 2 CPU threads and the GPU).
-# Each run's report.json comes back as $OUT/<mode>-seed<N>.json; combine them here with
-#   python bench/eval_combine.py DIR
+# The quality evaluation on a lent GPU box, in one call: `appliance eval` zero-shot (zs) and
+# with --few-shot 5 (fs5), by default over seeds 0, 1, 2, all runs side by side (each 2 CPU
+# threads and the GPU; about 2 minutes a run on an H200). RUNS picks others: "fs5:3 zs:2".
+# The runs' report.json files come back in $OUT/reports.tar as <mode>-seed<N>.json (the device
+# returns at most 8 files); unpack and combine them here with
+#   tar -C DIR -xf reports.tar && python bench/eval_combine.py DIR
 # Needs: the magnetic tile photos in DATA (default evaldata/magnetic-tile), and the wheels of the
 # appliance's pure-Python dependencies the device image lacks in .whl/ (docs/evaluation.md says
 # which). Knowledge retrieval's embedder (88 MB) does not travel: an episode whose policy asks
@@ -23,9 +25,14 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"; } | tee "$OUT/device.txt"
 python3 -c "import torch, numpy, cv2; print('torch', torch.__version__, 'numpy', numpy.__version__, 'cv2', cv2.__version__)" | tee -a "$OUT/device.txt"
 start=$(date +%s)
+if [ -z "${RUNS:-}" ]; then
+    RUNS=""
+    for mode in zs fs5; do for seed in $SEEDS; do RUNS="$RUNS $mode:$seed"; done; done
+fi
+mkdir -p /tmp/ev-reports
 pids=()
-for mode in zs fs5; do
-    for seed in $SEEDS; do
+for run in $RUNS; do
+        mode=${run%%:*} seed=${run##*:}
         shots=0
         [ "$mode" = fs5 ] && shots=5
         (
@@ -33,12 +40,12 @@ for mode in zs fs5; do
                 --out "/tmp/ev-$mode-$seed" --seed "$seed" --few-shot "$shots" --device "$DEVICE" \
                 --threads 2 $EVAL_ARGS --no-generation-metrics --no-progress > "/tmp/ev-$mode-$seed.log" 2>&1
             echo "rc=$? after $(( $(date +%s) - start )) s" >> "/tmp/ev-$mode-$seed.log"
-            cp "/tmp/ev-$mode-$seed/report.json" "$OUT/$mode-seed$seed.json" 2>/dev/null
+            cp "/tmp/ev-$mode-$seed/report.json" "/tmp/ev-reports/$mode-seed$seed.json" 2>/dev/null
         ) &
         pids+=($!)
-    done
 done
 wait "${pids[@]}"
+tar -C /tmp/ev-reports -cf "$OUT/reports.tar" .
 for log in /tmp/ev-*.log; do echo "== $log"; cat "$log"; done > "$OUT/logs.txt"
 grep -h "rc=\|knowledge" "$OUT/logs.txt"
 echo "all done in $(( $(date +%s) - start )) s"
