@@ -131,6 +131,14 @@ def test_ours_adapter_keeps_one_sample_per_normal_and_is_deterministic() -> None
     assert ticks == [1] * len(normals)  # one per episode, whether it made a sample or not
     rates = first.acceptance_by_defect
     assert set(rates) <= {"blowhole", "crack"} and all(0.0 <= r <= 1.0 for r in rates.values())
+    # The judge's own verdicts: one per image_gen attempt, the last one the episode's verdict.
+    for sample in first.attempted:
+        assert 1 <= len(sample.verdicts) <= 3 and sample.verdicts[-1] == sample.accepted
+    verdicts = first.judge_pass_by_defect
+    assert set(verdicts) == set(rates)
+    for defect, cell in verdicts.items():
+        assert cell["attempts"] == sum(len(s.verdicts) for s in first.attempted if s.defect == defect)
+        assert 0.0 <= cell["first_attempt"] <= 1.0 and 0.0 <= cell["all_attempts"] <= 1.0
 
 
 class _RejectingFirst:
@@ -212,6 +220,7 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
     assert report["protocol"]["few_shot"] == 0 and report["protocol"]["shots"] == []
     markdown = (tmp_path / "a" / "report.md").read_text()
     assert "| pixel AP |" in markdown and "Judge acceptance per defect type" in markdown
+    assert "ours: first attempts passed" in markdown
     for figure in ("pr_curves.png", "examples.png", "training_samples.png"):
         with Image.open(tmp_path / "a" / figure) as image:
             assert image.width > 100 and image.height > 100

@@ -38,6 +38,8 @@ class SyntheticSample:
     defect: str
     accepted: bool
     source_index: int
+    # The judge's verdict on every image_gen attempt of the episode, in order.
+    verdicts: tuple[bool, ...] = ()
 
 
 def synthesize(images: Sequence[np.ndarray], category: str, defects: Sequence[str], seed: int,
@@ -53,8 +55,9 @@ def synthesize(images: Sequence[np.ndarray], category: str, defects: Sequence[st
     samples = []
     for index, result in enumerate(run_episodes(engine, specs)):
         if result.final_image is not None and result.mask is not None:
+            verdicts = tuple(bool(a.passed) for a in result.attempts if a.passed is not None)
             samples.append(SyntheticSample(result.final_image, result.mask.mask,
-                                           result.spec.defect, result.accepted, index))
+                                           result.spec.defect, result.accepted, index, verdicts))
         if progress is not None:
             progress(1)
     return samples

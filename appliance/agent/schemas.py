@@ -83,7 +83,7 @@ together with its pixel mask, by calling the tools one at a time.
 How to work:
 - Think first, then take exactly one action per message: one tool call, or, once the mask \
 exists, the final answer instead of a call:
-  <answer>{{"status": "success", "final_image_index": <n>, "mask_generated": true, "summary": "..."}}</answer>
+  <answer>{{"status": "success", "final_image_index": <n>}}</answer>
 - Order: prompt_gen once first; then image_gen and quality_eval in turns; knowledge_retrieval \
 only after a rejected attempt; mask_gen once on the accepted image; then the answer.
 - At most {max_image_gen} image_gen attempts and {max_turns} messages. If no attempt passes, \

@@ -51,6 +51,7 @@ class TrainingSample:
     defect: str
     accepted: bool
     source_index: int  # which of the input normal images it was made from
+    verdicts: tuple[bool, ...] = ()  # the judge's verdict per attempt (ours only)
 
 
 # Told how many more images are done (tqdm's ``update`` is one).

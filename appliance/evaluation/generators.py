@@ -93,7 +93,8 @@ class OursGenerator:
         finally:
             _set_profile(calibrations, self.category, previous)
         return [TrainingSample(np.asarray(r.image, dtype=np.uint8), np.asarray(r.mask, dtype=bool),
-                               r.defect, bool(r.accepted), int(r.source_index)) for r in results]
+                               r.defect, bool(r.accepted), int(r.source_index), r.verdicts)
+                for r in results]
 
 
 def _set_profile(calibrations: Any, category: str, profile: Any) -> None:
@@ -145,6 +146,20 @@ class GeneratedSet:
         for sample in self.attempted:
             made.setdefault(sample.defect, []).append(sample.accepted)
         return {defect: sum(flags) / len(flags) for defect, flags in sorted(made.items())}
+
+    @property
+    def judge_pass_by_defect(self) -> dict[str, dict[str, float]]:
+        """Per defect type, the judge's own verdicts: the share of first attempts it passed and
+        of all attempts (an episode accepted on its third try had two attempts refused)."""
+        first: dict[str, list[bool]] = {}
+        every: dict[str, list[bool]] = {}
+        for sample in self.attempted:
+            if sample.verdicts:
+                first.setdefault(sample.defect, []).append(sample.verdicts[0])
+                every.setdefault(sample.defect, []).extend(sample.verdicts)
+        return {defect: {"first_attempt": sum(first[defect]) / len(first[defect]),
+                         "all_attempts": sum(flags) / len(flags), "attempts": len(flags)}
+                for defect, flags in sorted(every.items())}
 
 
 def generate_training_set(generator: Generator, images: Sequence[np.ndarray], seed: int,

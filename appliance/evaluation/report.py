@@ -313,12 +313,24 @@ def _acceptance_section(gens: dict) -> list[str]:
     if not judged:
         return []
     defects = sorted({d for g in judged for d in gens[g]["generation"]["acceptance_by_defect"]})
-    rows = [[d] + [_fmt(gens[g]["generation"]["acceptance_by_defect"].get(d)) for g in judged]
+
+    def passed(g: str, d: str, key: str):
+        cell = (gens[g]["generation"].get("judge_pass_by_defect") or {}).get(d)
+        return _fmt(cell.get(key)) if isinstance(cell, dict) else "n/a"
+
+    header = ["defect type"]
+    for g in judged:
+        header += [f"{g}: episodes accepted", f"{g}: first attempts passed",
+                   f"{g}: all attempts passed"]
+    rows = [[d] + [cell for g in judged
+                   for cell in (_fmt(gens[g]["generation"]["acceptance_by_defect"].get(d)),
+                                passed(g, d, "first_attempt"), passed(g, d, "all_attempts"))]
             for d in defects]
     return (["", "## Judge acceptance per defect type", "",
-             "Accepted over attempted episodes that made a sample, per defect type asked for. "
-             "A judge that accepts everything is not judging.", ""]
-            + _markdown_table(["defect type"] + judged, rows))
+             "Episodes accepted (after the policy's retries) over episodes that made a sample, and "
+             "the judge's own verdicts: the share of first attempts and of all image_gen attempts "
+             "it passed. A judge that passes everything is not judging.", ""]
+            + _markdown_table(header, rows))
 
 
 def _clean(value):

@@ -153,6 +153,7 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
                    "episodes": generated.episodes, "kept": len(kept)}
     if judged:
         generation["acceptance_by_defect"] = generated.acceptance_by_defect
+        generation["judge_pass_by_defect"] = generated.judge_pass_by_defect
     gen_seconds = 0.0
     if real_features is not None:
         start = time.perf_counter()

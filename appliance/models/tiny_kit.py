@@ -61,8 +61,7 @@ def _tokenizer_corpus() -> list[str]:
         corpus.append(tool_response_text(schemas.QUALITY_EVAL, {
             "status": "success", "anomaly_image": 2, "location_score": 4, "quality_score": 3,
             "score": 7, "passed": True, "issues": ["too_faint"], "review": "A faint mark."}))
-    corpus.append(format_answer("Done.", {"status": "success", "final_image_index": 2,
-                                          "mask_generated": True, "summary": "1 attempt"}))
+    corpus.append(format_answer("Done.", {"status": "success", "final_image_index": 2}))
     # The phrases the scripted policy and the CPU tools write (their string literals live in
     # their source): the guided tests replay those messages, and fewer tokens is faster.
     from appliance.policies import scripted
