@@ -270,14 +270,17 @@ def test_procedural_contrast_follows_the_plants_peaks(profile, normals):
     peaks: dict[str, list[float]] = {}
     close: list[bool] = []
     for word in ("very faint", "strongly pronounced"):
-        for i in range(6):
+        for i in range(8):
             normal = normals[i % len(normals)]
             result = generator.generate([EditRequest(normal, CATEGORY, "crack",
                                                      f"a single {word} dark crack", seed=i)])[0]
             assert mask_iou(changed_pixels(normal, result.image), result.mask) >= 0.9
             assert np.array_equal(result.image[~result.mask], normal[~result.mask])
-            info = result.params["render"]["contrast"]
             measured = float(np.percentile(change_map(normal, result.image)[result.mask], 90))
+            peaks.setdefault(word, []).append(measured)
+            info = result.params["render"].get("contrast")
+            if info is None:  # this draw kept the renderer's contrast (priors.trust())
+                continue
             target = plant_peak(priors, result.params["edit_params"]["severity"])
             assert info["target_peak"] == round(target, 2)
             # Never further from the plant's contrast than the renderer's own guess (a dark
@@ -286,6 +289,26 @@ def test_procedural_contrast_follows_the_plants_peaks(profile, normals):
             if "peak_after" in info:
                 assert round(measured, 2) == info["peak_after"]
             close.append(abs(measured - target) <= 0.25 * target + 2.0)
-            peaks.setdefault(word, []).append(measured)
     assert np.mean(peaks["very faint"]) < np.mean(peaks["strongly pronounced"]), peaks
-    assert np.mean(close) >= 0.6, close
+    assert len(close) >= 3 and np.mean(close) >= 0.6, close
+
+
+def test_a_few_real_defects_move_the_engine_part_way(profile):
+    """Five shots cannot stand for a plant: each attribute follows the profile in n / (n + 5) of
+    the draws and the knowledge base's defaults otherwise; many defects decide nearly all."""
+    from dataclasses import replace as with_
+
+    from appliance.tools.image_gen.calibration import PRIOR_WEIGHT, calibrated_params
+    from appliance.tools.image_gen.prompt_params import parse_prompt
+
+    few = profile.priors["crack"]
+    many = with_(few, sizes=few.sizes * 20)
+    for priors in (few, many):
+        n = len(priors.sizes)
+        assert priors.trust() == pytest.approx(n / (n + PRIOR_WEIGHT))
+        rng = np.random.default_rng(0)
+        followed = []
+        for _ in range(600):
+            asked = parse_prompt("a dark crack", rng)
+            followed.append(calibrated_params(asked, priors, rng).size != asked.size)
+        assert abs(np.mean(followed) - priors.trust()) < 0.06, (n, np.mean(followed))

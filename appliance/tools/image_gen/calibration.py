@@ -50,6 +50,12 @@ CROP_MARGIN_PX = 6
 # The size scale of the prompt words (``prompt_params._SIZE_WORDS``: tiny 0.02 ... very large
 # 0.70), read as a rank from 0 to 1 on a log axis.
 WORD_SIZE_RANGE = (0.02, 0.70)
+# How far a profile's real defects are trusted over the uncalibrated engine: a profile of n
+# defects decides n / (n + PRIOR_WEIGHT) of each attribute's draws, the knowledge base's defaults
+# the rest. This is the predictive rule of a Dirichlet process whose base is the zero-shot engine
+# and whose weight is worth PRIOR_WEIGHT real defects: five shots move the engine half way, a
+# hundred nearly all the way, and a few photos cannot pin every defect to where those few lay.
+PRIOR_WEIGHT = 5.0
 # A rendered defect's contrast is matched to the plant's when it is off by more than this
 # factor; the scale is kept within CONTRAST_SCALE so a renderer's shading keeps its shape.
 CONTRAST_SLACK = 1.15
@@ -87,6 +93,10 @@ class DefectPriors:
     def quantile(self, name: str, rank: float) -> float:
         values = getattr(self, name)
         return float(np.quantile(values, float(np.clip(rank, 0.0, 1.0))))
+
+    def trust(self) -> float:
+        """The share of draws the real defects decide (see ``PRIOR_WEIGHT``)."""
+        return len(self.sizes) / (len(self.sizes) + PRIOR_WEIGHT)
 
     def sample_count(self, rng: np.random.Generator) -> int:
         return int(self.counts[int(rng.integers(len(self.counts)))]) if self.counts else 1
@@ -291,18 +301,23 @@ def calibrated_params(params: EditParams, priors: DefectPriors, rng: np.random.G
     """``params`` with size, count, elongation and polarity taken from the plant's defects.
 
     A size the prompt names becomes the plant's size at the rank it asks for (``plant_size``);
-    an open size, count, elongation or polarity is drawn from the real ones.
+    an open size, count, elongation or polarity is drawn from the real ones. Each attribute
+    follows the plant with probability ``priors.trust()`` and keeps the prompt's (uncalibrated)
+    value otherwise; the draws are made in a fixed order whatever is used.
     """
     specified = set(params.specified)
-    size = (plant_size(priors, params.size, typical) if "size" in specified
-            else priors.quantile("sizes", float(rng.random())))
-    changes: dict = {"size": size}
-    if "count" not in specified:
+    follow = rng.random(4) < priors.trust()  # size, count, elongation, polarity
+    rank = rng.random(3)
+    changes: dict = {}
+    if follow[0]:
+        changes["size"] = (plant_size(priors, params.size, typical) if "size" in specified
+                           else priors.quantile("sizes", float(rank[0])))
+    if follow[1] and "count" not in specified:
         changes["count"] = max(1, priors.sample_count(rng))
-    if "elongation" not in specified and priors.elongations:
-        changes["elongation"] = max(1.0, priors.quantile("elongations", float(rng.random())))
-    if "polarity" not in specified and params.color is None:
-        changes["polarity"] = "dark" if rng.random() < priors.dark_share else "bright"
+    if follow[2] and "elongation" not in specified and priors.elongations:
+        changes["elongation"] = max(1.0, priors.quantile("elongations", float(rank[1])))
+    if follow[3] and "polarity" not in specified and params.color is None:
+        changes["polarity"] = "dark" if rank[2] < priors.dark_share else "bright"
     return replace(params, **changes)
 
 

@@ -103,9 +103,10 @@ class ProceduralImageGenerator:
             family, image, object_map.foreground, params, rng, boxes,
             is_texture=object_map.is_texture, background_color=object_map.background_color,
             details=render_info)
-        if priors is not None and priors.peaks:
+        if priors is not None and priors.peaks and rng.random() < priors.trust():
             # The renderers' contrast is their own guess; on a calibrated category the defect
-            # stands out as much as the plant's do at the severity asked.
+            # stands out as much as the plant's do at the severity asked (as often as the
+            # profile is trusted, like every calibrated attribute).
             edited, mask, render_info["contrast"] = match_contrast(
                 image, edited, mask, plant_peak(priors, params.severity))
         record = {
@@ -133,9 +134,11 @@ class ProceduralImageGenerator:
             region = None  # off the part: placed on the part instead, as for the renderers
         size_px = params.size * object_extent(object_map)
         priors = profile.priors[request.defect]
+        # Near where a real one lay as often as the profile is trusted, else anywhere on the part.
+        positions = priors.positions if rng.random() < priors.trust() else []
         edited, mask, details = transplant(image, object_map.foreground, crops, params.count, rng,
                                            size_px=size_px, region=region,
-                                           gray=is_grayscale(image), positions=priors.positions)
+                                           gray=is_grayscale(image), positions=positions)
         record = {"backend": self.name, "family": "transplant", "seed": int(request.seed),
                   "edit_params": asdict(params), "render": details,
                   "object_map": object_summary(object_map), "mask_area": int(mask.sum()),

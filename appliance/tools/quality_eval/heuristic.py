@@ -32,15 +32,17 @@ HARD_SEAMS  the change is as strong at the region's outline as inside (edge hard
 Against the instruction and the plant (when known):
 SIZE        the instruction names a size ("large", "tiny", "3 percent"): the main change's major
             extent against the part's must be within a third and three times the size the
-            words ask for (on a calibrated category, the plant's own size at that rank):
-            TOO_SMALL / TOO_LARGE otherwise.
+            words ask for (on a calibrated category, the plant's own size at that rank or the
+            words' uncalibrated size, whichever is further out): TOO_SMALL / TOO_LARGE otherwise.
 COUNT       the instruction names a count ("two or three pores", "a single crack") or the category
             is calibrated: WRONG_COUNT when the separate defects (pieces joined as the
             calibration joins real ones) number under the asked minimum less half of it, or over
             the asked maximum plus half of it (at least one more; a single defect: two more), or,
             with no count asked, over twice the most the plant's real photos show plus one. The
             slack is for close neighbours that merge, as real ones do in their masks.
-PLANT       on a category with a calibration profile: the changed area against the part below
+PLANT       on a category with a calibration profile (its tolerances widened by the profile's
+            trust, n / (n + 5) for n real defects; the figures below are for many defects):
+            the changed area against the part below
             a third of the real defects' 5th percentile is TOO_SMALL (and that, not the generic
             minimum, is the smallest visible defect, down to 4 px), above three times their
             95th percentile TOO_LARGE; the peak change under half the real 5th percentile is
@@ -181,15 +183,19 @@ class HeuristicQualityEvaluator:
         profile = self.calibrations.get(request.category) if self.calibrations else None
         priors = profile.priors.get(request.defect) if profile else None
         if priors is not None:
+            # A profile of few defects is a rough measure of the plant: its ranges widen as the
+            # engine's draws do (``DefectPriors.trust``), 3x at many defects, 6x at five.
+            trust = priors.trust()
+            tolerance = SIZE_TOLERANCE / trust
             top_area = priors.quantile("areas", 0.95)
             limits = replace(
-                limits, min_area_share=priors.quantile("areas", 0.05) / SIZE_TOLERANCE,
-                max_area_share=SIZE_TOLERANCE * top_area,
+                limits, min_area_share=priors.quantile("areas", 0.05) / tolerance,
+                max_area_share=tolerance * top_area,
                 # A plant whose real defects are large must not see them called "not local".
                 large_share=max(limits.large_share, top_area),
-                max_share=max(limits.max_share, SIZE_TOLERANCE * top_area),
-                min_peak=visible_floor(priors),
-                max_peak=PEAK_HIGH * priors.quantile("peaks", 0.95))
+                max_share=max(limits.max_share, tolerance * top_area),
+                min_peak=max(trust * visible_floor(priors), CHANGE_THRESHOLD + 1.0),
+                max_peak=PEAK_HIGH / trust * priors.quantile("peaks", 0.95))
         if priors is not None and priors.counts:
             limits = replace(limits, count_range=(1, 2 * max(priors.counts) + 1))
         if request.instruction:
@@ -202,7 +208,10 @@ class HeuristicQualityEvaluator:
                     entry = (self.knowledge_base.entry(request.category, request.defect)
                              if self.knowledge_base else None)
                     typical = typical_size(entry.size if entry else None)
-                    low, high = plant_size(priors, low, typical), plant_size(priors, high, typical)
+                    # The words mean the plant's sizes, or, in the share of draws the profile
+                    # does not decide, what they mean uncalibrated: either is what was asked.
+                    low = min(low, plant_size(priors, low, typical))
+                    high = max(high, plant_size(priors, high, typical))
                 limits = replace(limits, size_range=(low / SIZE_TOLERANCE, high * SIZE_TOLERANCE))
         return limits
 
