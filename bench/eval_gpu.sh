@@ -6,9 +6,10 @@
 # returns at most 8 files); unpack and combine them here with
 #   tar -C DIR -xf reports.tar && python bench/eval_combine.py DIR
 # Needs: the magnetic tile photos in DATA (default evaldata/magnetic-tile), and the wheels of the
-# appliance's pure-Python dependencies the device image lacks in .whl/ (docs/evaluation.md says
+# appliance's pure-Python dependencies the device image lacks in .whl/ (bench/README.md says
 # which). Knowledge retrieval's embedder (88 MB) does not travel: an episode whose policy asks
-# for knowledge gets the tool's error and goes on, and the log counts those calls.
+# for knowledge gets the tool's error and goes on (the report's per-attempt judge verdicts show
+# how many attempts were refused, after which the scripted policy asks).
 set -u
 DATA=${DATA:-evaldata/magnetic-tile}
 OUT=${OUT:-/tmp/eval-gpu}
@@ -32,20 +33,20 @@ fi
 mkdir -p /tmp/ev-reports
 pids=()
 for run in $RUNS; do
-        mode=${run%%:*} seed=${run##*:}
-        shots=0
-        [ "$mode" = fs5 ] && shots=5
-        (
-            python3 -m appliance.cli.main eval --normal "$DATA/MT_Free" --defects "$DATA" \
-                --out "/tmp/ev-$mode-$seed" --seed "$seed" --few-shot "$shots" --device "$DEVICE" \
-                --threads 2 $EVAL_ARGS --no-generation-metrics --no-progress > "/tmp/ev-$mode-$seed.log" 2>&1
-            echo "rc=$? after $(( $(date +%s) - start )) s" >> "/tmp/ev-$mode-$seed.log"
-            cp "/tmp/ev-$mode-$seed/report.json" "/tmp/ev-reports/$mode-seed$seed.json" 2>/dev/null
-        ) &
-        pids+=($!)
+    mode=${run%%:*} seed=${run##*:}
+    shots=0
+    [ "$mode" = fs5 ] && shots=5
+    (
+        python3 -m appliance.cli.main eval --normal "$DATA/MT_Free" --defects "$DATA" \
+            --out "/tmp/ev-$mode-$seed" --seed "$seed" --few-shot "$shots" --device "$DEVICE" \
+            --threads 2 $EVAL_ARGS --no-generation-metrics --no-progress > "/tmp/ev-$mode-$seed.log" 2>&1
+        echo "rc=$? after $(( $(date +%s) - start )) s" >> "/tmp/ev-$mode-$seed.log"
+        cp "/tmp/ev-$mode-$seed/report.json" "/tmp/ev-reports/$mode-seed$seed.json" 2>/dev/null
+    ) &
+    pids+=($!)
 done
 wait "${pids[@]}"
 tar -C /tmp/ev-reports -cf "$OUT/reports.tar" .
 for log in /tmp/ev-*.log; do echo "== $log"; cat "$log"; done > "$OUT/logs.txt"
-grep -h "rc=\|knowledge" "$OUT/logs.txt"
+grep -h "rc=" "$OUT/logs.txt"
 echo "all done in $(( $(date +%s) - start )) s"

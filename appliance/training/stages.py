@@ -79,7 +79,6 @@ class StageContext:
             self._split = [examples[i] for i in train], [examples[i] for i in heldout]
         return self._split
 
-
     def restorer(self) -> SurfaceRestorer | None:
         """The engine's image generator when it can paint a region back to intact surface (a
         diffusion inpainter); None on the CPU engine."""

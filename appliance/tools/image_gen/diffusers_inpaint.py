@@ -218,8 +218,9 @@ class DiffusersInpaintGenerator:
             raise ValueError(f"image {image.shape[:2]} and hole {hole.shape} differ in size")
         if not hole.any():
             return image.copy()
-        ys, xs = np.nonzero(hole)
-        region = Box(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        from appliance.tools.image_gen.placement import foreground_bbox
+
+        region = foreground_bbox(hole)
         crop = self._crop(region, image.shape)
         inside = hole[crop.y0:crop.y1, crop.x0:crop.x1].astype(np.float32)
         sigma = max(1.0, self.settings.feather * min(region.width, region.height))

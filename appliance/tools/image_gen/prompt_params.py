@@ -227,7 +227,7 @@ class EditParams:
     # The range the prompt's size words allow (``size`` was drawn from it); None: not named.
     size_band: tuple[float, float] | None = None
     # How many pieces the prompt's words allow ("two or three pores" -> (2, 3); "sometimes two
-    # or three" -> (1, 3), whichever this draw took); None: not named.
+    # or three" -> (1, 3), whatever ``count`` this draw took); None: not named.
     count_band: tuple[int, int] | None = None
 
 

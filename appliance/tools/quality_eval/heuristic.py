@@ -448,7 +448,7 @@ def score(m: dict[str, float], is_texture: bool, limits: Limits = LIMITS) -> Qua
         penalties.append("split")
     if m["on_object"] < limits.min_on_object:
         issues.append(Issue.OFF_OBJECT)
-    if limits.count_range is not None and "pieces" in m and not (
+    if limits.count_range is not None and not (
             limits.count_range[0] <= m["pieces"] <= limits.count_range[1]):
         issues.append(Issue.WRONG_COUNT)
         m["count_low"], m["count_high"] = (float(c) for c in limits.count_range)
