@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -409,6 +410,7 @@ def test_grpo_rollouts_fan_out_to_the_engines_and_come_back_as_they_run_here(sit
                 parameter.normal_(0, 0.5)
     here = EpisodeRollouts(*arguments)(trainer, inputs)
     assert here[1] != untrained[1]
+    adapter_copies = set(Path(tempfile.gettempdir()).glob("appliance-grpo-*"))
     runner = ClusterRunner(config, ClusterSettings(cluster.address, site["token"]))
     try:
         rollouts = ClusterRollouts(*arguments, runner=runner, bundle=entry.name)
@@ -433,3 +435,5 @@ def test_grpo_rollouts_fan_out_to_the_engines_and_come_back_as_they_run_here(sit
     assert sorted(t["episodes"] for t in tallies.values() if t["state"] == "running") == [4, 4]
     refused = [t for t in tallies.values() if t["state"] == "refused"]
     assert len(refused) == 2  # the first two nodes lack the policy bundle
+    # The nodes' engines were killed with their nodes: no copy of the adapter stays behind.
+    assert set(Path(tempfile.gettempdir()).glob("appliance-grpo-*")) <= adapter_copies

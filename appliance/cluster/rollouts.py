@@ -12,8 +12,6 @@ bundle of the engine) with the adapter, updated in place when a new step's arriv
 
 from __future__ import annotations
 
-import atexit
-import shutil
 import tempfile
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -80,8 +78,6 @@ class NodeRollouts:
         self.runtime = QwenTransformersRuntime(replace(settings.runtime_config, model_dir=folder))
         self.policy = VLMPolicy(self.runtime, f"{POLICY_BACKEND} (GRPO rollout)", adapter=ADAPTER,
                                 budget=settings.budget, sampling=settings.sampling)
-        self.folder = Path(tempfile.mkdtemp(prefix="appliance-grpo-"))
-        atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
         self.version: int | None = None
 
     def run(self, environment, adapter: dict[str, bytes], version: int, example, specs):
@@ -90,23 +86,22 @@ class NodeRollouts:
         return run_group(environment, example, specs, self.policy)
 
     def _load(self, adapter: dict[str, bytes], version: int) -> None:
-        folder = self.folder / f"step-{version}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in adapter.items():
-            (folder / name).write_bytes(data)
         if ADAPTER not in self.runtime.adapters:
-            self.runtime.load_adapter(folder, name=ADAPTER)
+            # peft attaches an adapter from a folder; the folder goes as soon as it is loaded, so
+            # an engine that Ray kills (no atexit there) leaves nothing behind in /tmp.
+            with tempfile.TemporaryDirectory(prefix="appliance-grpo-") as folder:
+                for name, data in adapter.items():
+                    (Path(folder) / name).write_bytes(data)
+                self.runtime.load_adapter(Path(folder), name=ADAPTER)
         else:
             from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
             loaded = set_peft_model_state_dict(self.runtime.model,
-                                               load_file(folder / "adapter_model.safetensors"),
+                                               load(adapter["adapter_model.safetensors"]),
                                                adapter_name=ADAPTER)
             if loaded.unexpected_keys:  # they would silently keep the old weights
                 raise ClusterError(f"the training box's adapter does not fit this node's model: "
                                    f"{loaded.unexpected_keys[:3]}")
             self.runtime.prefixes.clear()  # cached prompt states were computed with old weights
-        if self.version is not None:
-            shutil.rmtree(self.folder / f"step-{self.version}", ignore_errors=True)
         self.version = version

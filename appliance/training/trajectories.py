@@ -32,8 +32,14 @@ from appliance.training.reverse_synthesis import (partial_defect, reverse_synthe
                                                   reverse_synthesize_from, reverse_synthesize_with)
 
 # Contrast of each attempt relative to the real defect, per number of image_gen steps: the
-# earlier attempts are the real defect too faint, as a first simple prompt often gives.
-STRENGTHS: dict[int, tuple[float, ...]] = {1: (1.0,), 2: (0.3, 1.0), 3: (0.12, 0.4, 1.0)}
+# earlier attempts are the real defect too faint, as a first simple prompt often gives. Where the
+# judge still accepts an earlier attempt, the next, fainter schedule is tried: a judge that sees a
+# defect at 30 % of its contrast must be shown a fainter miss, else the trajectory is lost.
+STRENGTHS: dict[int, tuple[tuple[float, ...], ...]] = {
+    1: ((1.0,),),
+    2: ((0.3, 1.0), (0.1, 1.0), (0.03, 1.0)),
+    3: ((0.12, 0.4, 1.0), (0.05, 0.15, 1.0), (0.02, 0.06, 1.0)),
+}
 
 
 @dataclass
@@ -98,16 +104,18 @@ def example_from(item: LabeledImage, stem: str, normals: Sequence[np.ndarray] = 
 
 
 def expert_episode(environment: AgentEnvironment, example: DefectExample, category: str,
-                   steps: int, seed: int) -> EpisodeResult:
+                   steps: int, seed: int, schedule: int = 0) -> EpisodeResult:
     """One episode of the expert from the normal counterpart to the real defect in ``steps``
-    image_gen attempts; the environment, judge, prompt generator and knowledge are the engine's."""
+    image_gen attempts, the earlier ones at the contrasts of ``STRENGTHS[steps][schedule]``; the
+    environment, judge, prompt generator and knowledge are the engine's."""
     if steps not in STRENGTHS:
         raise ValueError(f"steps must be one of {sorted(STRENGTHS)}")
     if steps > environment.config.max_image_gen:
         raise ValueError(f"{steps} steps exceed the environment's {environment.config.max_image_gen} "
                          "image_gen attempts")
     real = example.defect
-    pictures = [partial_defect(example.normal, real.image, real.mask, s) for s in STRENGTHS[steps]]
+    pictures = [partial_defect(example.normal, real.image, real.mask, s)
+                for s in STRENGTHS[steps][schedule]]
     task = task_environment(environment, example)
     tools = replace(task.tools, image_gen=ReplayImageGenerator(pictures, real.mask, real.source),
                     mask_gen=RealMaskGenerator(real.mask))
@@ -128,12 +136,15 @@ def task_environment(environment: AgentEnvironment, example: DefectExample) -> A
     return AgentEnvironment(replace(environment.tools, prompt_gen=prompt_gen), environment.config)
 
 
+WEAKENED_ACCEPTED = "the judge accepted a weakened earlier attempt"
+
+
 def judge_problem(result: EpisodeResult, steps: int) -> str:
     """Why an expert episode is not the N-step trajectory it was meant to be ("" if it is)."""
     tries = len(result.attempts)
     if tries < steps:
         first = next((a for a in result.attempts if a.passed), None)
-        return (f"the judge accepted a weakened earlier attempt (image {first.image_index})"
+        return (f"{WEAKENED_ACCEPTED} (image {first.image_index}, the faintest tried)"
                 if first else f"the episode ended after {tries} of {steps} attempts: "
                 f"{result.end_reason}")
     final = result.attempts[steps - 1] if tries >= steps else None
@@ -160,8 +171,12 @@ def build_trajectories(environment: AgentEnvironment, examples: Sequence[DefectE
     steps = tuple(steps)
     for index, example in enumerate(examples):
         for n in steps:
-            result = expert_episode(environment, example, category, n, episode_seed(seed, index, n))
-            problem = judge_problem(result, n)
+            for schedule in range(len(STRENGTHS[n])):
+                result = expert_episode(environment, example, category, n,
+                                        episode_seed(seed, index, n), schedule)
+                problem = judge_problem(result, n)
+                if not problem.startswith(WEAKENED_ACCEPTED):
+                    break
             if problem:
                 outcomes.append(TrajectoryOutcome(example.id, n, False, problem))
             else:
