@@ -21,6 +21,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # A pixel counts as changed when any channel moved by more than this many grey levels. It is
 # the definition shared by the mask tool, the judge and the tests.
 CHANGE_THRESHOLD = 8
+# A defect whose ``change_peak`` is below this many grey levels is not seen as one: the judge
+# refuses it as too faint, and a renderer's faintest defect stays above it.
+VISIBLE_PEAK = 14.0
 
 
 class ImageReadError(ValueError):
@@ -165,6 +168,14 @@ def link_atomic(source: Path, path: Path) -> bool:
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return True
+
+
+def change_peak(change: np.ndarray, where: np.ndarray) -> float:
+    """How strongly a defect stands out: the 90th percentile of its change (a ``change_map``)
+    over its pixels ``where``, 0 where there are none. The judge, the priors from real defects
+    and the renderers all measure it so."""
+    values = change[where]
+    return float(np.percentile(values, 90)) if values.size else 0.0
 
 
 def change_map(normal: np.ndarray, edited: np.ndarray) -> np.ndarray:

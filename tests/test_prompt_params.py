@@ -234,3 +234,15 @@ def test_a_defect_described_in_the_singular_is_one_instance():
     pores = {_parse("Look: A small round cavity; sometimes two or three pores close together.",
                     seed).count for seed in range(60)}
     assert pores >= {1, 2}
+
+
+def test_places_offered_as_alternatives_are_each_drawn():
+    """"On an edge or a corner" is either, not always the one the word list names first; a place
+    said alone, or one kept away from, is unaffected."""
+    for prompt, expected in [("a chip on an edge or corner of the tile", {"edge", "corner"}),
+                             ("a crack starting from an edge or a corner", {"edge", "corner"}),
+                             ("a stain in the center or near an edge", {"center", "edge"}),
+                             ("a chip on the edge, away from the corners", {"edge"}),
+                             ("a chip in the corner", {"corner"})]:
+        drawn = {parse_prompt(prompt, np.random.default_rng(seed)).location for seed in range(16)}
+        assert drawn == expected, prompt

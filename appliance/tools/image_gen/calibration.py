@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from appliance.imaging import CHANGE_THRESHOLD, change_map, load_rgb, png_bytes, write_atomic
+from appliance.imaging import (CHANGE_THRESHOLD, change_map, change_peak, load_rgb, png_bytes,
+                               write_atomic)
 from appliance.names import Name, path_under
 from appliance.tools.image_gen.placement import foreground_bbox, object_extent
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
@@ -250,7 +251,7 @@ def build_profile(category: str,
             p.positions.append([round((float(xs.mean()) - extent_box.x0) / max(extent_box.width, 1), 4),
                                 round((float(ys.mean()) - extent_box.y0) / max(extent_box.height, 1), 4)])
             p.elongations.append(major / minor)
-            p.peaks.append(float(np.percentile(change[piece], 90)))
+            p.peaks.append(change_peak(change, piece))
             dark.setdefault(defect, []).append(float(luma_delta[piece].mean()) < 0)
             bank.setdefault(defect, []).append(_crop(image, piece, source))
     for defect, p in priors.items():
@@ -338,7 +339,7 @@ def match_contrast(original: np.ndarray, edited: np.ndarray, mask: np.ndarray,
     IoU >= 0.9). A scale that would erase most of the defect is not applied.
     """
     diff = change_map(original, edited)
-    peak = float(np.percentile(diff[mask], 90)) if mask.any() else 0.0
+    peak = change_peak(diff, mask)
     info = {"target_peak": round(float(target_peak), 2), "peak": round(peak, 2), "scale": 1.0}
     if peak <= 0.0 or 1.0 / CONTRAST_SLACK <= target_peak / peak <= CONTRAST_SLACK:
         return edited, mask, info
@@ -351,7 +352,7 @@ def match_contrast(original: np.ndarray, edited: np.ndarray, mask: np.ndarray,
         return edited, mask, info | {"skipped": "the scaled change would leave under half the defect"}
     result[mask & ~kept] = original[mask & ~kept]
     # A dark defect on a dark surface cannot get darker than black: the peak reached is recorded.
-    reached = float(np.percentile(change_map(original, result)[kept], 90))
+    reached = change_peak(change_map(original, result), kept)
     return result, kept, info | {"scale": round(scale, 3), "peak_after": round(reached, 2)}
 
 

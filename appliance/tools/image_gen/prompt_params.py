@@ -282,16 +282,40 @@ def _find_first(patterns, text: str):
     return (best[0], best[1].group(0)) if best else (None, None)
 
 
-def _find_located(patterns, text: str):
-    """Like ``_find`` but only for matches in a locative phrase that does not keep away."""
+def _find_located(patterns, text: str, choice: float = 0.0):
+    """Like ``_find`` but only for matches in a locative phrase that does not keep away.
+
+    Places offered as alternatives ("on an edge or a corner") are each as likely: ``choice``
+    (a uniform draw) picks one; otherwise the first pattern that matches wins."""
+    located, words = [], []  # the first locative match of each pattern; every match
     for pattern, value in patterns:
         for found in re.finditer(rf"\b(?:{pattern})\b", text):
+            words.append((value, found))
             before, after = text[:found.start()], text[found.end():]
             if _AWAY_BEFORE.search(before):
                 continue
-            if _LOCATIVE_BEFORE.search(before) or _LOCATIVE_AFTER.match(after):
-                return value, found.group(0)
-    return None, None
+            if ((_LOCATIVE_BEFORE.search(before) or _LOCATIVE_AFTER.match(after))
+                    and all(v != value for v, _ in located)):
+                located.append((value, found))
+    if not located:
+        return None, None
+    # Alternatives: the places joined by "or" to the first one said ("from an edge or a corner").
+    words.sort(key=lambda item: item[1].start())
+    first = min(located, key=lambda item: item[1].start())
+    options = [first]
+    for value, found in words[words.index(first) + 1:]:
+        if not _ALTERNATIVE.fullmatch(text[options[-1][1].end():found.start()]):
+            break
+        if all(v != value for v, _ in options):
+            options.append((value, found))
+    value, found = (options[min(int(choice * len(options)), len(options) - 1)]
+                    if len(options) > 1 else located[0])
+    return value, found.group(0)
+
+
+# What lies between two places offered as alternatives: "edge or corner", "edge or a corner".
+_ALTERNATIVE = re.compile(r"\s*(,\s*)?(or|and/or)\s+((at|on|near|along|by|in|from)\s+)?"
+                          r"((an?|the|its|one)\s+)?")
 
 
 def _find_own(pattern: str, text: str):
@@ -331,7 +355,7 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
     everything = " ".join((texts.where, texts.look, texts.size, texts.strength, texts.extent))
     # One uniform draw per attribute, always in this order (see the module note).
     u = dict(zip(("size", "severity", "orientation", "elongation", "count", "roughness",
-                  "diagonal", "jitter", "form", "sometimes", "width"), rng.random(11)))
+                  "diagonal", "jitter", "form", "sometimes", "width", "alternative"), rng.random(12)))
     specified: list[str] = []
     matched: dict[str, str] = {}
 
@@ -397,7 +421,7 @@ def parse_prompt(prompt: str, rng: np.random.Generator) -> EditParams:
         for pattern, _ in _ORIENTATION_WORDS:
             where = re.sub(rf"\b(?:{pattern})\b", " ", where)
 
-    location, words = _find_located(_LOCATION_WORDS, where)
+    location, words = _find_located(_LOCATION_WORDS, where, u["alternative"])
     side, side_words = _find_located(_SIDE_WORDS, where)
     if location:
         note("location", words)

@@ -76,7 +76,7 @@ import cv2
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 
-from appliance.imaging import CHANGE_THRESHOLD, change_map
+from appliance.imaging import CHANGE_THRESHOLD, VISIBLE_PEAK, change_map, change_peak
 from appliance.tools.image_gen.calibration import (Calibrations, defect_pieces, major_axis,
                                                    plant_size, typical_size, visible_floor)
 from appliance.tools.image_gen.placement import object_extent
@@ -99,7 +99,7 @@ class Limits:
     large_share: float = 0.12  # borderline above this
     max_share: float = 0.25  # not a local defect above this
     # Peak change (90th percentile) in the changed region, in grey levels and in texture spreads.
-    faint_level: float = 14.0
+    faint_level: float = VISIBLE_PEAK
     weak_level: float = 20.0
     faint_ratio: float = 0.8
     weak_ratio: float = 1.5
@@ -296,7 +296,7 @@ def measure(normal: np.ndarray, edited: np.ndarray, object_map: ObjectMap,
     # Visibility: mean change over the region against the fine texture of the surface around it
     # (grey levels minus their local mean, so that shading does not count as texture).
     m["mean_change"] = float(diff_w[region].mean(dtype=np.float64))
-    m["peak_change"] = float(np.percentile(diff_w[region], 90))
+    m["peak_change"] = change_peak(diff_w, region)
     grey_n = cv2.cvtColor(normal[window], cv2.COLOR_RGB2GRAY).astype(np.float32)
     grey_e = cv2.cvtColor(edited[window], cv2.COLOR_RGB2GRAY).astype(np.float32)
     detail = grey_n - cv2.GaussianBlur(grey_n, (0, 0), 3.0)

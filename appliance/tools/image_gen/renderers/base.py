@@ -226,10 +226,12 @@ def along_profile(n: int, rng: np.random.Generator, knots: int = 6) -> np.ndarra
     return np.interp(np.linspace(0.0, 1.0, max(n, 2)), xs, values)
 
 
-def taper(n: int, power: float = 0.5, floor: float = 0.25) -> np.ndarray:
-    """Width profile that thins toward both ends of a stroke."""
+def taper(n: int, power: float = 0.5, floor: float = 0.25, open_start: bool = False) -> np.ndarray:
+    """Width profile that thins toward both ends of a stroke, or only toward its last point
+    when ``open_start`` (a crack is widest where it opens, at the edge it ran in from)."""
     t = np.linspace(0.0, 1.0, max(n, 2))
-    return floor + (1.0 - floor) * np.sin(np.pi * t) ** power
+    shape = np.cos(0.5 * np.pi * t) if open_start else np.sin(np.pi * t)
+    return floor + (1.0 - floor) * shape ** power
 
 
 # --- strokes -----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Crack: a jagged, branching dark fracture whose width varies and thins to nothing at its tips."""
+"""Crack: a jagged, branching dark fracture whose width varies and thins to nothing at its tips;
+one that runs in from an edge is widest where it opens, at the edge, and thins to its inner tip."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     start = np.array([cx, cy]) - direction * length / 2.0
     end = np.array([cx, cy]) + direction * length / 2.0
     roughness = 0.3 + 0.7 * params.roughness
+    # One that runs in from the edge opens there: it starts at the end nearer the outline.
+    from_edge = params.edge_mode == "inward" and params.location in ("edge", "corner")
+    if from_edge and outline_distance(canvas, end) < outline_distance(canvas, start):
+        start, end = end, start
     # Jagged in the small but roughly straight as a whole: the displacement decays with scale.
     main = midpoint_path(start, end, roughness * 0.6, segment_px=3.0, rng=rng, decay=PATH_DECAY)
 
@@ -34,7 +39,8 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     else:
         width = float(np.clip(0.9 + length / 70.0, 0.9, 3.2)) * (0.6 + 0.5 * params.severity)
     n = len(main)
-    widths = width * taper(n, power=0.6, floor=0.2) * (0.6 + 0.4 * along_profile(n, rng, 8))
+    widths = (width * taper(n, power=0.6, floor=0.2, open_start=from_edge)
+              * (0.6 + 0.4 * along_profile(n, rng, 8)))
     strokes = [(main, widths)]
 
     # Side branches leave the main line at a sharp angle and die out quickly.
@@ -57,4 +63,16 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     # One crack is one piece: branches meet the trunk, and specks off the tips go.
     out = connect_line(canvas, out)
     return Rendered(out, details={"width_px": round(width, 2), "length_px": round(length, 1),
-                                  "branches": branch_count})
+                                  "branches": branch_count, "from_edge": from_edge})
+
+
+def outline_distance(canvas: Canvas, point: np.ndarray) -> float:
+    """How far a window point lies from the part's outline; the photo's border counts as one."""
+    x, y = float(point[0]), float(point[1])
+    height, width = canvas.image.shape[:2]
+    wx, wy = x + canvas.window.x0, y + canvas.window.y0
+    distance = min(wx, wy, width - 1 - wx, height - 1 - wy)
+    ys, xs = np.nonzero(~canvas.fg)
+    if ys.size:
+        distance = min(distance, float(np.min(np.hypot(xs - x, ys - y))))
+    return distance

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from appliance.imaging import VISIBLE_PEAK, change_peak
 from appliance.tools.image_gen.prompt_params import EditParams
 from appliance.tools.image_gen.renderers.base import Canvas, Rendered, irregular_radius, mottle
 
@@ -27,12 +28,25 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     peak = float(np.abs(slope).max()) or 1.0
     shade = slope / peak
     strength = 0.08 + 0.32 * params.severity
-    # A dent also collects a little shadow in its floor (and a bump a little light on top).
-    occlusion = 0.3 * strength * height
-    gain = 1.0 + strength * shade + occlusion
-    out = np.clip(canvas.base * gain[..., None], 0, 255)
     support = np.abs(height) > 0.08
+    # On a dark or busy surface the shading of a shallow dent can fall below what anyone would
+    # see as a defect; even a faint one is drawn at least a little above that (the change is
+    # proportional to the strength, so one rescale meets it).
+    least = VISIBLE_PEAK * (1.25 + 0.75 * params.severity)
+    first = _shaded(canvas.base, strength, shade, height)
+    shown = change_peak(np.abs(first - canvas.base).max(axis=2), support)
+    if 0.0 < shown < least:
+        strength *= least / shown
+    out = _shaded(canvas.base, strength, shade, height)
     return Rendered(out, support=support,
                     details={"kind": "bump" if sign > 0 else "dent",
                              "radius_px": [round(a, 1), round(b, 1)],
                              "shading": round(strength, 3)})
+
+
+def _shaded(base: np.ndarray, strength: float, shade: np.ndarray, height: np.ndarray
+            ) -> np.ndarray:
+    # A dent also collects a little shadow in its floor (and a bump a little light on top).
+    gain = 1.0 + strength * shade + 0.3 * strength * height
+    return np.clip(base * gain[..., None], 0, 255)
+

@@ -39,6 +39,9 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     slope_across = -2.0 * across / (half_width ** 2) * height
     lx, ly = canvas.light
     light_across = -s * lx + c * ly
+    # Light running almost along the ridge would leave it unseen; real lighting is never a
+    # single ray, so a flank keeps at least half the shading it would get lit from across.
+    light_across = float(np.copysign(max(abs(light_across), 0.5), light_across))
     shade = -slope_across * light_across * half_width / 0.86  # ~[-1, 1]
     strength = 0.1 + 0.35 * params.severity
     gain = 1.0 + strength * np.clip(shade, -1.0, 1.0) + 0.08 * strength * height
