@@ -376,3 +376,22 @@ def test_even_a_faint_dent_is_drawn_where_it_can_be_seen():
     strong = [peak("a strong, clearly visible unevenness", seed) for seed in range(6)]
     assert min(faint) >= VISIBLE_PEAK, faint
     assert np.median(strong) > np.median(faint)
+
+
+def test_a_chip_at_the_edge_of_a_full_frame_face_is_as_large_as_asked():
+    """A full-frame photo does not show where the part ends, so a chip "at the edge" sits just
+    inside the frame, near it, and whole: its box is not cut short by the border (it came out at
+    0.65x the asked size when it was)."""
+    from appliance.tools.image_gen.placement import inside_distance, object_extent
+
+    object_map = MAPS["tile"]
+    inside = inside_distance(object_map)
+    asked = 0.10 * object_extent(object_map)
+    extents = []
+    for seed in range(12):
+        _, _, _, mask = _render("missing", "tile",
+                                "a chip about 10 percent of the tile width at the edge", seed)
+        ys, xs = np.nonzero(mask)
+        extents.append(max(np.ptp(ys), np.ptp(xs)) + 1)
+        assert inside[mask].min() <= asked  # near the edge
+    assert 0.8 * asked <= np.median(extents) <= 1.25 * asked, (extents, asked)

@@ -203,7 +203,9 @@ def _candidates(object_map: ObjectLike, params: EditParams, family: str, inside:
         wishes.append(("edge", outline))
     else:
         if location in ("edge", "corner"):
-            inner = minor / 2.0 + 1.0 if family not in OUTLINE_FAMILIES else 1.0
+            # A chip near the edge of a full-frame face: wholly inside the frame, so that its
+            # box is not cut short by the border (the photo does not show where the part ends).
+            inner = minor / 2.0 + 1.0 if family not in OUTLINE_FAMILIES else max(half) + 1.0
             if _runs_inward(params, family):
                 # The centre half a length in, so that the line starts at the outline.
                 inner, band = 0.45 * major, 3.0
