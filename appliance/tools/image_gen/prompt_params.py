@@ -282,6 +282,11 @@ def _find_first(patterns, text: str):
     return (best[0], best[1].group(0)) if best else (None, None)
 
 
+# What lies between two places offered as alternatives: "edge or corner", "edge or a corner".
+_ALTERNATIVE = re.compile(r"\s*(,\s*)?(or|and/or)\s+((at|on|near|along|by|in|from)\s+)?"
+                          r"((an?|the|its|one)\s+)?")
+
+
 def _find_located(patterns, text: str, choice: float = 0.0):
     """Like ``_find`` but only for matches in a locative phrase that does not keep away.
 
@@ -311,11 +316,6 @@ def _find_located(patterns, text: str, choice: float = 0.0):
     value, found = (options[min(int(choice * len(options)), len(options) - 1)]
                     if len(options) > 1 else located[0])
     return value, found.group(0)
-
-
-# What lies between two places offered as alternatives: "edge or corner", "edge or a corner".
-_ALTERNATIVE = re.compile(r"\s*(,\s*)?(or|and/or)\s+((at|on|near|along|by|in|from)\s+)?"
-                          r"((an?|the|its|one)\s+)?")
 
 
 def _find_own(pattern: str, text: str):

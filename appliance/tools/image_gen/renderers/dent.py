@@ -33,11 +33,11 @@ def render(canvas: Canvas, params: EditParams, rng: np.random.Generator) -> Rend
     # see as a defect; even a faint one is drawn at least a little above that (the change is
     # proportional to the strength, so one rescale meets it).
     least = VISIBLE_PEAK * (1.25 + 0.75 * params.severity)
-    first = _shaded(canvas.base, strength, shade, height)
-    shown = change_peak(np.abs(first - canvas.base).max(axis=2), support)
+    out = _shaded(canvas.base, strength, shade, height)
+    shown = change_peak(np.abs(out - canvas.base).max(axis=2), support)
     if 0.0 < shown < least:
         strength *= least / shown
-    out = _shaded(canvas.base, strength, shade, height)
+        out = _shaded(canvas.base, strength, shade, height)
     return Rendered(out, support=support,
                     details={"kind": "bump" if sign > 0 else "dent",
                              "radius_px": [round(a, 1), round(b, 1)],
@@ -49,4 +49,3 @@ def _shaded(base: np.ndarray, strength: float, shade: np.ndarray, height: np.nda
     # A dent also collects a little shadow in its floor (and a bump a little light on top).
     gain = 1.0 + strength * shade + 0.3 * strength * height
     return np.clip(base * gain[..., None], 0, 255)
-
