@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -102,8 +103,14 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-
     work = Path(tempfile.mkdtemp(prefix="cluster-scaling-"))
+    try:
+        measure(args, work)
+    finally:  # the photos, the batches' outputs and the cluster's token
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
     token = work / "token"
     fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, secrets.token_hex(32).encode())

@@ -15,12 +15,25 @@ MAGNETIC_TILE = DATASETS / "magnetic-tile"
 SAMPLE_INBOX = REPO / "samples" / "inbox"
 
 
+_OWN_CACHE: list[str] = []
+
+
 def pytest_configure(config):
     # Tests never touch the user's cache; one index build per test session.
     if "APPLIANCE_CACHE" not in os.environ:
         import tempfile
 
         os.environ["APPLIANCE_CACHE"] = tempfile.mkdtemp(prefix="appliance-test-cache-")
+        _OWN_CACHE.append(os.environ["APPLIANCE_CACHE"])
+
+
+def pytest_unconfigure(config):
+    # The session's cache goes with it (one is made per run: /tmp would fill up over runs).
+    import shutil
+
+    for folder in _OWN_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("APPLIANCE_CACHE", None)
 
 
 def require_tiles(*parts: str) -> Path:

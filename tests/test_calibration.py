@@ -92,6 +92,53 @@ def test_profile_refuses_examples_without_a_usable_mask(tile_image):
         build_profile(CATEGORY, [(tile_image, np.zeros(tile_image.shape[:2], bool), "crack", "x")])
 
 
+def test_a_wide_defect_is_left_out_and_a_narrow_one_measured_whole(normals, tmp_path):
+    """The surface under a wide patch cannot be told from its rim: measured against a smear, the
+    patch's "contrast" would be the tile's own grain, and a transplant of it would carry the
+    surface (grain, printing) with it. Such a defect is counted, not measured; a type with no
+    other defect is left to the knowledge base's defaults. A narrow pit gives size and look."""
+    tile = normals[0]
+    pit, patch = tile.copy(), tile.copy()
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    pit_mask = (yy - 60) ** 2 + (xx - 70) ** 2 <= 5 ** 2
+    patch_mask = (abs(yy - 96) < 45) & (abs(xx - 96) < 60)
+    pit[pit_mask] = (pit[pit_mask] * 0.4).astype(np.uint8)
+    patch[patch_mask] = (patch[patch_mask] * 0.8).astype(np.uint8)
+    far_pit = (yy - 20) ** 2 + (xx - 175) ** 2 <= 5 ** 2  # a photo with a pit and a patch
+    both = patch.copy()
+    both[far_pit] = (both[far_pit] * 0.4).astype(np.uint8)
+    built = build_profile(CATEGORY, [(pit, pit_mask, "pit", "a"), (patch, patch_mask, "patch", "b"),
+                                     (both, far_pit | patch_mask, "pit", "c")])
+    assert "patch" not in built.priors and not built.bank.get("patch")
+    assert built.unmeasured == {"patch": 1, "pit": 1}
+    pits = built.priors["pit"]
+    assert len(pits.sizes) == len(pits.peaks) == len(built.bank["pit"]) == 2
+    assert min(pits.peaks) > 30 and pits.dark_share == 1.0 and max(pits.sizes) < 0.1
+    built.save(tmp_path / "p")
+    assert CalibrationProfile.load(tmp_path / "p").unmeasured == built.unmeasured
+    with pytest.raises(ValueError, match="too wide to measure"):
+        build_profile(CATEGORY, [(patch, patch_mask, "patch", "b")])
+
+
+def test_a_defect_that_fools_the_part_finder_is_measured_on_the_whole_frame(tmp_path):
+    """This real break is a large dark wedge: on its own the part finder takes a sliver of the
+    tile for the part, off the break, and the break would cover three times the part's area."""
+    from appliance.evaluation.data import load_defect_folder
+    from appliance.tools.image_gen.calibration import part_around
+
+    photo = require_tiles("MT_Break", "Imgs") / "exp3_num_304317.jpg"
+    folder = tmp_path / "defects" / "MT_Break"
+    folder.mkdir(parents=True)
+    for source in (photo, photo.with_suffix(".png")):
+        shutil.copy(source, folder / source.name)
+    (item,) = load_defect_folder(folder.parent, SIZE, skipped=[], nonempty=True)
+    fooled = find_object(item.image).foreground
+    assert fooled.mean() < 0.2 and fooled[item.mask].mean() < 0.5
+    assert part_around(item.image, item.mask).foreground.all()
+    narrow = find_object(item.image)  # and a defect on the part keeps the part found
+    assert part_around(item.image, fooled & ~item.mask).foreground.sum() == narrow.foreground.sum()
+
+
 def test_transplant_keeps_the_mask_contract_and_is_reproducible(profile, normals):
     crops = profile.bank["crack"] + profile.bank["blowhole"]
     for seed, normal in enumerate(normals[:4]):

@@ -383,7 +383,11 @@ def render_report(report: dict) -> str:
                   f"{c['heldout_photos']} held out",
                   *[f"- {d}: {p['defects']} defects, size p5/p50/p95 {p['size_p05_p50_p95']}, "
                     f"peak change {p['peak_p05_p50_p95']}, {p['bank']} in the bank"
-                    for d, p in c["profile"]["defects"].items()], "",
+                    for d, p in c["profile"]["defects"].items()],
+                  *[f"- {d}: {n} defect(s) too wide to measure, left out"
+                    + ("" if d in c["profile"]["defects"] else
+                       " (the type keeps the knowledge base's defaults)")
+                    for d, n in c["profile"].get("unmeasured", {}).items()], "",
                   "| engine | held-out episodes | accepted | distance to real | accepted per type |",
                   "|---|---|---|---|---|",
                   *[row.format(label=label, by=", ".join(f"{d} {v:.0%}" for d, v in

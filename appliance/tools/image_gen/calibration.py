@@ -10,6 +10,16 @@ a profile holds, per defect type:
 - a **bank** of the real defects cut out with their masks, which ``transplant`` carries onto
   normal photos.
 
+A defect's look (contrast, polarity, its bank crop) is measured against the surface *under*
+it, estimated from the pixels around it. That estimate holds near the defect's rim only: inside
+a wide patch (a fray or an unevenness over a third of the tile) it is a smear without the
+surface's grain, and the "defect" measured against it is the surface itself, its grain and its
+printing. A real defect counts only whole, its size with its look: one that reaches further
+than ``MAX_REACH_SHARE`` of the photo from its rim is counted in ``unmeasured`` and adds nothing
+else, and a type with no other defect is left to the knowledge base's defaults. (Drawing such a
+type's real sizes with the renderers' guessed look made wide regions unlike any real defect: on
+the magnetic tiles, 5-shot, a detector trained on them learned less than with no calibration.)
+
 The procedural renderer reads a prompt's size words relative to the knowledge base's usual size
 for the type (the usual words give the plant's median; "larger" moves up the plant's own sizes,
 "smaller" down) and the judge checks sizes and contrasts against the same figures, so "large",
@@ -39,7 +49,7 @@ from appliance.imaging import (CHANGE_THRESHOLD, change_map, change_peak, load_r
 from appliance.names import Name, path_under
 from appliance.tools.image_gen.placement import foreground_bbox, object_extent
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
-from appliance.tools.object_map import find_object
+from appliance.tools.object_map import ObjectMap, find_object
 
 PROFILE_FILE = "profile.json"
 FORMAT_VERSION = 1
@@ -48,6 +58,11 @@ FORMAT_VERSION = 1
 JOIN_SHARE = 0.03
 MIN_PIECE_PX = 8
 CROP_MARGIN_PX = 6
+# A real defect with less of its mask than this on the part found means the finder was fooled.
+MIN_MASK_ON_PART = 0.5
+# How far inside a defect (share of the photo's shorter side; 8 px at 256 px) the surface under
+# it can be estimated from its rim (see the module's docstring).
+MAX_REACH_SHARE = 0.03
 # The size scale of the prompt words (``prompt_params._SIZE_WORDS``: tiny 0.02 ... very large
 # 0.70), read as a rank from 0 to 1 on a log axis.
 WORD_SIZE_RANGE = (0.02, 0.70)
@@ -123,6 +138,8 @@ class CalibrationProfile:
     priors: dict[str, DefectPriors]
     bank: dict[str, list[BankCrop]]
     digest: str | None = None  # the stored profile's hash (set by the store that loaded it)
+    # Real defects per type too wide to measure (see the module's docstring), for the reports.
+    unmeasured: dict[str, int] = field(default_factory=dict)
 
     def for_defect(self, defect: str) -> tuple[DefectPriors | None, list[BankCrop]]:
         return self.priors.get(defect), self.bank.get(defect, [])
@@ -130,7 +147,8 @@ class CalibrationProfile:
     def summary(self) -> dict:
         return {"category": self.category, "digest": self.digest,
                 "defects": {d: p.summary() | {"bank": len(self.bank.get(d, []))}
-                            for d, p in sorted(self.priors.items())}}
+                            for d, p in sorted(self.priors.items())},
+                "unmeasured": dict(sorted(self.unmeasured.items()))}
 
     def save(self, folder: Path) -> None:
         """Write the profile into ``folder`` (which the caller makes fresh)."""
@@ -147,7 +165,7 @@ class CalibrationProfile:
                 index[defect].append({"file": f"{n:03d}.png", "source": crop.source})
         body = {"format": FORMAT_VERSION, "category": self.category,
                 "priors": {d: p.as_dict() for d, p in sorted(self.priors.items())},
-                "bank": index}
+                "bank": index, "unmeasured": self.unmeasured}
         write_atomic(folder / PROFILE_FILE, (json.dumps(body, indent=1) + "\n").encode())
 
     @classmethod
@@ -169,7 +187,7 @@ class CalibrationProfile:
                     mask = np.asarray(pil.convert("L")) >= 128
                 crops.append(BankCrop(image, mask, entry["source"]))
             bank[defect] = crops
-        return cls(body["category"], priors, bank, digest)
+        return cls(body["category"], priors, bank, digest, body.get("unmeasured", {}))
 
 
 def size_rank(size: float) -> float:
@@ -220,18 +238,35 @@ def _crop(image: np.ndarray, mask: np.ndarray, source: str) -> BankCrop:
     return BankCrop(image[y0:y1, x0:x1].copy(), mask[y0:y1, x0:x1].copy(), source)
 
 
+def inner_reach(mask: np.ndarray) -> float:
+    """How far (px) the mask's innermost pixel lies from the nearest pixel outside it."""
+    padded = np.pad(mask.astype(np.uint8), 1)  # the photo's edge is not the defect's rim
+    return float(cv2.distanceTransform(padded, cv2.DIST_L2, 3).max()) if mask.any() else 0.0
+
+
+def part_around(image: np.ndarray, mask: np.ndarray) -> ObjectMap:
+    """The part a real defect lies on. A real defect is on its part: when most of the mask falls
+    off the part found, the finder took the defect itself for the edge of a part (a large dark
+    break on a tile close-up), and the whole frame is the surface."""
+    part = find_object(image)
+    if float(part.foreground[mask].mean()) < MIN_MASK_ON_PART:
+        return ObjectMap(np.ones(mask.shape, dtype=bool), True, part.background_color)
+    return part
+
+
 def build_profile(category: str,
                   examples: Sequence[tuple[np.ndarray, np.ndarray, str, str]]) -> CalibrationProfile:
     """Measure ``examples`` (image uint8 RGB, mask bool, defect type, source name) into a profile."""
     priors: dict[str, DefectPriors] = {}
     bank: dict[str, list[BankCrop]] = {}
     dark: dict[str, list[bool]] = {}
+    unmeasured: dict[str, int] = {}
     for image, mask, defect, source in examples:
         mask = np.asarray(mask, dtype=bool)
         if not mask.any():
             continue
         p = priors.setdefault(defect, DefectPriors())
-        part = find_object(image)
+        part = part_around(image, mask)
         foreground = part.foreground
         extent_box = foreground_bbox(foreground)
         extent = object_extent(part)
@@ -245,6 +280,9 @@ def build_profile(category: str,
         p.counts.append(len(pieces))
         p.areas.append(float(sum(int(piece.sum()) for piece in pieces)) / part_area)
         for piece in pieces:
+            if inner_reach(piece) > MAX_REACH_SHARE * min(mask.shape):
+                unmeasured[defect] = unmeasured.get(defect, 0) + 1
+                continue
             major, minor = axes(piece)
             p.sizes.append(major / extent)
             ys, xs = np.nonzero(piece)
@@ -263,9 +301,10 @@ def build_profile(category: str,
     for defect in empty:
         del priors[defect]
     if not priors:
-        raise ValueError("no usable real defect to calibrate on: every mask is empty or a "
-                         f"speck (under {MIN_PIECE_PX} px at 256 px)")
-    return CalibrationProfile(category, priors, bank)
+        raise ValueError("no usable real defect to calibrate on: every mask is empty, a speck "
+                         f"(under {MIN_PIECE_PX} px at 256 px) or too wide to measure (reaching "
+                         f"over {MAX_REACH_SHARE:.0%} of the photo's side from its rim)")
+    return CalibrationProfile(category, priors, bank, unmeasured=unmeasured)
 
 
 def visible_floor(priors: DefectPriors) -> float:
