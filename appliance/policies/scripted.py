@@ -142,9 +142,12 @@ class ScriptedPolicy:
                 schemas.KNOWLEDGE_RETRIEVAL, task)
         knowledge = _knowledge_from_payload(h.knowledge)
         revised = refine_prompt(h.prompt, sorted(issues), knowledge)
-        reason = f"Rejected: {_describe(review)}. The review says: {review['review']}"
+        # The review and the knowledge are in the context already: the thought names what
+        # failed and where the revision comes from, and copies neither (copying long free text
+        # is where a small trained policy garbles its messages).
+        reason = f"Rejected: {_describe(review)}."
         if knowledge is not None and h.last_tool == schemas.KNOWLEDGE_RETRIEVAL:
-            reason += f" The knowledge base says it typically sits at: {knowledge.entries[0].location}"
+            reason += " I follow what the knowledge base says of it."
         return format_tool_call(f"{reason} I revise the instruction accordingly and try again.",
                                 schemas.IMAGE_GEN, {"prompt": revised, "target_image": 1})
 
