@@ -240,7 +240,9 @@ def _crop(image: np.ndarray, mask: np.ndarray, source: str) -> BankCrop:
 
 def inner_reach(mask: np.ndarray) -> float:
     """How far (px) the mask's innermost pixel lies from the nearest pixel outside it."""
-    padded = np.pad(mask.astype(np.uint8), 1)  # the photo's edge is not the defect's rim
+    # Padded, so the photo's edge counts as rim: a defect the frame cuts is judged by the part
+    # of it inside the photo (OpenCV would otherwise treat beyond the frame as more defect).
+    padded = np.pad(mask.astype(np.uint8), 1)
     return float(cv2.distanceTransform(padded, cv2.DIST_L2, 3).max()) if mask.any() else 0.0
 
 
