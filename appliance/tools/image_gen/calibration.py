@@ -47,7 +47,7 @@ from PIL import Image
 from appliance.imaging import (CHANGE_THRESHOLD, change_map, change_peak, load_rgb, png_bytes,
                                write_atomic)
 from appliance.names import Name, path_under
-from appliance.tools.image_gen.placement import foreground_bbox, object_extent
+from appliance.tools.image_gen.placement import distance_inside, foreground_bbox, object_extent
 from appliance.tools.image_gen.prompt_params import EditParams, parse_prompt
 from appliance.tools.object_map import ObjectMap, find_object
 
@@ -239,11 +239,9 @@ def _crop(image: np.ndarray, mask: np.ndarray, source: str) -> BankCrop:
 
 
 def inner_reach(mask: np.ndarray) -> float:
-    """How far (px) the mask's innermost pixel lies from the nearest pixel outside it."""
-    # Padded, so the photo's edge counts as rim: a defect the frame cuts is judged by the part
-    # of it inside the photo (OpenCV would otherwise treat beyond the frame as more defect).
-    padded = np.pad(mask.astype(np.uint8), 1)
-    return float(cv2.distanceTransform(padded, cv2.DIST_L2, 3).max()) if mask.any() else 0.0
+    """How far (px) the mask's innermost pixel lies from the nearest pixel outside it; the
+    photo's edge counts as rim, so a defect the frame cuts is judged by the part inside it."""
+    return float(distance_inside(mask).max()) if mask.any() else 0.0
 
 
 def part_around(image: np.ndarray, mask: np.ndarray) -> ObjectMap:

@@ -109,7 +109,13 @@ def inside_distance(object_map: ObjectLike) -> np.ndarray:
         ys = np.minimum(np.arange(height), np.arange(height)[::-1])[:, None] + 1
         xs = np.minimum(np.arange(width), np.arange(width)[::-1])[None, :] + 1
         return np.minimum(ys, xs).astype(np.float32)
-    padded = np.pad(object_map.foreground.astype(np.uint8), 1)
+    return distance_inside(object_map.foreground)
+
+
+def distance_inside(mask: np.ndarray) -> np.ndarray:
+    """Distance of each pixel of ``mask`` to the nearest pixel outside it (0 outside). Padded,
+    so the frame counts as outside: OpenCV would otherwise take beyond the frame for more mask."""
+    padded = np.pad(mask.astype(np.uint8), 1)
     return cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]
 
 
