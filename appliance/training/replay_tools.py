@@ -1,7 +1,8 @@
 """Tools that answer with known pictures, for building expert trajectories from real defects.
 
 In Alg. 2 the image generator's results are given in advance (earlier, weaker attempts, then the
-real defect photo) and mask generation is "hard-coded" to the real mask. Everything else in an
+real defect photo) and mask generation is "hard-coded" to the real mask (``RealMaskGenerator``,
+which still reports it as the engine's mask tool would). Everything else in an
 expert episode (prompt generation, the judge, knowledge retrieval, the rules, the messages) is
 the environment's own, so the trajectory is exactly what a batch episode would record; only the
 instruction's Size part states the real defect's length (``RealSizePromptGenerator``).
@@ -9,14 +10,15 @@ instruction's Size part states the real defect's length (``RealSizePromptGenerat
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 
 from appliance.tools.image_gen.calibration import defect_pieces, major_axis
 from appliance.tools.image_gen.placement import object_extent
-from appliance.tools.interfaces import (Box, EditRequest, EditResult, MaskRequest, MaskResult,
-                                        PromptGenerator, PromptRequest, ToolFailure)
+from appliance.tools.interfaces import (Box, EditRequest, EditResult, MaskGenerator, MaskRequest,
+                                        MaskResult, PromptGenerator, PromptRequest, ToolFailure)
 from appliance.tools.object_map import find_object
 from appliance.tools.prompt_gen.composer import PromptParts
 
@@ -77,13 +79,23 @@ class RealSizePromptGenerator:
 
 
 class RealMaskGenerator:
-    """The real mask, whatever the pixels say (the real defect's ground truth)."""
+    """The real mask (the real defect's ground truth), reported the way the engine's own mask
+    tool reports the same edit: its confidence and method for the real photo against the normal
+    counterpart, with the real mask as its hint.
+
+    A replayed tool that always answered "confidence 1.0, method real-mask", which no live mask
+    tool ever says, put a cue in every trajectory that no batch episode has: the tiny test policy
+    learned to write its final answer only after that exact reply, and garbled the answer after
+    every live one (``"status": "final_image_index"``; probability of the right token 0.99 after
+    the replayed reply, 0.01 after the same reply with a live confidence)."""
 
     name = "real-mask"
 
-    def __init__(self, mask: np.ndarray) -> None:
+    def __init__(self, base: MaskGenerator, mask: np.ndarray) -> None:
+        self.base = base
         self.mask = mask
 
     def generate_masks(self, requests: Sequence[MaskRequest]) -> list[MaskResult]:
-        return [MaskResult(self.mask.copy(), confidence=1.0, threshold=0.5, method="real-mask")
-                for _ in requests]
+        live = self.base.generate_masks([replace(r, hint=self.mask) for r in requests])
+        return [MaskResult(self.mask.copy(), result.confidence, result.threshold, result.method)
+                for result in live]

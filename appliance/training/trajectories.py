@@ -118,7 +118,7 @@ def expert_episode(environment: AgentEnvironment, example: DefectExample, catego
                 for s in STRENGTHS[steps][schedule]]
     task = task_environment(environment, example)
     tools = replace(task.tools, image_gen=ReplayImageGenerator(pictures, real.mask, real.source),
-                    mask_gen=RealMaskGenerator(real.mask))
+                    mask_gen=RealMaskGenerator(task.tools.mask_gen, real.mask))
     spec = EpisodeSpec(image=example.normal, category=category, defect=real.defect, seed=seed,
                        source=real.source)
     return AgentEnvironment(tools, environment.config).run([spec], ScriptedPolicy())[0]
