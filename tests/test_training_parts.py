@@ -177,6 +177,31 @@ def test_expert_instructions_state_the_real_defects_length(engine):
     assert generator.name == engine.tools.prompt_gen.name
 
 
+def test_the_expert_gets_the_real_mask_reported_as_the_engine_reports_it(engine):
+    """Alg. 2's mask tool answers with the real mask, but its reply carries the confidence and
+    method the engine's own mask tool gives for the same edit: a reply no live episode can get
+    (always "confidence 1.0, real-mask") was a cue the tiny policy learned its answer from."""
+    from appliance.evaluation.data import LabeledImage, load_mask, resize_image
+    from appliance.imaging import load_rgb
+    from appliance.tools.interfaces import MaskRequest
+    from appliance.training.trajectories import example_from, expert_episode
+
+    photo = sorted(require_tiles("MT_Blowhole", "Imgs").glob("*.jpg"))[0]
+    item = LabeledImage(resize_image(load_rgb(photo), 256), load_mask(photo.with_suffix(".png"), 256),
+                        "blowhole", str(photo))
+    example = example_from(item, photo.stem)
+    result = expert_episode(engine.environment, example, "magnetic_tile", 1, seed=5)
+    assert result.accepted and result.mask is not None
+    assert np.array_equal(result.mask.mask, item.mask)  # the ground truth, as Alg. 2 says
+    reply = next(json.loads(m["content"][0]["text"].split("\n", 1)[1]) for m in result.messages
+                 if m["role"] == "tool" and "Tool Response from mask_gen" in m["content"][0]["text"])
+    edited = result.images[result.final_image_index - 1]
+    live = engine.tools.mask_gen.generate_masks([MaskRequest(example.normal, edited, item.mask)])[0]
+    assert reply["method"] == live.method != "real-mask"
+    assert reply["confidence"] == round(live.confidence, 3)
+    assert reply["mask_pixels"] == int(item.mask.sum())
+
+
 def test_groups_whose_rollouts_tied_leave_the_grpo_loss():
     torch = pytest.importorskip("torch")
     from appliance.training.grpo import drop_tied_groups

@@ -4,7 +4,8 @@ For each real defect photo with its mask: its normal counterpart by reverse synt
 episode of the one environment from that normal photo to the real defect. The expert (the
 scripted policy, Alg. 1) calls the real prompt generator, judge and knowledge base; the image
 generator answers with weaker versions of the real defect for the earlier attempts and with the
-real photo for the last one, and mask generation with the real mask. A trajectory with N image
+real photo for the last one, and mask generation with the real mask (reported with the engine's
+mask tool's confidence and method, so no reply differs from a live one). A trajectory with N image
 generation steps is kept only when the real judge rejected the N - 1 earlier attempts and
 accepted the real defect, so every kept trajectory is what the environment would record for a
 policy that retried exactly as the paper's Single/Dual/Triple-Generation trajectories do.
