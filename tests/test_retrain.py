@@ -64,8 +64,8 @@ ENGINE = ("--backend", "prompt_gen=knowledge", "--backend", "quality_eval=heuris
 def trained(plant):
     root, env = plant
     result = _run("retrain", "defects", "--category", CATEGORY, "--out", "run", "--steps", "300",
-                  "--grpo-steps", "2", "--generations", "4", "--temperature", "0.6", *ENGINE,
-                  env=env, cwd=root)
+                  "--grpo-steps", "2", "--generations", "4", "--grpo-tasks", "2",
+                  "--temperature", "0.6", *ENGINE, env=env, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, env, json.loads((root / "run" / "report.json").read_text()), result
 
@@ -152,6 +152,7 @@ def test_grpo_trains_the_sft_adapter_on_episodes_of_the_environment(trained):
     root, _, report, result = trained
     grpo = report["stages"]["grpo"]
     assert grpo["steps"] == 2 and grpo["generations"] == 4 and len(grpo["rewards"]) == 2
+    assert grpo["tasks_per_step"] == 2  # two groups of 4 episodes a step
     assert grpo["tied_steps"] < grpo["steps"], "no step had rollouts that scored differently"
     assert "## LoRA GRPO" in result.stdout
     sft = load_file(root / "run" / "sft" / "adapter" / "adapter_model.safetensors")

@@ -69,6 +69,9 @@ def _stages(stage: str, config) -> tuple[str, ...]:
               help="GRPO checkpoint every N steps (what --resume continues from after a crash).")
 @click.option("--generations", default=8, show_default=True, type=click.IntRange(2, 64),
               help="G: rollouts per task in a GRPO group.")
+@click.option("--grpo-tasks", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Tasks (training photos) per GRPO step: the step's gradient averages their "
+                   "groups, G x this many episodes a step.")
 @click.option("--grpo-learning-rate", default=2e-4, show_default=True,
               type=click.FloatRange(0, 1, min_open=True))
 @click.option("--beta", default=0.04, show_default=True, type=click.FloatRange(0, 10),
@@ -101,7 +104,8 @@ def _stages(stage: str, config) -> tuple[str, ...]:
 @cluster_options("GRPO's rollouts (the gradients stay on this box)")
 def retrain_command(defects: Path | None, category: str, normal: Path | None, out: Path | None, stage: str,
                     resume: bool, steps: int, learning_rate: float, lora_rank: int,
-                    grpo_steps: int, grpo_save_every: int, generations: int, grpo_learning_rate: float, beta: float,
+                    grpo_steps: int, grpo_save_every: int, generations: int, grpo_tasks: int,
+                    grpo_learning_rate: float, beta: float,
                     temperature: float, heldout_runs: int, holdout: float, margin: float,
                     calibration_margin: float, size: int, seed: int, engine: str,
                     backends: tuple[str, ...], rollback: bool, calibration: bool,
@@ -174,8 +178,8 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
         sft=SFTSettings(steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
                         lora_alpha=2 * lora_rank, seed=seed),
         grpo=GRPOSettings(steps=grpo_steps, save_every=grpo_save_every, generations=generations,
-                          learning_rate=grpo_learning_rate, beta=beta, temperature=temperature,
-                          seed=seed),
+                          tasks_per_step=grpo_tasks, learning_rate=grpo_learning_rate, beta=beta,
+                          temperature=temperature, seed=seed),
         cluster=cluster_settings(cluster_address, token_file))
 
     def say(line: str) -> None:

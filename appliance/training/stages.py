@@ -252,7 +252,7 @@ def run_grpo(ctx: StageContext) -> None:
         if runner is not None:
             runner.close()
     figures = {"steps": settings.steps, "generations": settings.generations,
-               "rewards": [round(r, 4) for r in result.rewards],
+               "tasks_per_step": settings.tasks_per_step, "rewards": [round(r, 4) for r in result.rewards],
                "reward_gain": round(result.reward_gain, 4), "tied_steps": result.tied_steps,
                "adapter": adapter_hash(result.adapter_dir),
                "seconds": round(time.perf_counter() - started, 1)}
