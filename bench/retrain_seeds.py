@@ -125,26 +125,26 @@ def cell(figures: dict) -> str:
     return f"{figures['complete']:.0%} / {figures['reward']:.3f}"
 
 
+def table_line(label, base: dict, sft: dict, grpo: dict, unseen_sft: dict, unseen_grpo: dict) -> str:
+    return (f"| {label} | {cell(base)} | {cell(sft)} | {cell(grpo)} | "
+            f"{grpo['reward'] - sft['reward']:+.3f} | {cell(unseen_sft)} | {cell(unseen_grpo)} | "
+            f"{unseen_grpo['reward'] - unseen_sft['reward']:+.3f} |")
+
+
+def columns(row: dict) -> list[dict]:
+    return [row["base"], row["sft"], row["grpo"], row["unseen"]["sft"], row["unseen"]["grpo"]]
+
+
+def averaged(figures) -> dict:
+    figures = list(figures)
+    return {key: statistics.mean(f[key] for f in figures) for key in ("complete", "reward")}
+
+
 def report(rows: list[dict]) -> str:
     lines = ["| seed | base | SFT | GRPO | GRPO - SFT | unseen SFT | unseen GRPO | GRPO - SFT |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {cell(r['base'])} | {cell(r['sft'])} | {cell(r['grpo'])} | "
-                     f"{r['grpo']['reward'] - r['sft']['reward']:+.3f} | {cell(r['unseen']['sft'])} | "
-                     f"{cell(r['unseen']['grpo'])} | "
-                     f"{r['unseen']['grpo']['reward'] - r['unseen']['sft']['reward']:+.3f} |")
-
-    def mean(get) -> float:
-        return statistics.mean(get(r) for r in rows)
-
-    lines.append(
-        f"| mean | {mean(lambda r: r['base']['complete']):.0%} / {mean(lambda r: r['base']['reward']):.3f} "
-        f"| {mean(lambda r: r['sft']['complete']):.0%} / {mean(lambda r: r['sft']['reward']):.3f} "
-        f"| {mean(lambda r: r['grpo']['complete']):.0%} / {mean(lambda r: r['grpo']['reward']):.3f} "
-        f"| {mean(lambda r: r['grpo']['reward'] - r['sft']['reward']):+.3f} "
-        f"| {mean(lambda r: r['unseen']['sft']['complete']):.0%} / {mean(lambda r: r['unseen']['sft']['reward']):.3f} "
-        f"| {mean(lambda r: r['unseen']['grpo']['complete']):.0%} / {mean(lambda r: r['unseen']['grpo']['reward']):.3f} "
-        f"| {mean(lambda r: r['unseen']['grpo']['reward'] - r['unseen']['sft']['reward']):+.3f} |")
+    lines += [table_line(r["seed"], *columns(r)) for r in rows]
+    lines.append(table_line("mean", *(averaged(c) for c in zip(*map(columns, rows)))))
     above = sum(r["grpo"]["reward"] > r["sft"]["reward"] for r in rows)
     above_unseen = sum(r["unseen"]["grpo"]["reward"] > r["unseen"]["sft"]["reward"] for r in rows)
     reached = sum(r["sft"]["complete"] >= 0.5 for r in rows)
