@@ -227,6 +227,47 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
 
 
 
+def test_eval_with_a_class_of_unmasked_photos_scores_it_on_image_labels(tmp_path: Path) -> None:
+    from appliance.cli.eval_command import eval_command
+
+    root = _tiny_tiles(tmp_path / "tiles")
+    for mask in (root / "MT_Crack" / "Imgs").glob("*.png"):
+        mask.unlink()
+    args = ["--normal", str(root / "MT_Free"), "--defects", str(root), "--size", "64",
+            "--train-size", "6", "--epochs", "1", "--generators", "draem,cutpaste",
+            "--threads", "2", "--out", str(tmp_path / "a")]
+    result = CliRunner().invoke(eval_command, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["protocol"]["image_level_classes"] == ["crack"]
+    assert report["protocol"]["test_defects_per_class"] == {"blowhole": 3, "crack": 3}
+    for name in ("draem", "cutpaste"):
+        metrics, per_class = (report["generators"][name][k] for k in ("metrics", "per_class"))
+        # The cracks count in the image metrics and nowhere in the pixel metrics: the overall
+        # pixel figures are the blowholes' with the normals.
+        assert per_class["crack"]["pixel_ap"] is None and per_class["crack"]["pixel_auroc"] is None
+        assert 0.0 <= per_class["crack"]["image_auroc"] <= 1.0
+        for key in ("pixel_ap", "pixel_auroc", "pixel_f1_max"):
+            assert metrics[key] == pytest.approx(per_class["blowhole"][key])
+        assert metrics["pixel_ap_class_mean"] == pytest.approx(per_class["blowhole"]["pixel_ap"])
+        assert metrics["image_auroc"] != pytest.approx(per_class["blowhole"]["image_auroc"])
+    assert "## Image-level labels" in (tmp_path / "a" / "report.md").read_text()
+
+    # With no mask at all, the image AUROC is the headline and the crop measurements are skipped.
+    for mask in (root / "MT_Blowhole" / "Imgs").glob("*.png"):
+        mask.unlink()
+    result = CliRunner().invoke(eval_command, args[:-1] + [str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "generation measurements (which compare defect crops) are skipped" in result.output
+    assert "image AUROC" in result.output and "pixel AP" not in result.output  # no all-nan rows
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["protocol"]["image_level_classes"] == ["blowhole", "crack"]
+    assert report["generators"]["draem"]["metrics"]["pixel_ap"] is None
+    assert "kernel_distance_to_real" not in report["generators"]["draem"]["generation"]
+    assert "No class has masks, so the headline is image AUROC" in (
+        tmp_path / "b" / "report.md").read_text()
+
+
 def test_same_seed_same_numbers(tmp_path: Path) -> None:
     from appliance.evaluation.data import load_folders
     from appliance.evaluation.runner import EvalConfig, evaluate

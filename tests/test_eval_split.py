@@ -109,6 +109,35 @@ def test_defect_photo_without_mask_is_an_error(tmp_path: Path) -> None:
         load_defect_folder(root, 64, exclude=[root / "MT_Free"])
 
 
+def test_a_class_without_any_mask_is_tested_on_image_labels_only(tmp_path: Path) -> None:
+    root = _copy_tiles(tmp_path)
+    for mask in (root / "MT_Crack" / "Imgs").glob("*.png"):
+        mask.unlink()
+    # Retrain (and anything that needs masks) still refuses the class.
+    with pytest.raises(FileNotFoundError, match="without a mask"):
+        load_defect_folder(root, 64, exclude=[root / "MT_Free"])
+    items = load_defect_folder(root, 64, exclude=[root / "MT_Free"], image_labels=True)
+    cracks = [it for it in items if it.defect == "crack"]
+    assert len(cracks) == 3 and not any(it.pixel_labels or it.mask.any() for it in cracks)
+    assert all(it.image.shape == (64, 64, 3) for it in cracks)
+    blowholes = [it for it in items if it.defect == "blowhole"]
+    assert all(it.pixel_labels for it in blowholes) and any(it.mask.any() for it in blowholes)
+
+    data = load_folders(root / "MT_Free", root, 64, seed=0, train_size=4, category="tiles")
+    assert data.image_level_classes == ["crack"] and data.defect_classes == ["blowhole", "crack"]
+    # Few-shot calibration needs the shots' masks: said before anything runs.
+    with pytest.raises(ValueError, match="crack has photos without masks"):
+        load_folders(root / "MT_Free", root, 64, seed=0, train_size=4, category="tiles",
+                     few_shot=1)
+
+
+def test_a_class_with_some_masks_missing_is_still_an_error(tmp_path: Path) -> None:
+    root = _copy_tiles(tmp_path)
+    next((root / "MT_Crack" / "Imgs").glob("*.png")).unlink()
+    with pytest.raises(FileNotFoundError, match="without a mask"):
+        load_defect_folder(root, 64, exclude=[root / "MT_Free"], image_labels=True)
+
+
 def test_mvtec_layout(tmp_path: Path) -> None:
     root = tmp_path / "tile"
     photos = sorted(require_tiles("MT_Free", "Imgs").glob("*.jpg"))

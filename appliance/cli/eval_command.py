@@ -50,7 +50,9 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="Folder of normal (defect-free) photos; searched recursively.")
 @click.option("--defects", "defects_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with one sub-folder of real defect photos per defect class, each photo "
-                   "with its mask beside it (NAME.png next to NAME.jpg, or NAME_mask.png).")
+                   "with its mask beside it (NAME.png next to NAME.jpg, or NAME_mask.png). A "
+                   "class with no mask at all is tested on image-level labels only (image "
+                   "metrics, not pixel metrics; zero-shot only).")
 @click.option("--category-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Instead of --normal/--defects: an MVTec-AD category folder "
                    "(train/good, test/<defect>, ground_truth/<defect>).")
@@ -104,7 +106,7 @@ def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir
     per type to the generators that can learn from them (ours, and the copy-paste baseline that
     pastes them at random places) and tests on the rest. --seeds repeats the whole comparison
     per seed (OUT/seed-N/) and reports mean and spread; the headline is the ratio of the mean
-    pixel AP of ours to the best baseline's.
+    pixel AP of ours to the best baseline's (image AUROC where no real defect has a mask).
 
     \b
     Examples (magnetic tile layout):

@@ -10,6 +10,10 @@ Two layouts are read:
 
 Everything is resized to one square size, which is the resolution the UNet trains and is
 scored at. Soft masks are thresholded at 128 after resizing.
+
+A plant often has defect photos sorted by type but never outlined. With ``image_labels`` a
+defect class none of whose photos has a mask is read with image-level labels only: it counts
+in the image metrics and is left out of the pixel metrics (``LabeledImage.pixel_labels``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class LabeledImage:
     mask: np.ndarray  # bool (size, size); all False for a normal image
     defect: str  # GOOD for a normal image
     source: str  # the file it came from, for the report
+    # False: a defect photo known to be defective but without a mask; its all-False mask is no
+    # pixel label and it is left out of the pixel metrics. A normal image's empty mask is a label.
+    pixel_labels: bool = True
 
 
 @dataclass
@@ -56,6 +63,11 @@ class EvalData:
     @property
     def test_set(self) -> list[LabeledImage]:
         return self.test_normals + self.test_defects
+
+    @property
+    def image_level_classes(self) -> list[str]:
+        """Defect classes tested with image-level labels only (no masks)."""
+        return sorted({it.defect for it in self.test_defects if not it.pixel_labels})
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -157,9 +169,26 @@ def _labeled_defect(path: Path, mask_path: Path | None, defect: str, size: int,
     return None
 
 
+def _image_labelled_class(paths: Sequence[Path], defect: str, size: int,
+                          skipped: list[Skipped] | None) -> list[LabeledImage]:
+    """Every photo of a class without masks, as a defective image with no pixel labels."""
+    empty = np.zeros((size, size), dtype=bool)
+    items = []
+    for path in paths:
+        try:
+            image = resize_image(load_rgb(path), size)
+        except (OSError, ValueError) as exc:
+            if skipped is None:
+                raise FileNotFoundError(f"defect image {path}: unreadable ({exc})") from exc
+            skipped.append(Skipped(str(path), f"unreadable ({type(exc).__name__}: {exc})"))
+            continue
+        items.append(LabeledImage(image, empty.copy(), defect, str(path), pixel_labels=False))
+    return items
+
+
 def load_defect_folder(root: Path, size: int, exclude: Sequence[Path] = (),
-                       skipped: list[Skipped] | None = None, nonempty: bool = False
-                       ) -> list[LabeledImage]:
+                       skipped: list[Skipped] | None = None, nonempty: bool = False,
+                       image_labels: bool = False) -> list[LabeledImage]:
     """Real defect photos with their masks, in either layout: one sub-folder per defect class
     with each mask beside its photo, or an MVTec-AD category folder (``test/<defect>`` and
     ``ground_truth/<defect>/NAME_mask.png``). ``appliance eval`` and ``appliance retrain`` read
@@ -169,6 +198,8 @@ def load_defect_folder(root: Path, size: int, exclude: Sequence[Path] = (),
     without a usable mask raises, unless ``skipped`` is given: then it is left out and listed
     there with the reason. ``nonempty`` refuses masks without a defect pixel (an image-level
     label is enough for evaluation, not for a trajectory that goes to the real mask).
+    ``image_labels``: a class where no photo has a mask is read with image-level labels only
+    (``pixel_labels=False``); a class where some photos have masks still needs them all.
     """
     root = Path(root)
     if not root.is_dir():
@@ -189,13 +220,19 @@ def load_defect_folder(root: Path, size: int, exclude: Sequence[Path] = (),
         defect = defect_class_name(folder.name)
         if defect in (GOOD, "free"):
             continue
-        for path in find_images(folder):
+        paths = find_images(folder)
+        if image_labels and paths and not any((m := mask_of(p)) is not None and m.is_file()
+                                              for p in paths):
+            items += _image_labelled_class(paths, defect, size, skipped)
+            continue
+        for path in paths:
             item = _labeled_defect(path, mask_of(path), defect, size, skipped, nonempty)
             if item is not None:
                 items.append(item)
     if not items:
         raise FileNotFoundError(
-            f"no defect photos with masks under {root}: expected one folder per defect type with "
+            f"no defect photos{'' if image_labels else ' with masks'} under {root}: expected one "
+            "folder per defect type with "
             "each photo's mask beside it (NAME.png next to NAME.jpg, or NAME_mask.png), or an "
             "MVTec-AD category folder (test/<defect>/, ground_truth/<defect>/NAME_mask.png)")
     return items
@@ -229,6 +266,11 @@ def take_shots(defects: Sequence[LabeledImage], k: int, seed: int
     """
     if k < 0:
         raise ValueError("the number of shots per defect type cannot be negative")
+    unmasked = sorted({it.defect for it in defects if not it.pixel_labels})
+    if k and unmasked:
+        raise ValueError(f"few-shot calibration needs each shot's mask, and {', '.join(unmasked)} "
+                         "has photos without masks; run zero-shot, or put each mask beside its "
+                         "photo (NAME.png next to NAME.jpg, or NAME_mask.png)")
     by_type: dict[str, list[LabeledImage]] = {}
     for item in sorted(defects, key=lambda it: it.source):
         by_type.setdefault(item.defect, []).append(item)
@@ -246,8 +288,8 @@ def load_folders(normal_dir: Path, defects_dir: Path, size: int, seed: int, trai
                  category: str, test_fraction: float = 0.2, few_shot: int = 0) -> EvalData:
     """The normal-folder + defect-folder layout (magnetic tile). ``few_shot``: see ``take_shots``."""
     train_paths, test_paths = split_normals(find_images(normal_dir), seed, test_fraction)
-    shots, test_defects = take_shots(load_defect_folder(defects_dir, size, exclude=[normal_dir]),
-                                     few_shot, seed)
+    shots, test_defects = take_shots(load_defect_folder(defects_dir, size, exclude=[normal_dir],
+                                                        image_labels=True), few_shot, seed)
     return EvalData(
         category=category,
         train_normals=load_normals(train_paths[:train_size], size),
@@ -268,7 +310,8 @@ def load_mvtec_category(category_dir: Path, size: int, seed: int, train_size: in
     order = np.random.default_rng(seed).permutation(len(train_paths))
     chosen = [train_paths[i] for i in order[:train_size]]
     test_good = find_images(root / "test" / "good") if (root / "test" / "good").is_dir() else []
-    shots, test_defects = take_shots(load_defect_folder(root, size), few_shot, seed)
+    shots, test_defects = take_shots(load_defect_folder(root, size, image_labels=True), few_shot,
+                                     seed)
     if not test_good:
         raise FileNotFoundError(f"{root}/test/good is empty: image-level metrics need normals")
     return EvalData(category=category or normalize_name(root.name),

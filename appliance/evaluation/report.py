@@ -62,6 +62,12 @@ def _mean(value):
     return value["mean"] if isinstance(value, dict) else value
 
 
+def _defined(value) -> bool:
+    """A metric that has a value: not missing, not NaN (or null, read back from JSON)."""
+    value = _mean(value) if value is not None else None
+    return value is not None and math.isfinite(value)
+
+
 def ratios(metrics_by_generator: dict[str, dict]) -> dict[str, dict]:
     """ours / best baseline for every detection metric (> 1 means ours is better)."""
     if "ours" not in metrics_by_generator:
@@ -143,6 +149,8 @@ def _rows(report: dict) -> list[tuple[str, list[str], str]]:
     ratio = report.get("ratio_ours_to_best_baseline", {})
     rows = []
     for key, label in DETECTION_ROWS:
+        if not any(_defined(gens[g]["metrics"][key]) for g in names):
+            continue  # a pixel metric where no real defect has a mask
         cell = ratio.get(key)
         rows.append((label, [_fmt(gens[g]["metrics"][key]) for g in names],
                      f"{cell['ratio']:.3f} ({cell['best_baseline']})" if cell else ""))
@@ -179,13 +187,22 @@ def format_table(report: dict) -> str:
     if protocol.get("normal_reference_distance") is not None:
         lines.append(f"(feature kernel distance of untouched normal crops to real defects: "
                      f"{_fmt(protocol['normal_reference_distance'])})")
-    if "seeds" in report and "pixel_ap" in report["ratio_ours_to_best_baseline"]:
-        cell = report["ratio_ours_to_best_baseline"]["pixel_ap"]
-        lines.append(f"(pixel AP, ours / best baseline per seed: "
+    key, label = headline(report)
+    if "seeds" in report and key in report["ratio_ours_to_best_baseline"]:
+        cell = report["ratio_ours_to_best_baseline"][key]
+        lines.append(f"({label}, ours / best baseline per seed: "
                      f"{', '.join(_fmt(r) for r in cell['per_seed'])}; of the means: "
                      f"{cell['ratio']:.3f})")
     lines.append(f"({report['category']}: {_run_summary(report)}; {report['wall_seconds']:.0f} s)")
     return "\n".join(lines)
+
+
+def headline(report: dict) -> tuple[str, str]:
+    """(key, label) of the headline metric: pixel AP, or image AUROC when no real defect of the
+    test set has a mask (image-level labels only, so no pixel metric is defined)."""
+    metrics = [g["metrics"] for g in report["generators"].values()]
+    defined = any(_defined(m.get("pixel_ap")) for m in metrics)
+    return ("pixel_ap", "pixel AP") if defined else ("image_auroc", "image AUROC")
 
 
 def _run_summary(report: dict) -> str:
@@ -223,6 +240,7 @@ def format_markdown(report: dict) -> str:
     if seeds:
         lines += _seed_ratio_section(report)
     lines += _few_shot_section(protocol, bool(seeds))
+    lines += _image_level_section(report)
     lines += _acceptance_section(gens)
     classes = sorted({c for g in gens.values() for c in g["per_class"]})
     for key, label in (("pixel_ap", "Pixel AP"), ("pixel_auroc", "Pixel AUROC"),
@@ -281,6 +299,18 @@ def _seed_ratio_section(report: dict) -> list[str]:
     return (["", "## Ours / best baseline per seed", ""]
             + _markdown_table(["metric"] + [f"seed {s}" for s in report["seeds"]]
                               + ["of the means"], rows))
+
+
+def _image_level_section(report: dict) -> list[str]:
+    classes = report["protocol"].get("image_level_classes") or []
+    if not classes:
+        return []
+    key, label = headline(report)
+    return ["", "## Image-level labels", "",
+            f"The photos of {', '.join(classes)} have no masks: they are known to be defective, "
+            "not where. They count in the image metrics and are left out of the pixel metrics, "
+            "which cover only the classes with masks (and the held-out normals)."
+            + (f" No class has masks, so the headline is {label}." if key != "pixel_ap" else "")]
 
 
 def _few_shot_section(protocol: dict, over_seeds: bool) -> list[str]:

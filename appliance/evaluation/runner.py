@@ -74,11 +74,19 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 
 def _score_set(maps: np.ndarray, items: Sequence[LabeledImage], window: int) -> dict:
-    pixel = detection_scores(np.stack([it.mask for it in items]), maps)
+    # A photo with image-level labels only says nothing about its pixels.
+    labelled = [i for i, it in enumerate(items) if it.pixel_labels]
+    pixel = detection_scores(np.stack([items[i].mask for i in labelled]), maps[labelled])
     image_labels = np.array([it.defect != GOOD for it in items])
     image_scores = np.array([image_score(m, window) for m in maps])
     image = detection_scores(image_labels, image_scores)
     return {"pixel": pixel.as_dict(), "image": image.as_dict(), "_image_scores": image_scores}
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    """The mean of the defined values; NaN when none is (no class has pixel labels)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _flat(scores: dict) -> dict:
@@ -135,10 +143,10 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
         per_class[defect] = _flat(scored) | {"images": len(index) - n_normal}
     # Macro averages: on the magnetic tiles one class (uneven) has most of the defect pixels
     # and would otherwise decide the pixel metrics alone.
-    class_means = {f"{key}_class_mean": float(np.nanmean([c[key] for c in per_class.values()]))
+    class_means = {f"{key}_class_mean": _finite_mean([c[key] for c in per_class.values()])
                    for key in ("pixel_auroc", "pixel_ap", "image_auroc")}
-    masks = np.stack([it.mask for it in test])
-    pr_pixel = pr_points(masks, maps)
+    labelled = [i for i, it in enumerate(test) if it.pixel_labels]
+    pr_pixel = pr_points(np.stack([test[i].mask for i in labelled]), maps[labelled])
     pr_image = pr_points(np.array([it.defect != GOOD for it in test]), overall["_image_scores"])
     metrics_seconds = time.perf_counter() - start
 
@@ -186,12 +194,19 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
         f"({', '.join(data.defect_classes)}), {config.size}px, seed {config.seed}"
         + (f", {len(data.shots)} real defects given as shots ({config.few_shot} per type)"
            if config.few_shot else ""))
+    if data.image_level_classes:
+        log(f"eval: {', '.join(data.image_level_classes)}: photos without masks, so image-level "
+            "labels only: in the image metrics, left out of the pixel metrics")
     real_features, normal_reference = None, None
-    if config.generation_metrics:
-        real_features = image_features([defect_crop(it.image, it.mask) for it in data.test_defects],
+    outlined = [it for it in data.test_defects if it.pixel_labels]
+    if config.generation_metrics and not outlined:
+        log("eval: no real defect has a mask, so the generation measurements (which compare "
+            "defect crops) are skipped")
+    elif config.generation_metrics:
+        real_features = image_features([defect_crop(it.image, it.mask) for it in outlined],
                                        config.train.device)
         anchor = image_features(normal_reference_crops([it.image for it in data.test_normals],
-                                                       [it.mask for it in data.test_defects]),
+                                                       [it.mask for it in outlined]),
                                 config.train.device)
         normal_reference = kernel_distance(anchor, real_features)
     examples = example_indices(data, config.examples_per_class)
@@ -214,6 +229,8 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
             "test_defects": len(data.test_defects),
             "test_defects_per_class": {d: sum(it.defect == d for it in data.test_defects)
                                        for d in data.defect_classes},
+            # Classes without masks: image metrics only (the pixel metrics leave them out).
+            "image_level_classes": data.image_level_classes,
             "few_shot": config.few_shot,
             "shots": [it.source for it in data.shots],
             "shots_per_class": shots_per_class,
