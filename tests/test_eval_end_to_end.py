@@ -252,6 +252,10 @@ def test_eval_with_a_class_of_unmasked_photos_scores_it_on_image_labels(tmp_path
         assert metrics["pixel_ap_class_mean"] == pytest.approx(per_class["blowhole"]["pixel_ap"])
         assert metrics["image_auroc"] != pytest.approx(per_class["blowhole"]["image_auroc"])
     assert "## Image-level labels" in (tmp_path / "a" / "report.md").read_text()
+    # Few-shot calibration measures the shots, so it is refused before anything runs.
+    refused = CliRunner().invoke(eval_command, args[:-1] + [str(tmp_path / "c"), "--few-shot", "1"])
+    assert refused.exit_code == 1 and "crack has photos without masks" in refused.output
+    assert not (tmp_path / "c" / "report.json").exists()
 
     # With no mask at all, the image AUROC is the headline and the crop measurements are skipped.
     for mask in (root / "MT_Blowhole" / "Imgs").glob("*.png"):
