@@ -1,7 +1,7 @@
 """Zero-shot evaluation on real parts the engine was never tuned on: elpv solar cells.
 
     pip install elpv-dataset                     # 91 MB of real photos, CC BY-NC-SA 4.0
-    python bench/heldout_elpv.py                 # mono cells, seeds 0-2, about 20 min a seed on 2 cores
+    python bench/heldout_elpv.py                 # mono cells, seeds 0-2, about 3 minutes a seed on 2 cores
     python bench/heldout_elpv.py --cells poly --seeds 0 --json elpv-poly.json
 
 Every tuning decision in the CPU engine was made on the magnetic tiles, the only real defects with
@@ -12,8 +12,8 @@ regions they cut off. It has no masks, so it measures image-level detection only
 
 What it runs: the cells of one type (``--cells``) rated 0 become the normal folder, those rated
 1 one defect class, ``crack``, the name the dataset's authors give the defects; the uncertain
-ratings are left out. Then ``appliance eval`` as a user runs it (a subprocess, zero-shot, the
-same UNet and protocol as on the tiles), under the category ``solar_cell``, which the knowledge
+ratings are left out. Then ``appliance eval --image-labels`` as a user runs it (a subprocess,
+zero-shot, the same UNet and protocol as on the tiles), under the category ``solar_cell``, which the knowledge
 base does not have: the engine falls back to its defaults, as on a new plant's part. The
 headline is image AUROC (no masks), ours over the best baseline, mean over the seeds.
 """
@@ -80,6 +80,7 @@ def main() -> None:
                    "--defects", str(defects_dir), "--category", CATEGORY, "--seeds", args.seeds,
                    "--generators", args.generators, "--train-size", str(args.train_size),
                    "--threads", str(args.threads), "--no-generation-metrics", "--no-progress",
+                   "--image-labels",
                    "--out", str(out)]
         subprocess.run(command, check=True)
         report = json.loads((out / "report.json").read_text())

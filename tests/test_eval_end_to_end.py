@@ -236,6 +236,9 @@ def test_eval_with_a_class_of_unmasked_photos_scores_it_on_image_labels(tmp_path
     args = ["--normal", str(root / "MT_Free"), "--defects", str(root), "--size", "64",
             "--train-size", "6", "--epochs", "1", "--generators", "draem,cutpaste",
             "--threads", "2", "--out", str(tmp_path / "a")]
+    refused = CliRunner().invoke(eval_command, args)
+    assert refused.exit_code == 1 and "--image-labels" in refused.output
+    args.insert(0, "--image-labels")
     result = CliRunner().invoke(eval_command, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "a" / "report.json").read_text())
@@ -252,9 +255,9 @@ def test_eval_with_a_class_of_unmasked_photos_scores_it_on_image_labels(tmp_path
         assert metrics["pixel_ap_class_mean"] == pytest.approx(per_class["blowhole"]["pixel_ap"])
         assert metrics["image_auroc"] != pytest.approx(per_class["blowhole"]["image_auroc"])
     assert "## Image-level labels" in (tmp_path / "a" / "report.md").read_text()
-    # Few-shot calibration measures the shots, so it is refused before anything runs.
+    # Few-shot calibration measures the shots, so it is refused before any synthesis.
     refused = CliRunner().invoke(eval_command, args[:-1] + [str(tmp_path / "c"), "--few-shot", "1"])
-    assert refused.exit_code == 1 and "crack has photos without masks" in refused.output
+    assert refused.exit_code == 1 and "these defect types have none: crack" in refused.output
     assert not (tmp_path / "c" / "report.json").exists()
 
     # With no mask at all, the image AUROC is the headline and the crop measurements are skipped.
@@ -268,8 +271,12 @@ def test_eval_with_a_class_of_unmasked_photos_scores_it_on_image_labels(tmp_path
     assert report["protocol"]["image_level_classes"] == ["blowhole", "crack"]
     assert report["generators"]["draem"]["metrics"]["pixel_ap"] is None
     assert "kernel_distance_to_real" not in report["generators"]["draem"]["generation"]
-    assert "No class has masks, so the headline is image AUROC" in (
-        tmp_path / "b" / "report.md").read_text()
+    markdown = (tmp_path / "b" / "report.md").read_text()
+    assert "No class has masks, so the headline is image AUROC" in markdown
+    assert "Image AUROC is the headline here" in markdown and "Pixel AP per defect" not in markdown
+    with Image.open(tmp_path / "b" / "pr_curves.png") as both, \
+            Image.open(tmp_path / "a" / "pr_curves.png") as with_pixels:
+        assert both.width * 2 == with_pixels.width  # the image panel alone
 
 
 def test_same_seed_same_numbers(tmp_path: Path) -> None:

@@ -113,9 +113,12 @@ def test_a_class_without_any_mask_is_tested_on_image_labels_only(tmp_path: Path)
     root = _copy_tiles(tmp_path)
     for mask in (root / "MT_Crack" / "Imgs").glob("*.png"):
         mask.unlink()
-    # Retrain (and anything that needs masks) still refuses the class.
-    with pytest.raises(FileNotFoundError, match="without a mask"):
+    # Never assumed: a mask saved under another name must not quietly become "no masks".
+    with pytest.raises(FileNotFoundError, match="none of its 3 defect photos has a mask.*"
+                                                "--image-labels"):
         load_defect_folder(root, 64, exclude=[root / "MT_Free"])
+    with pytest.raises(FileNotFoundError, match="none of its 3 defect photos has a mask"):
+        load_folders(root / "MT_Free", root, 64, seed=0, train_size=4, category="tiles")
     items = load_defect_folder(root, 64, exclude=[root / "MT_Free"], image_labels=True)
     cracks = [it for it in items if it.defect == "crack"]
     assert len(cracks) == 3 and not any(it.pixel_labels or it.mask.any() for it in cracks)
@@ -123,12 +126,18 @@ def test_a_class_without_any_mask_is_tested_on_image_labels_only(tmp_path: Path)
     blowholes = [it for it in items if it.defect == "blowhole"]
     assert all(it.pixel_labels for it in blowholes) and any(it.mask.any() for it in blowholes)
 
-    data = load_folders(root / "MT_Free", root, 64, seed=0, train_size=4, category="tiles")
+    data = load_folders(root / "MT_Free", root, 64, seed=0, train_size=4, category="tiles",
+                        image_labels=True)
     assert data.image_level_classes == ["crack"] and data.defect_classes == ["blowhole", "crack"]
-    # Few-shot calibration needs the shots' masks: said before anything runs.
-    with pytest.raises(ValueError, match="crack has photos without masks"):
+    # Few-shot calibration needs the shots' masks.
+    with pytest.raises(ValueError, match="these defect types have none: crack"):
         load_folders(root / "MT_Free", root, 64, seed=0, train_size=4, category="tiles",
-                     few_shot=1)
+                     few_shot=1, image_labels=True)
+    # Retrain's lenient read lists every photo of the class as left out, with the reason.
+    skipped = []
+    kept = load_defect_folder(root, 64, exclude=[root / "MT_Free"], skipped=skipped)
+    assert {it.defect for it in kept} == {"blowhole"}
+    assert len(skipped) == 3 and all("without a mask" in s.reason for s in skipped)
 
 
 def test_a_class_with_some_masks_missing_is_still_an_error(tmp_path: Path) -> None:

@@ -50,9 +50,7 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="Folder of normal (defect-free) photos; searched recursively.")
 @click.option("--defects", "defects_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with one sub-folder of real defect photos per defect class, each photo "
-                   "with its mask beside it (NAME.png next to NAME.jpg, or NAME_mask.png). A "
-                   "class with no mask at all is tested on image-level labels only (image "
-                   "metrics, not pixel metrics; zero-shot only).")
+                   "with its mask beside it (NAME.png next to NAME.jpg, or NAME_mask.png).")
 @click.option("--category-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Instead of --normal/--defects: an MVTec-AD category folder "
                    "(train/good, test/<defect>, ground_truth/<defect>).")
@@ -91,11 +89,16 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="Skip the feature-space diversity / realism measurements.")
 @click.option("--no-progress", is_flag=True,
               help="No progress bars (synthesis, UNet training) on stderr.")
+@click.option("--image-labels", is_flag=True,
+              help="Test a defect type whose photos have no masks at all on image-level labels: "
+                   "image metrics only, left out of the pixel metrics (image AUROC is the "
+                   "headline when no type has masks). Without it such a type is an error. "
+                   "Not with --few-shot for such a type (calibration needs masks).")
 def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir: Path | None,
                  out: Path, category: str | None, seed: int | None, seeds_text: str | None,
                  few_shot: int, device: str, generators: str | None, train_size: int, epochs: int,
                  size: int, threads: int | None, engine: str, no_generation_metrics: bool,
-                 no_progress: bool) -> None:
+                 no_progress: bool, image_labels: bool) -> None:
     """Train the same small UNet on each generator's synthetic defects and test it on REAL ones.
 
     Prints one table (pixel/image AUROC, AP, F1-max, generation measurements, speed) with
@@ -154,6 +157,7 @@ def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir
                                          if k != "env"), err=True)
     config = EvalConfig(size=size, seed=seed or 0, generators=names, train_size=train_size,
                         generation_metrics=not no_generation_metrics, few_shot=few_shot,
+                        image_labels=image_labels,
                         progress=not no_progress,
                         train=TrainConfig(epochs=epochs, device=device,
                                           threads=threads or _default_threads()))

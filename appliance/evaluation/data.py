@@ -11,9 +11,11 @@ Two layouts are read:
 Everything is resized to one square size, which is the resolution the UNet trains and is
 scored at. Soft masks are thresholded at 128 after resizing.
 
-A plant often has defect photos sorted by type but never outlined. With ``image_labels`` a
-defect class none of whose photos has a mask is read with image-level labels only: it counts
-in the image metrics and is left out of the pixel metrics (``LabeledImage.pixel_labels``).
+A plant often has defect photos sorted by type but never outlined. With ``image_labels`` (asked
+for, never assumed: a mask saved under another name must not quietly turn a type into one
+without masks) a defect class none of whose photos has a mask is read with image-level labels
+only: it counts in the image metrics and is left out of the pixel metrics
+(``LabeledImage.pixel_labels``).
 """
 
 from __future__ import annotations
@@ -221,10 +223,16 @@ def load_defect_folder(root: Path, size: int, exclude: Sequence[Path] = (),
         if defect in (GOOD, "free"):
             continue
         paths = find_images(folder)
-        if image_labels and paths and not any((m := mask_of(p)) is not None and m.is_file()
-                                              for p in paths):
-            items += _image_labelled_class(paths, defect, size, skipped)
-            continue
+        if paths and not any((m := mask_of(p)) is not None and m.is_file() for p in paths):
+            if image_labels:
+                items += _image_labelled_class(paths, defect, size, skipped)
+                continue
+            if skipped is None:
+                raise FileNotFoundError(
+                    f"{folder}: none of its {len(paths)} defect photos has a mask (NAME.png next "
+                    "to NAME.jpg, NAME_mask.png, or ground_truth/<defect>/NAME_mask.png in an "
+                    "MVTec-AD folder); appliance eval --image-labels tests such a type on "
+                    "image-level labels only")
         for path in paths:
             item = _labeled_defect(path, mask_of(path), defect, size, skipped, nonempty)
             if item is not None:
@@ -268,9 +276,8 @@ def take_shots(defects: Sequence[LabeledImage], k: int, seed: int
         raise ValueError("the number of shots per defect type cannot be negative")
     unmasked = sorted({it.defect for it in defects if not it.pixel_labels})
     if k and unmasked:
-        raise ValueError(f"few-shot calibration needs each shot's mask, and {', '.join(unmasked)} "
-                         "has photos without masks; run zero-shot, or put each mask beside its "
-                         "photo (NAME.png next to NAME.jpg, or NAME_mask.png)")
+        raise ValueError(f"--few-shot calibrates on the shots' masks, and these defect types have "
+                         f"none: {', '.join(unmasked)}; run zero-shot, or give their photos masks")
     by_type: dict[str, list[LabeledImage]] = {}
     for item in sorted(defects, key=lambda it: it.source):
         by_type.setdefault(item.defect, []).append(item)
@@ -285,11 +292,13 @@ def take_shots(defects: Sequence[LabeledImage], k: int, seed: int
 
 
 def load_folders(normal_dir: Path, defects_dir: Path, size: int, seed: int, train_size: int,
-                 category: str, test_fraction: float = 0.2, few_shot: int = 0) -> EvalData:
-    """The normal-folder + defect-folder layout (magnetic tile). ``few_shot``: see ``take_shots``."""
+                 category: str, test_fraction: float = 0.2, few_shot: int = 0,
+                 image_labels: bool = False) -> EvalData:
+    """The normal-folder + defect-folder layout (magnetic tile). ``few_shot``: see
+    ``take_shots``; ``image_labels``: see ``load_defect_folder``."""
     train_paths, test_paths = split_normals(find_images(normal_dir), seed, test_fraction)
     shots, test_defects = take_shots(load_defect_folder(defects_dir, size, exclude=[normal_dir],
-                                                        image_labels=True), few_shot, seed)
+                                                        image_labels=image_labels), few_shot, seed)
     return EvalData(
         category=category,
         train_normals=load_normals(train_paths[:train_size], size),
@@ -301,7 +310,8 @@ def load_folders(normal_dir: Path, defects_dir: Path, size: int, seed: int, trai
 
 
 def load_mvtec_category(category_dir: Path, size: int, seed: int, train_size: int,
-                        category: str | None = None, few_shot: int = 0) -> EvalData:
+                        category: str | None = None, few_shot: int = 0,
+                        image_labels: bool = False) -> EvalData:
     """An MVTec-AD category: its own train/test split of normals is kept (the standard protocol);
     ``seed`` only decides which ``train_size`` of the train normals are used (and, with
     ``few_shot``, which real defects become shots: see ``take_shots``)."""
@@ -310,8 +320,8 @@ def load_mvtec_category(category_dir: Path, size: int, seed: int, train_size: in
     order = np.random.default_rng(seed).permutation(len(train_paths))
     chosen = [train_paths[i] for i in order[:train_size]]
     test_good = find_images(root / "test" / "good") if (root / "test" / "good").is_dir() else []
-    shots, test_defects = take_shots(load_defect_folder(root, size, image_labels=True), few_shot,
-                                     seed)
+    shots, test_defects = take_shots(load_defect_folder(root, size, image_labels=image_labels),
+                                     few_shot, seed)
     if not test_good:
         raise FileNotFoundError(f"{root}/test/good is empty: image-level metrics need normals")
     return EvalData(category=category or normalize_name(root.name),

@@ -245,6 +245,8 @@ def format_markdown(report: dict) -> str:
     classes = sorted({c for g in gens.values() for c in g["per_class"]})
     for key, label in (("pixel_ap", "Pixel AP"), ("pixel_auroc", "Pixel AUROC"),
                        ("image_auroc", "Image AUROC")):
+        if not any(_defined(g["per_class"][c][key]) for g in gens.values() for c in classes):
+            continue  # pixel tables where no real defect has a mask
         lines += ["", f"## {label} per defect class (class images + all held-out normals)", ""]
         lines += _markdown_table(["class", "images"] + names,
                                  [[c, _fmt(_mean(next(iter(gens.values()))["per_class"][c]["images"]), 0)]
@@ -255,8 +257,12 @@ def format_markdown(report: dict) -> str:
               "the clean normals they came from), tested on real defects. Higher is better. "
               "The ratio column is ours divided by the best baseline: above 1 means ours taught "
               "the detector more.",
-              "- Pixel AP is the headline: it is what segmentation quality on real defects "
-              "depends on, and it is not inflated by the many easy background pixels as AUROC is.",
+              ("- Pixel AP is the headline: it is what segmentation quality on real defects "
+               "depends on, and it is not inflated by the many easy background pixels as AUROC is."
+               if headline(report)[0] == "pixel_ap" else
+               "- Image AUROC is the headline here: no real defect has a mask, so no pixel metric "
+               "is defined. It says how well the detector tells defective photos from good ones, "
+               "not whether it finds the defect in them."),
               "- Generation rows are measurements of the samples themselves, in the feature space "
               "of an ImageNet EfficientNet-Lite0. They are stand-ins, not the paper's Inception "
               "Score or IC-LPIPS. Diversity: mean pairwise cosine distance of defect crops (per "
@@ -309,7 +315,9 @@ def _image_level_section(report: dict) -> list[str]:
     return ["", "## Image-level labels", "",
             f"The photos of {', '.join(classes)} have no masks: they are known to be defective, "
             "not where. They count in the image metrics and are left out of the pixel metrics, "
-            "which cover only the classes with masks (and the held-out normals)."
+            "which cover only the classes with masks (and the held-out normals), as do the "
+            "feature-space measurements against real defect crops. In examples.png their "
+            "ground truth has no outline."
             + (f" No class has masks, so the headline is {label}." if key != "pixel_ap" else "")]
 
 
@@ -453,10 +461,12 @@ def write_figures(out_dir: Path, data: "EvalData", outcomes: Sequence["Generator
                   examples: Sequence[int]) -> None:
     pixel = [(o.name, *o.pr_pixel, o.metrics["pixel_ap"]) for o in outcomes]
     image = [(o.name, *o.pr_image, o.metrics["image_ap"]) for o in outcomes]
-    left, right = _pr_panel("pixel-level PR, real defects", pixel), _pr_panel("image-level PR", image)
-    both = Image.new("RGB", (left.width + right.width, left.height), "white")
-    both.paste(left, (0, 0))
-    both.paste(right, (left.width, 0))
+    panels = [_pr_panel("image-level PR", image)]
+    if any(_defined(o.metrics["pixel_ap"]) for o in outcomes):  # else no real defect has a mask
+        panels.insert(0, _pr_panel("pixel-level PR, real defects", pixel))
+    both = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+    for i, panel in enumerate(panels):
+        both.paste(panel, (sum(p.width for p in panels[:i]), 0))
     save_png_atomic(out_dir / "pr_curves.png", both)
 
     test = data.test_set

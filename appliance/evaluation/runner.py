@@ -51,6 +51,8 @@ class EvalConfig:
     # Real defects per type given to the generators (and taken out of the test set); 0: zero-shot.
     few_shot: int = 0
     progress: bool = False  # progress bars on stderr (synthesis and training)
+    # A defect type with no mask at all is tested on image-level labels; off, it is an error.
+    image_labels: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -290,7 +292,7 @@ def evaluate_folders(normal_dir: Path, defects_dir: Path, out_dir: Path, categor
 
     def load(seed: int) -> EvalData:
         return load_folders(normal_dir, defects_dir, config.size, seed, config.train_size,
-                            category, config.test_fraction, config.few_shot)
+                            category, config.test_fraction, config.few_shot, config.image_labels)
 
     if seeds:
         return evaluate_seeds(load, out_dir, seeds, config, engine, log)
@@ -305,7 +307,7 @@ def evaluate_mvtec(category_dir: Path, out_dir: Path, category: str | None = Non
 
     def load(seed: int) -> EvalData:
         return load_mvtec_category(category_dir, config.size, seed, config.train_size, category,
-                                   config.few_shot)
+                                   config.few_shot, config.image_labels)
 
     if seeds:
         return evaluate_seeds(load, out_dir, seeds, config, engine, log)
