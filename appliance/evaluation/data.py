@@ -148,44 +148,33 @@ def is_mvtec_category(root: Path) -> bool:
 
 
 def _labeled_defect(path: Path, mask_path: Path | None, defect: str, size: int,
-                    skipped: list[Skipped] | None, nonempty: bool) -> LabeledImage | None:
-    """One photo with its mask; a problem raises, or is listed in ``skipped`` when one is given."""
+                    skipped: list[Skipped] | None, nonempty: bool,
+                    image_level: bool = False) -> LabeledImage | None:
+    """One photo with its mask, or with ``image_level`` without one (a defective photo with no
+    pixel labels); a problem raises, or is listed in ``skipped`` when one is given."""
     problem = None
-    if mask_path is None or not mask_path.is_file():
+    if image_level:
+        mask_path = None
+    elif mask_path is None or not mask_path.is_file():
         problem = (f"without a mask: {mask_path.name} is missing" if mask_path else
                    "without a mask beside it (NAME.png next to NAME.jpg, or NAME_mask.png)")
-    else:
+    if problem is None:
         try:
             image = resize_image(load_rgb(path), size)
-            mask = load_mask(mask_path, size)
+            mask = (load_mask(mask_path, size) if mask_path is not None
+                    else np.zeros((size, size), dtype=bool))
         except (OSError, ValueError) as exc:  # unreadable, truncated, not an image, too large
             problem = f"unreadable ({type(exc).__name__}: {exc})"
         else:
             if nonempty and not mask.any():
-                problem = f"its mask {mask_path.name} is empty"
+                problem = f"its mask {mask_path.name} is empty" if mask_path else "it has no mask"
             else:
-                return LabeledImage(image, mask, defect, str(path))
+                return LabeledImage(image, mask, defect, str(path),
+                                    pixel_labels=mask_path is not None)
     if skipped is None:
         raise FileNotFoundError(f"defect image {path}: {problem}")
     skipped.append(Skipped(str(path), problem))
     return None
-
-
-def _image_labelled_class(paths: Sequence[Path], defect: str, size: int,
-                          skipped: list[Skipped] | None) -> list[LabeledImage]:
-    """Every photo of a class without masks, as a defective image with no pixel labels."""
-    empty = np.zeros((size, size), dtype=bool)
-    items = []
-    for path in paths:
-        try:
-            image = resize_image(load_rgb(path), size)
-        except (OSError, ValueError) as exc:
-            if skipped is None:
-                raise FileNotFoundError(f"defect image {path}: unreadable ({exc})") from exc
-            skipped.append(Skipped(str(path), f"unreadable ({type(exc).__name__}: {exc})"))
-            continue
-        items.append(LabeledImage(image, empty.copy(), defect, str(path), pixel_labels=False))
-    return items
 
 
 def load_defect_folder(root: Path, size: int, exclude: Sequence[Path] = (),
@@ -223,18 +212,18 @@ def load_defect_folder(root: Path, size: int, exclude: Sequence[Path] = (),
         if defect in (GOOD, "free"):
             continue
         paths = find_images(folder)
+        image_level = False
         if paths and not any((m := mask_of(p)) is not None and m.is_file() for p in paths):
-            if image_labels:
-                items += _image_labelled_class(paths, defect, size, skipped)
-                continue
-            if skipped is None:
+            if not image_labels and skipped is None:
                 raise FileNotFoundError(
                     f"{folder}: none of its {len(paths)} defect photos has a mask (NAME.png next "
                     "to NAME.jpg, NAME_mask.png, or ground_truth/<defect>/NAME_mask.png in an "
                     "MVTec-AD folder); appliance eval --image-labels tests such a type on "
                     "image-level labels only")
+            image_level = image_labels
         for path in paths:
-            item = _labeled_defect(path, mask_of(path), defect, size, skipped, nonempty)
+            item = _labeled_defect(path, mask_of(path), defect, size, skipped, nonempty,
+                                   image_level)
             if item is not None:
                 items.append(item)
     if not items:
