@@ -223,16 +223,26 @@ def test_retrain_on_the_cpu_engine_calibrates_promotes_and_rolls_back(tmp_path, 
                  env=env, cwd=tmp_path)
     assert wrong.returncode == 2 and "scripted one" in wrong.stderr and "--stage calibrate" in wrong.stderr
 
+    # -1: promoted whatever the check measures (what it measures is the next test's business).
     done = _run("retrain", "defects", "--category", CATEGORY, "--engine", "cpu", "--out", "run",
-                "--calibration-margin", "0", env=env, cwd=tmp_path)
+                "--calibration-margin", "-1", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     figures = report["stages"]["calibrate"]
     assert list(report["stages"]) == ["calibrate"]
     assert figures["train_photos"] + figures["heldout_photos"] == 18
-    assert figures["promote"] is True  # margin 0: any profile that is not farther is promoted
+    # Both engines ran the same episodes from the 15 training photos, 105 (at least 100), and
+    # their samples trained a detector per seed that scored the 3 held-out photos.
+    for engine in ("before", "after"):
+        assert figures[engine]["episodes"] == 105
+        assert len(figures[engine]["pixel_ap_by_seed"]) == 3
+        assert 0 < figures[engine]["pixel_ap"] <= 1
+        assert figures[engine]["pixel_ap"] == pytest.approx(
+            np.mean(figures[engine]["pixel_ap_by_seed"]), abs=1e-4)
+    assert figures["promote"] is True
     digest = figures["profile"]["digest"]
     assert "## Calibration of the CPU engine" in done.stdout and digest in done.stdout
+    assert "held-out pixel AP" in done.stdout and "**promoted**" in done.stdout
     active = json.loads((tmp_path / "models" / "calibration" / CATEGORY / "active.json").read_text())
     assert active == {"active": digest, "history": []}
     stored = tmp_path / "models" / "calibration" / CATEGORY / digest
@@ -260,6 +270,43 @@ def test_retrain_on_the_cpu_engine_calibrates_promotes_and_rolls_back(tmp_path, 
     again = _run("retrain", "--rollback", "--calibration", "--category", CATEGORY, env=env,
                  cwd=tmp_path)
     assert again.returncode == 1 and "nothing to roll back" in again.stderr
+
+
+def test_the_calibration_check_refuses_a_profile_that_teaches_the_detector_less(defects_dir,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """Masks drawn in the wrong place (a speck of intact surface) make a profile of invisible
+    "defects" that teaches a detector nothing about the real ones: the held-out check refuses it
+    on every detector seed. The held-out photos keep their true masks."""
+    from dataclasses import replace
+
+    from appliance.engine import build_engine
+    from appliance.evaluation.data import load_defect_folder
+    from appliance.training.calibrate import calibrate
+    from appliance.training.reverse_synthesis import reverse_synthesize
+    from appliance.training.trajectories import DefectExample
+
+    monkeypatch.setenv("APPLIANCE_MODELS", str(tmp_path / "models"))  # no profile active yet
+    items = load_defect_folder(defects_dir, SIZE, skipped=[], nonempty=True)
+    train, heldout = [], []
+    for defect in sorted({it.defect for it in items}):
+        photos = [it for it in items if it.defect == defect]
+        for it in photos[:-1]:
+            speck = np.zeros_like(it.mask)
+            speck[150:156, 20:26] = True
+            wrong = replace(it, mask=speck)
+            train.append(DefectExample(f"{defect}/{len(train)}", wrong,
+                                       reverse_synthesize(it.image, speck)))
+        it = photos[-1]
+        heldout.append(DefectExample(f"{defect}/held", it, reverse_synthesize(it.image, it.mask)))
+
+    engine = build_engine()
+    _, figures = calibrate(engine, CATEGORY, train, heldout, seed=0, repeats=2, margin=0.0)
+    before, after = figures["before"], figures["after"]
+    assert before["episodes"] == after["episodes"] == 105  # 15 photos, 7 times: at least 100
+    assert figures["promote"] is False and figures["seeds_higher"] == 0
+    assert after["pixel_ap"] < 0.7 * before["pixel_ap"]
+    assert engine.calibrations.get(CATEGORY) is None  # the check leaves the engine as it found it
 
 
 def test_the_service_reloads_its_engine_when_a_profile_is_promoted(tmp_path, monkeypatch, profile):

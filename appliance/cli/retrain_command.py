@@ -79,15 +79,17 @@ def _stages(stage: str, config) -> tuple[str, ...]:
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0.05, 2),
               help="Sampling temperature of the GRPO rollouts (the paper's 1.0).")
 @click.option("--heldout-runs", default=2, show_default=True, type=click.IntRange(1, 100),
-              help="Episodes per held-out photo in the gate (other seeds).")
+              help="Episodes per held-out photo in the gate (other seeds); in the CPU "
+                   "engine's calibration check, per training photo (100 to 300 in all).")
 @click.option("--holdout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of each defect type never trained on; the promotion gate runs on it.")
 @click.option("--margin", default=0.02, show_default=True, type=float,
               help="Held-out reward the new adapter must gain over the active one to be promoted.")
 @click.option("--calibration-margin", default=0.05, show_default=True,
-              type=click.FloatRange(0, 1),
-              help="Share by which a new calibration profile must lower the held-out distance "
-                   "to the real defects to be promoted.")
+              type=click.FloatRange(-1, 1),
+              help="Share by which a new calibration profile must raise the held-out pixel AP "
+                   "of a detector trained on the engine's samples to be promoted (0: at least "
+                   "as high; -1: promote whatever the check measures).")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 2048),
               help="Square side the photos are brought to.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -121,8 +123,8 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
     \b
     Stages (see docs/retraining.md):
       0. on the CPU engine: calibration: priors and a bank of the real defects that the
-         procedural generator and the judge use; promoted only if the held-out defects'
-         distance to what the engine makes drops by --calibration-margin
+         procedural generator and the judge use; promoted only if a detector trained on
+         what the engine then makes finds the held-out defects better (--calibration-margin)
       1. expert trajectories from the real defects (reverse synthesis, 1-3 image_gen steps,
          the real judge, prompt generator and knowledge base, the real mask)
       2. LoRA SFT of the policy on them (TRL SFTTrainer; QLoRA on a GPU, fp32 on CPU)

@@ -80,6 +80,15 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(pil, dtype=np.uint8)
 
 
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A boolean mask brought to ``size``: resampled as grey and cut at half, so a thin line
+    keeps its pixels."""
+    if mask.shape[:2] == (size, size):
+        return mask.astype(bool)
+    grey = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(grey) >= MASK_THRESHOLD
+
+
 def load_mask(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as pil:
         grey = pil.convert("L").resize((size, size), Image.Resampling.BILINEAR)

@@ -2,56 +2,81 @@
 
 The training part of the plant's defects becomes a calibration profile (priors and a bank of
 real defects, ``tools/image_gen/calibration.py``). The held-out part, never measured into it,
-decides whether it is promoted: the engine runs the same episodes (the batch's environment and
-policy, from each held-out defect's normal counterpart) once with the category's current
-calibration and once with the new profile, and each run's accepted defects are compared with
-the held-out real ones in the evaluation's feature space (KID-style kernel distance of
-EfficientNet-Lite0 features of defect crops; lower is closer). The new profile is promoted
-when it lowers that distance by at least ``margin`` of its old value.
+decides whether it is promoted, by what matters to the plant: how well a detector trained on the
+engine's samples finds those real defects (``appliance eval``'s protocol, in small).
+
+Both engines, the category's current calibration (or none) and the new profile, run the same
+episodes (the batch's environment and policy) from the training photos' normal counterparts:
+the held-out photos must stay unseen, their counterparts included. Each engine's accepted
+samples train the evaluation's UNet, once per detector seed, and the UNet predicts the held-out
+real defect photos; the figure is pixel AP over their masks, averaged over the seeds (the seeds
+are the same for both engines, so the comparison is paired). The new profile is promoted when
+it raises that AP by at least ``margin`` of its old value. The kernel distance of the accepted
+defects to the held-out real ones (EfficientNet-Lite0 features of defect crops, the evaluation's
+generation metric) is reported beside it: it says whether the samples look more like the
+plant's, not whether they teach more.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
 
 from appliance.agent.episode import EpisodeResult, EpisodeSpec
 from appliance.engine import Engine
+from appliance.evaluation.data import resize_image, resize_mask
 from appliance.evaluation.generation_metrics import defect_crop, image_features, kernel_distance
+from appliance.evaluation.metrics import average_precision
+from appliance.evaluation.train import TrainConfig, predict, train_unet
 from appliance.tools.image_gen.calibration import CalibrationProfile, build_profile
 from appliance.training.heldout import heldout_specs
 from appliance.training.trajectories import DefectExample
 
-DEFAULT_MARGIN = 0.05  # relative drop of the held-out distance a new profile must reach
-MIN_ACCEPTED = 5  # accepted held-out episodes below which a distance is not measured
+DEFAULT_MARGIN = 0.05  # relative rise of the held-out pixel AP a new profile must reach
+MIN_ACCEPTED = 5  # accepted samples below which nothing is measured
+DETECTOR_SEEDS = (0, 1, 2)  # one UNet per seed and engine; single runs vary a lot
+# Episodes per engine: a detector trained on a handful of samples learns nothing either engine
+# could be judged by, so a small plant's photos run several times each (other seeds); at most
+# what ``appliance eval`` trains on.
+MIN_EPISODES = 100
+MAX_EPISODES = 300
 
 
 @dataclass
 class CheckFigures:
     episodes: int
     accepted: float  # share of episodes that ended with an accepted sample
+    pixel_ap: float  # held-out real defects, mean over the detector seeds; NaN: not measured
+    pixel_ap_by_seed: list[float]
     distance: float  # kernel distance of accepted defects to the held-out real ones
     acceptance_by_defect: dict[str, float]
+    detector_loss: list[float] = field(default_factory=list)  # each seed's last epoch
 
     def as_dict(self) -> dict:
         return {"episodes": self.episodes, "accepted": round(self.accepted, 4),
+                "pixel_ap": round(self.pixel_ap, 4),
+                "pixel_ap_by_seed": [round(v, 4) for v in self.pixel_ap_by_seed],
                 "distance": round(self.distance, 6),
+                "detector_loss": [round(v, 5) for v in self.detector_loss],
                 "acceptance_by_defect": {k: round(v, 3) for k, v in self.acceptance_by_defect.items()}}
 
 
-def distance_drop(before: float, after: float) -> float:
-    """Share by which the distance fell. The unbiased estimate dips below zero when two sets
-    are indistinguishable at this sample size: a negative reading counts as zero."""
+def relative_change(before: float, after: float, lower_is_better: bool = False) -> float:
+    """Share by which a figure improved (positive) or worsened (negative). A figure that could
+    not be measured counts as the worst; the kernel distance's unbiased estimate dips below zero
+    when two sets are indistinguishable at this sample size, which counts as zero."""
     if not np.isfinite(after):
-        return 0.0
+        return 0.0 if not np.isfinite(before) else -1.0
     if not np.isfinite(before):
         return 1.0
-    before, after = max(before, 0.0), max(after, 0.0)
-    return (before - after) / before if before > 0 else 0.0
+    if lower_is_better:
+        before, after = max(before, 0.0), max(after, 0.0)
+        return (before - after) / before if before > 0 else 0.0
+    return (after - before) / before if before > 0 else (1.0 if after > 0 else 0.0)
 
 
 def profile_from(category: str, examples: Sequence[DefectExample]) -> CalibrationProfile:
@@ -59,10 +84,49 @@ def profile_from(category: str, examples: Sequence[DefectExample]) -> Calibratio
                                     for e in examples])
 
 
-def heldout_check(engine: Engine, specs: Sequence[EpisodeSpec], real: np.ndarray,
-                  chunk: int = 8, progress=None) -> CheckFigures:
-    """Run ``specs`` as episodes with the engine as it is; compare the accepted defects with
-    ``real`` (features of the held-out real defects)."""
+def check_specs(train: Sequence[DefectExample], category: str, seed: int, repeats: int
+                ) -> list[EpisodeSpec]:
+    """The episodes both engines run: from the training photos' counterparts, ``repeats`` each
+    or more to reach ``MIN_EPISODES``, at most ``MAX_EPISODES`` (every photo once before any
+    twice)."""
+    repeats = max(repeats, -(-MIN_EPISODES // max(len(train), 1)))
+    # Shuffled, so that the cut at MAX_EPISODES falls on every defect type alike.
+    order = np.random.default_rng([seed, 0x43]).permutation(len(train))
+    return heldout_specs([train[i] for i in order], category, seed, repeats)[:MAX_EPISODES]
+
+
+def detector_side(size: int) -> int:
+    """The UNet halves four times: the check runs at the largest multiple of 16 not above the
+    photos' side (``appliance eval`` runs at 256)."""
+    return max(size // 16 * 16, 64)
+
+
+def teaching(samples: Sequence[EpisodeResult], heldout: Sequence[DefectExample],
+             config: TrainConfig, progress: bool = False) -> tuple[list[float], list[float]]:
+    """Pixel AP on the held-out real defects of a UNet trained on ``samples``, and its last
+    epoch's loss, per seed of ``DETECTOR_SEEDS``."""
+    side = detector_side(heldout[0].defect.image.shape[0])
+    images = [resize_image(r.final_image, side) for r in samples]
+    masks = [resize_mask(r.mask.mask, side) for r in samples]
+    sources = [resize_image(r.spec.image, side) for r in samples]
+    tests = [resize_image(e.defect.image, side) for e in heldout]
+    truth = np.stack([resize_mask(e.defect.mask, side) for e in heldout])
+    aps, losses = [], []
+    for seed in DETECTOR_SEEDS:
+        seeded = replace(config, seed=seed)
+        model, log = train_unet(images, masks, sources, seeded, progress=progress,
+                                label=f"detector seed {seed}")
+        aps.append(average_precision(truth, predict(model, tests, seeded)))
+        losses.append(log.epoch_losses[-1])
+    return aps, losses
+
+
+def heldout_check(engine: Engine, specs: Sequence[EpisodeSpec], heldout: Sequence[DefectExample],
+                  real: np.ndarray, detector: TrainConfig, chunk: int = 8, progress=None
+                  ) -> CheckFigures:
+    """Run ``specs`` as episodes with the engine as it is; measure what its accepted samples
+    teach a detector about the ``heldout`` real defects, and how far they are from ``real``
+    (features of those defects' crops)."""
     results: list[EpisodeResult] = []
     for start in range(0, len(specs), chunk):
         results += engine.environment.run(list(specs[start:start + chunk]), engine.policy)
@@ -70,41 +134,53 @@ def heldout_check(engine: Engine, specs: Sequence[EpisodeSpec], real: np.ndarray
             progress.update(len(specs[start:start + chunk]))
     kept = [r for r in results if r.accepted and r.final_image is not None and r.mask is not None
             and r.mask.mask.any()]
-    crops = [defect_crop(r.final_image, r.mask.mask) for r in kept]
-    # Too few accepted defects make the distance noise: count that as no match at all.
-    distance = (kernel_distance(image_features(crops), real) if len(crops) >= MIN_ACCEPTED
-                else float("inf"))
+    # Too few accepted defects make both figures noise: count that as no match at all.
+    if len(kept) >= MIN_ACCEPTED:
+        distance = kernel_distance(image_features([defect_crop(r.final_image, r.mask.mask)
+                                                   for r in kept]), real)
+        aps, losses = teaching(kept, heldout, detector, progress=progress is not None)
+    else:
+        distance, aps, losses = float("inf"), [], []
     episodes = Counter(r.spec.defect for r in results)
     accepted = Counter(r.spec.defect for r in kept)
-    return CheckFigures(len(results), len(kept) / max(len(results), 1), distance,
-                        {d: accepted[d] / n for d, n in sorted(episodes.items())})
+    return CheckFigures(len(results), len(kept) / max(len(results), 1),
+                        float(np.mean(aps)) if aps else float("nan"), aps, distance,
+                        {d: accepted[d] / n for d, n in sorted(episodes.items())}, losses)
 
 
 def calibrate(engine: Engine, category: str, train: Sequence[DefectExample],
               heldout: Sequence[DefectExample], seed: int, repeats: int = 1,
-              margin: float = DEFAULT_MARGIN, bar=None) -> tuple[CalibrationProfile, dict]:
+              margin: float = DEFAULT_MARGIN, bar=None,
+              detector: TrainConfig | None = None) -> tuple[CalibrationProfile, dict]:
     """Build the profile from ``train`` and measure it against the engine's current
     calibration on ``heldout``; returns (profile, figures with ``promote``)."""
     started = time.perf_counter()
+    detector = detector or TrainConfig()
     profile = profile_from(category, train)
-    specs = heldout_specs(heldout, category, seed, repeats)
+    specs = check_specs(train, category, seed, repeats)
     real = image_features([defect_crop(e.defect.image, e.defect.mask) for e in heldout])
     current = engine.calibrations.get(category)
-    before = heldout_check(engine, specs, real, progress=bar)
+    before = heldout_check(engine, specs, heldout, real, detector, progress=bar)
     engine.calibrations.use(profile)
     try:
-        after = heldout_check(engine, specs, real, progress=bar)
+        after = heldout_check(engine, specs, heldout, real, detector, progress=bar)
     finally:
         if current is not None:
             engine.calibrations.use(current)
         else:
             engine.calibrations.drop(category)
-    gain = distance_drop(before.distance, after.distance)
+    gain = relative_change(before.pixel_ap, after.pixel_ap)
+    wins = sum(a > b for a, b in zip(after.pixel_ap_by_seed, before.pixel_ap_by_seed))
     figures = {"train_photos": len(train), "heldout_photos": len(heldout),
                "profile": profile.summary() | {"digest": None},
                "before_profile": current.digest if current is not None else None,
                "before": before.as_dict(), "after": after.as_dict(),
-               "distance_drop": round(gain, 4), "margin": margin,
-               "promote": bool(gain >= margin and np.isfinite(after.distance)),
+               "detector": {"seeds": list(DETECTOR_SEEDS), "epochs": detector.epochs,
+                            "side": detector_side(heldout[0].defect.image.shape[0])},
+               "pixel_ap_gain": round(gain, 4), "seeds_higher": wins,
+               "distance_drop": round(relative_change(before.distance, after.distance,
+                                                      lower_is_better=True), 4),
+               "margin": margin,
+               "promote": bool(np.isfinite(after.pixel_ap) and gain >= margin),
                "seconds": round(time.perf_counter() - started, 1)}
     return profile, figures

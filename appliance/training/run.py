@@ -50,7 +50,8 @@ class RetrainOptions:
     holdout: float = 0.2  # share of each defect type never trained on
     steps: tuple[int, ...] = (1, 2, 3)  # image_gen steps of the expert trajectories
     margin: float = 0.02  # held-out reward a new adapter must gain over the active one
-    # Relative drop of the held-out distance to real defects a calibration profile must reach.
+    # Relative rise of the held-out pixel AP (a detector trained on the engine's samples) a
+    # calibration profile must reach; negative accepts a loss, -1 promotes whatever it measures.
     calibration_margin: float = 0.05
     heldout_repeats: int = 2  # episodes per held-out photo (other seeds, other tool draws)
     sft: SFTSettings = field(default_factory=SFTSettings)

@@ -102,7 +102,7 @@ def _unique_stems(items: list[LabeledImage]) -> list[str]:
 def run_calibrate(ctx: StageContext) -> None:
     from appliance.models.calibrations import CALIBRATIONS, store_profile
     from appliance.models.manifest import default_models_dir
-    from appliance.training.calibrate import calibrate
+    from appliance.training.calibrate import DETECTOR_SEEDS, calibrate, check_specs
 
     train, heldout = ctx.split
     if not train or not heldout:
@@ -110,7 +110,8 @@ def run_calibrate(ctx: StageContext) -> None:
                            "profile on (each defect type needs two or more photos, and --holdout "
                            "above 0)")
     repeats = ctx.options.heldout_repeats
-    with ctx.bar(2 * len(heldout) * repeats, "held-out check (current, calibrated)") as bar:
+    episodes = len(check_specs(train, ctx.category, ctx.options.seed, repeats))
+    with ctx.bar(2 * episodes, "calibration check (current engine, calibrated)") as bar:
         profile, figures = calibrate(ctx.engine, ctx.category, train, heldout, ctx.options.seed,
                                      repeats, ctx.options.calibration_margin, bar)
     models_dir = ctx.engine_config.models_dir or default_models_dir()
@@ -118,7 +119,9 @@ def run_calibrate(ctx: StageContext) -> None:
                                                  "baseline": figures["before"],
                                                  "run": str(ctx.out)})
     figures["profile"]["digest"] = digest
-    before, after = figures["before"]["distance"], figures["after"]["distance"]
+    before, after = figures["before"]["pixel_ap"], figures["after"]["pixel_ap"]
+    measured = (f"held-out pixel AP of a detector trained on the samples {before:.4f} -> "
+                f"{after:.4f} (higher on {figures['seeds_higher']} of {len(DETECTOR_SEEDS)} seeds)")
     if digest == figures["before_profile"]:
         # This run promoted it before it was interrupted (or an earlier run made the same one).
         figures["promote"] = True
@@ -126,12 +129,10 @@ def run_calibrate(ctx: StageContext) -> None:
         ctx.say(f"calibrate: profile {digest} is already active for {ctx.category}")
     elif figures["promote"]:
         CALIBRATIONS.promote(models_dir, ctx.category, digest)
-        ctx.say(f"calibrate: held-out distance to real defects {before:.4f} -> {after:.4f}; "
-                f"profile {digest} is now active for {ctx.category}")
+        ctx.say(f"calibrate: {measured}; profile {digest} is now active for {ctx.category}")
     else:
-        ctx.say(f"calibrate: held-out distance to real defects {before:.4f} -> {after:.4f} (needs "
-                f"{100 * ctx.options.calibration_margin:.0f} % lower); profile {digest} kept on "
-                "disk, NOT promoted")
+        ctx.say(f"calibrate: {measured}, needs {100 * ctx.options.calibration_margin:+.0f} %; "
+                f"profile {digest} kept on disk, NOT promoted")
     ctx.state.finish("calibrate", figures)
 
 
@@ -377,7 +378,9 @@ def render_report(report: dict) -> str:
         lines += [f"  - `{s['path']}`: {s['reason']}" for s in report["skipped"]]
     if "calibrate" in stages:
         c = stages["calibrate"]
-        row = "| {label} | {episodes} | {accepted:.0%} | {distance:.4f} | {by} |"
+        row = ("| {label} | {episodes} | {accepted:.0%} | {pixel_ap:.4f} | {seeds} | {distance:.4f} "
+               "| {by} |")
+        det = c["detector"]
         lines += ["", "## Calibration of the CPU engine", "",
                   f"- profile {c['profile']['digest']} from {c['train_photos']} photos; "
                   f"{c['heldout_photos']} held out",
@@ -388,16 +391,25 @@ def render_report(report: dict) -> str:
                     + ("" if d in c["profile"]["defects"] else
                        " (the type keeps the knowledge base's defaults)")
                     for d, n in c["profile"].get("unmeasured", {}).items()], "",
-                  "| engine | held-out episodes | accepted | distance to real | accepted per type |",
-                  "|---|---|---|---|---|",
-                  *[row.format(label=label, by=", ".join(f"{d} {v:.0%}" for d, v in
-                                                         f["acceptance_by_defect"].items()), **f)
+                  "Each engine ran the same episodes from the training photos' normal counterparts; "
+                  f"its accepted samples trained `appliance eval`'s UNet ({det['epochs']} epochs, "
+                  f"{det['side']} px) once per seed {', '.join(map(str, det['seeds']))}, which then "
+                  "predicted the held-out real defect photos.", "",
+                  "| engine | episodes | accepted | held-out pixel AP, mean | per seed "
+                  "| distance to real | accepted per type |",
+                  "|---|---|---|---|---|---|---|",
+                  *[row.format(label=label, seeds=", ".join(f"{v:.4f}" for v in f["pixel_ap_by_seed"]),
+                               by=", ".join(f"{d} {v:.0%}" for d, v in
+                                            f["acceptance_by_defect"].items()), **f)
                     for label, f in ((f"before ({c['before_profile'] or 'uncalibrated'})",
                                       c["before"]), ("calibrated", c["after"]))], "",
-                  f"- distance {100 * c['distance_drop']:+.1f} % lower, {100 * c['margin']:.0f} % "
-                  "required: " + (f"**{c['note']}**" if c.get("note") else
-                                  "**promoted**" if c["promote"] else
-                                  "**refused** (kept on disk, not active)")]
+                  f"- pixel AP {100 * c['pixel_ap_gain']:+.1f} %, higher on {c['seeds_higher']} of "
+                  f"{len(det['seeds'])} seeds; {100 * c['margin']:+.0f} % required: "
+                  + (f"**{c['note']}**" if c.get("note") else
+                     "**promoted**" if c["promote"] else "**refused** (kept on disk, not active)"),
+                  f"- distance to the held-out real defects {abs(100 * c['distance_drop']):.1f} % "
+                  + ("lower" if c["distance_drop"] >= 0 else "higher")
+                  + " (how alike the defects look; reported, not decided on)"]
     if "trajectories" in stages:
         t = stages["trajectories"]
         lines += ["", "## Expert trajectories", "",
