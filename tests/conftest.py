@@ -15,25 +15,29 @@ MAGNETIC_TILE = DATASETS / "magnetic-tile"
 SAMPLE_INBOX = REPO / "samples" / "inbox"
 
 
-_OWN_CACHE: list[str] = []
+_OWN_FOLDERS: dict[str, str] = {}
 
 
 def pytest_configure(config):
-    # Tests never touch the user's cache; one index build per test session.
-    if "APPLIANCE_CACHE" not in os.environ:
-        import tempfile
+    # Tests never touch the user's cache (one index build per test session) nor the user's
+    # models folder: a model or calibration profile installed on this machine would change what
+    # every engine built here does (a profile promoted by hand once made a batch differ from
+    # the same batch on a cluster, whose nodes the tests point at their own folder).
+    import tempfile
 
-        os.environ["APPLIANCE_CACHE"] = tempfile.mkdtemp(prefix="appliance-test-cache-")
-        _OWN_CACHE.append(os.environ["APPLIANCE_CACHE"])
+    for variable, prefix in (("APPLIANCE_CACHE", "appliance-test-cache-"),
+                             ("APPLIANCE_MODELS", "appliance-test-models-")):
+        if variable not in os.environ:
+            os.environ[variable] = _OWN_FOLDERS[variable] = tempfile.mkdtemp(prefix=prefix)
 
 
 def pytest_unconfigure(config):
-    # The session's cache goes with it (one is made per run: /tmp would fill up over runs).
+    # The session's folders go with it (made per run: /tmp would fill up over runs).
     import shutil
 
-    for folder in _OWN_CACHE:
+    for variable, folder in _OWN_FOLDERS.items():
         shutil.rmtree(folder, ignore_errors=True)
-        os.environ.pop("APPLIANCE_CACHE", None)
+        os.environ.pop(variable, None)
 
 
 def require_tiles(*parts: str) -> Path:

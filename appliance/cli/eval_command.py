@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from appliance.cli.options import CATEGORY
-
-
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _generators(value: str) -> tuple[str, ...]:
@@ -119,7 +111,7 @@ def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir
     from appliance.evaluation.generators import NEEDS_SHOTS
     from appliance.evaluation.report import format_table
     from appliance.evaluation.runner import EvalConfig, evaluate_folders, evaluate_mvtec
-    from appliance.evaluation.train import TrainConfig
+    from appliance.evaluation.train import TrainConfig, available_cpus
     from appliance.names import normalize_name
 
     if category_dir is None and (normal_dir is None or defects_dir is None):
@@ -160,7 +152,7 @@ def eval_command(normal_dir: Path | None, defects_dir: Path | None, category_dir
                         image_labels=image_labels,
                         progress=not no_progress,
                         train=TrainConfig(epochs=epochs, device=device,
-                                          threads=threads or _default_threads()))
+                                          threads=threads or available_cpus()))
     def log(line: str) -> None:
         click.echo(line, err=True)  # progress on stderr; the table alone goes to stdout
 

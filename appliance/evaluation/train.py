@@ -26,6 +26,18 @@ from tqdm import tqdm
 from appliance.evaluation.unet import SmallUNet, focal_loss
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (a container or taskset can allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 15

@@ -31,7 +31,7 @@ from appliance.engine import Engine
 from appliance.evaluation.data import resize_image, resize_mask
 from appliance.evaluation.generation_metrics import defect_crop, image_features, kernel_distance
 from appliance.evaluation.metrics import average_precision
-from appliance.evaluation.train import TrainConfig, predict, train_unet
+from appliance.evaluation.train import TrainConfig, available_cpus, best_device, predict, train_unet
 from appliance.tools.image_gen.calibration import CalibrationProfile, build_profile
 from appliance.training.heldout import heldout_specs
 from appliance.training.trajectories import DefectExample
@@ -155,7 +155,7 @@ def calibrate(engine: Engine, category: str, train: Sequence[DefectExample],
     """Build the profile from ``train`` and measure it against the engine's current
     calibration on ``heldout``; returns (profile, figures with ``promote``)."""
     started = time.perf_counter()
-    detector = detector or TrainConfig()
+    detector = detector or TrainConfig(device=best_device(), threads=available_cpus())
     profile = profile_from(category, train)
     specs = check_specs(train, category, seed, repeats)
     real = image_features([defect_crop(e.defect.image, e.defect.mask) for e in heldout])
@@ -176,6 +176,7 @@ def calibrate(engine: Engine, category: str, train: Sequence[DefectExample],
                "before_profile": current.digest if current is not None else None,
                "before": before.as_dict(), "after": after.as_dict(),
                "detector": {"seeds": list(DETECTOR_SEEDS), "epochs": detector.epochs,
+                            "device": detector.device,
                             "side": detector_side(heldout[0].defect.image.shape[0])},
                "pixel_ap_gain": round(gain, 4), "seeds_higher": wins,
                "distance_drop": round(relative_change(before.distance, after.distance,
