@@ -406,3 +406,31 @@ def test_a_few_real_defects_move_the_engine_part_way(profile):
             asked = parse_prompt("a dark crack", rng)
             followed.append(calibrated_params(asked, priors, rng).size != asked.size)
         assert abs(np.mean(followed) - priors.trust()) < 0.06, (n, np.mean(followed))
+
+
+def test_the_calibration_report_says_what_was_not_measured_and_reads_old_runs():
+    """An engine with fewer than 5 accepted samples has no figures: None in the JSON (not NaN or
+    Infinity, which strict JSON readers refuse) and "not measured" in the report. A run finished
+    before the check measured teaching still renders when resumed."""
+    from appliance.training.calibrate import CheckFigures, relative_change
+    from appliance.training.stages import render_report
+
+    none = CheckFigures(12, 0.25, float("nan"), [], float("inf"), {"crack": 0.25})
+    some = CheckFigures(12, 1.0, 0.21, [0.2, 0.22, 0.21], 0.01, {"crack": 1.0})
+    assert json.loads(json.dumps(none.as_dict(), allow_nan=False))["pixel_ap"] is None
+    assert relative_change(none.pixel_ap, some.pixel_ap) == 1.0
+    assert relative_change(some.pixel_ap, none.pixel_ap) == -1.0
+    base = {"category": CATEGORY, "photos": 6, "defects": "d", "photos_by_type": {"crack": 6},
+            "skipped": []}
+    calibrate = {"train_photos": 5, "heldout_photos": 1,
+                 "profile": {"digest": "abc", "defects": {}}, "before_profile": None,
+                 "detector": {"seeds": [0, 1, 2], "epochs": 15, "side": 256},
+                 "pixel_ap_gain": 1.0, "seeds_higher": 0, "distance_drop": 1.0, "margin": 0.05,
+                 "promote": True}
+    text = render_report(base | {"stages": {"calibrate": calibrate | {
+        "before": none.as_dict(), "after": some.as_dict()}}})
+    assert "| before (uncalibrated) | 12 | 25% | not measured | - | not measured |" in text
+    assert "pixel AP not compared (before not measured)" in text and "**promoted**" in text
+    old = {"train_photos": 5, "heldout_photos": 1, "profile": {"digest": "abc"},
+           "distance_drop": 0.2, "margin": 0.05, "promote": True}
+    assert "+20.0% lower, promoted" in render_report(base | {"stages": {"calibrate": old}})

@@ -89,7 +89,8 @@ def _stages(stage: str, config) -> tuple[str, ...]:
               type=click.FloatRange(-1, 1),
               help="Share by which a new calibration profile must raise the held-out pixel AP "
                    "of a detector trained on the engine's samples to be promoted (0: at least "
-                   "as high; -1: promote whatever the check measures).")
+                   "as high; -1: promote whatever the check measures, if 5 or more samples "
+                   "were accepted).")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 2048),
               help="Square side the photos are brought to.")
 @click.option("--seed", default=0, show_default=True, type=int)

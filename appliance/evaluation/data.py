@@ -81,8 +81,8 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """A boolean mask brought to ``size``: resampled as grey and cut at half, so a thin line
-    keeps its pixels."""
+    """A boolean mask brought to ``size``: resampled as grey and cut at half, as a mask file is
+    read (a line thinner than the scale factor can vanish, as it would from the file)."""
     if mask.shape[:2] == (size, size):
         return mask.astype(bool)
     grey = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)

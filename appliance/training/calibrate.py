@@ -57,12 +57,17 @@ class CheckFigures:
     detector_loss: list[float] = field(default_factory=list)  # each seed's last epoch
 
     def as_dict(self) -> dict:
+        """JSON-ready: a figure that was not measured is None (not NaN or Infinity)."""
         return {"episodes": self.episodes, "accepted": round(self.accepted, 4),
-                "pixel_ap": round(self.pixel_ap, 4),
+                "pixel_ap": _measured(self.pixel_ap, 4),
                 "pixel_ap_by_seed": [round(v, 4) for v in self.pixel_ap_by_seed],
-                "distance": round(self.distance, 6),
+                "distance": _measured(self.distance, 6),
                 "detector_loss": [round(v, 5) for v in self.detector_loss],
                 "acceptance_by_defect": {k: round(v, 3) for k, v in self.acceptance_by_defect.items()}}
+
+
+def _measured(value: float, digits: int) -> float | None:
+    return round(value, digits) if np.isfinite(value) else None
 
 
 def relative_change(before: float, after: float, lower_is_better: bool = False) -> float:
@@ -96,9 +101,10 @@ def check_specs(train: Sequence[DefectExample], category: str, seed: int, repeat
 
 
 def detector_side(size: int) -> int:
-    """The UNet halves four times: the check runs at the largest multiple of 16 not above the
-    photos' side (``appliance eval`` runs at 256)."""
-    return max(size // 16 * 16, 64)
+    """The side the check's UNets work at: ``appliance eval``'s 256 px, or the photos' side when
+    smaller, as a multiple of 16 (the UNet halves four times). Larger photos are brought down:
+    six trainings at 1024 px would cost 16 times as much."""
+    return max(min(size, 256) // 16 * 16, 64)
 
 
 def teaching(samples: Sequence[EpisodeResult], heldout: Sequence[DefectExample],
@@ -176,7 +182,7 @@ def calibrate(engine: Engine, category: str, train: Sequence[DefectExample],
                "before_profile": current.digest if current is not None else None,
                "before": before.as_dict(), "after": after.as_dict(),
                "detector": {"seeds": list(DETECTOR_SEEDS), "epochs": detector.epochs,
-                            "device": detector.device,
+                            "device": detector.device, "threads": detector.threads,
                             "side": detector_side(heldout[0].defect.image.shape[0])},
                "pixel_ap_gain": round(gain, 4), "seeds_higher": wins,
                "distance_drop": round(relative_change(before.distance, after.distance,

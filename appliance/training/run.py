@@ -53,7 +53,9 @@ class RetrainOptions:
     # Relative rise of the held-out pixel AP (a detector trained on the engine's samples) a
     # calibration profile must reach; negative accepts a loss, -1 promotes whatever it measures.
     calibration_margin: float = 0.05
-    heldout_repeats: int = 2  # episodes per held-out photo (other seeds, other tool draws)
+    # Episodes per held-out photo in the gate (other seeds, other tool draws); in the CPU
+    # engine's calibration check, per training photo (raised to 100 episodes, cut at 300).
+    heldout_repeats: int = 2
     sft: SFTSettings = field(default_factory=SFTSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     # GRPO's rollouts on the engines of this Ray cluster (docs/cluster.md); None: here.

@@ -120,8 +120,9 @@ def run_calibrate(ctx: StageContext) -> None:
                                                  "run": str(ctx.out)})
     figures["profile"]["digest"] = digest
     before, after = figures["before"]["pixel_ap"], figures["after"]["pixel_ap"]
-    measured = (f"held-out pixel AP of a detector trained on the samples {before:.4f} -> "
-                f"{after:.4f} (higher on {figures['seeds_higher']} of {len(DETECTOR_SEEDS)} seeds)")
+    measured = (f"held-out pixel AP of a detector trained on the samples {_figure(before)} -> "
+                f"{_figure(after)} (higher on {figures['seeds_higher']} of {len(DETECTOR_SEEDS)} "
+                "seeds)")
     if digest == figures["before_profile"]:
         # This run promoted it before it was interrupted (or an earlier run made the same one).
         figures["promote"] = True
@@ -184,9 +185,9 @@ def policy_model(config: EngineConfig):
 
 
 def _device() -> str:
-    import torch
+    from appliance.evaluation.train import best_device  # torch loads only when training
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return best_device()
 
 
 def run_sft(ctx: StageContext) -> None:
@@ -368,6 +369,18 @@ def write_report(ctx: StageContext) -> dict:
     return report
 
 
+def _figure(value: float | None) -> str:
+    """A check's figure; None: not measured (fewer than 5 samples accepted)."""
+    return "not measured" if value is None else f"{value:.4f}"
+
+
+def _change(before: float | None, after: float | None, share: float, better: str,
+            worse: str) -> str:
+    if before is None or after is None:
+        return "not compared (" + ("before" if before is None else "calibrated") + " not measured)"
+    return f"{abs(100 * share):.1f} % " + (better if share >= 0 else worse)
+
+
 def render_report(report: dict) -> str:
     stages = report["stages"]
     lines = [f"# Retraining report: {report['category']}", "",
@@ -376,10 +389,16 @@ def render_report(report: dict) -> str:
     if report["skipped"]:
         lines.append(f"- {len(report['skipped'])} file(s) left out:")
         lines += [f"  - `{s['path']}`: {s['reason']}" for s in report["skipped"]]
-    if "calibrate" in stages:
+    if "calibrate" in stages and "pixel_ap_gain" not in stages["calibrate"]:
+        # A run finished before the check measured teaching, resumed now: what it decided on.
         c = stages["calibrate"]
-        row = ("| {label} | {episodes} | {accepted:.0%} | {pixel_ap:.4f} | {seeds} | {distance:.4f} "
-               "| {by} |")
+        lines += ["", "## Calibration of the CPU engine", "",
+                  f"- profile {c['profile']['digest']}: held-out distance to real defects "
+                  f"{c['distance_drop']:+.1%} lower, " + ("promoted" if c["promote"] else "refused")
+                  + " (decided on that distance, before the check measured what the samples teach)"]
+    elif "calibrate" in stages:
+        c = stages["calibrate"]
+        row = "| {label} | {episodes} | {accepted:.0%} | {ap} | {seeds} | {distance} | {by} |"
         det = c["detector"]
         lines += ["", "## Calibration of the CPU engine", "",
                   f"- profile {c['profile']['digest']} from {c['train_photos']} photos; "
@@ -398,17 +417,22 @@ def render_report(report: dict) -> str:
                   "| engine | episodes | accepted | held-out pixel AP, mean | per seed "
                   "| distance to real | accepted per type |",
                   "|---|---|---|---|---|---|---|",
-                  *[row.format(label=label, seeds=", ".join(f"{v:.4f}" for v in f["pixel_ap_by_seed"]),
+                  *[row.format(label=label, episodes=f["episodes"], accepted=f["accepted"],
+                               ap=_figure(f["pixel_ap"]), distance=_figure(f["distance"]),
+                               seeds=", ".join(f"{v:.4f}" for v in f["pixel_ap_by_seed"]) or "-",
                                by=", ".join(f"{d} {v:.0%}" for d, v in
-                                            f["acceptance_by_defect"].items()), **f)
+                                            f["acceptance_by_defect"].items()))
                     for label, f in ((f"before ({c['before_profile'] or 'uncalibrated'})",
                                       c["before"]), ("calibrated", c["after"]))], "",
-                  f"- pixel AP {100 * c['pixel_ap_gain']:+.1f} %, higher on {c['seeds_higher']} of "
-                  f"{len(det['seeds'])} seeds; {100 * c['margin']:+.0f} % required: "
-                  + (f"**{c['note']}**" if c.get("note") else
-                     "**promoted**" if c["promote"] else "**refused** (kept on disk, not active)"),
-                  f"- distance to the held-out real defects {abs(100 * c['distance_drop']):.1f} % "
-                  + ("lower" if c["distance_drop"] >= 0 else "higher")
+                  ("- pixel AP " + _change(c["before"]["pixel_ap"], c["after"]["pixel_ap"],
+                                           c["pixel_ap_gain"], "higher", "lower")
+                   + f", higher on {c['seeds_higher']} of {len(det['seeds'])} seeds; "
+                   f"{100 * c['margin']:+.0f} % required: "
+                   + (f"**{c['note']}**" if c.get("note") else
+                      "**promoted**" if c["promote"] else "**refused** (kept on disk, not active)")),
+                  "- distance to the held-out real defects "
+                  + _change(c["before"]["distance"], c["after"]["distance"], c["distance_drop"],
+                            "lower", "higher")
                   + " (how alike the defects look; reported, not decided on)"]
     if "trajectories" in stages:
         t = stages["trajectories"]
