@@ -81,18 +81,17 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """A boolean mask brought to ``size``: resampled as grey and cut at half, as a mask file is
-    read (a line thinner than the scale factor can vanish, as it would from the file)."""
-    if mask.shape[:2] == (size, size):
-        return mask.astype(bool)
-    grey = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(grey) >= MASK_THRESHOLD
+    """A mask (bool, or grey 0-255 as a soft mask file holds) brought to ``size``: resampled as
+    grey and cut at ``MASK_THRESHOLD`` (a line thinner than the scale factor can vanish)."""
+    grey = mask.astype(np.uint8) * 255 if mask.dtype == bool else mask.astype(np.uint8)
+    if grey.shape[:2] != (size, size):
+        grey = np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR))
+    return grey >= MASK_THRESHOLD
 
 
 def load_mask(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as pil:
-        grey = pil.convert("L").resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(grey) >= MASK_THRESHOLD
+        return resize_mask(np.asarray(pil.convert("L")), size)
 
 
 def _is_image(path: Path) -> bool:

@@ -75,10 +75,16 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=2)
 
 
-def _score_set(maps: np.ndarray, items: Sequence[LabeledImage], window: int) -> dict:
-    # A photo with image-level labels only says nothing about its pixels.
+def _pixel_truth(maps: np.ndarray, items: Sequence[LabeledImage]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, maps) of the photos with pixel labels: one with image-level labels only says
+    nothing about its pixels."""
     labelled = [i for i, it in enumerate(items) if it.pixel_labels]
-    pixel = detection_scores(np.stack([items[i].mask for i in labelled]), maps[labelled])
+    return np.stack([items[i].mask for i in labelled]), maps[labelled]
+
+
+def _score_set(maps: np.ndarray, items: Sequence[LabeledImage], window: int) -> dict:
+    pixel = detection_scores(*_pixel_truth(maps, items))
     image_labels = np.array([it.defect != GOOD for it in items])
     image_scores = np.array([image_score(m, window) for m in maps])
     image = detection_scores(image_labels, image_scores)
@@ -147,8 +153,7 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
     # and would otherwise decide the pixel metrics alone.
     class_means = {f"{key}_class_mean": _finite_mean([c[key] for c in per_class.values()])
                    for key in ("pixel_auroc", "pixel_ap", "image_auroc")}
-    labelled = [i for i, it in enumerate(test) if it.pixel_labels]
-    pr_pixel = pr_points(np.stack([test[i].mask for i in labelled]), maps[labelled])
+    pr_pixel = pr_points(*_pixel_truth(maps, test))
     pr_image = pr_points(np.array([it.defect != GOOD for it in test]), overall["_image_scores"])
     metrics_seconds = time.perf_counter() - start
 
