@@ -239,10 +239,11 @@ def test_retrain_on_the_cpu_engine_calibrates_promotes_and_rolls_back(tmp_path, 
         assert 0 < figures[engine]["pixel_ap"] <= 1
         assert figures[engine]["pixel_ap"] == pytest.approx(
             np.mean(figures[engine]["pixel_ap_by_seed"]), abs=1e-4)
-    assert figures["promote"] is True
+    assert figures["promote"] is True and figures["bootstrap"]["reached"] == 1.0
     digest = figures["profile"]["digest"]
     assert "## Calibration of the CPU engine" in done.stdout and digest in done.stdout
     assert "held-out pixel AP" in done.stdout and "**promoted**" in done.stdout
+    assert "reached in 100% of 2000 resamples of the held-out photos and seeds" in done.stdout
     active = json.loads((tmp_path / "models" / "calibration" / CATEGORY / "active.json").read_text())
     assert active == {"active": digest, "history": []}
     stored = tmp_path / "models" / "calibration" / CATEGORY / digest
@@ -305,6 +306,7 @@ def test_the_calibration_check_refuses_a_profile_that_teaches_the_detector_less(
     before, after = figures["before"], figures["after"]
     assert before["episodes"] == after["episodes"] == 105  # 15 photos, 7 times: at least 100
     assert figures["promote"] is False and figures["seeds_higher"] == 0
+    assert figures["bootstrap"]["reached"] < 0.2 and figures["bootstrap"]["interval_90"][1] < 0
     assert after["pixel_ap"] < 0.7 * before["pixel_ap"]
     assert engine.calibrations.get(CATEGORY) is None  # the check leaves the engine as it found it
 
@@ -408,6 +410,55 @@ def test_a_few_real_defects_move_the_engine_part_way(profile):
         assert abs(np.mean(followed) - priors.trust()) < 0.06, (n, np.mean(followed))
 
 
+def _check_on(truth: np.ndarray, scores_by_seed: list[np.ndarray]):
+    """CheckFigures of a detector that scored ``truth``'s photos so, once per seed."""
+    from appliance.evaluation.metrics import average_precision, binned_counts
+    from appliance.training.calibrate import CheckFigures
+
+    aps = [average_precision(truth, scores) for scores in scores_by_seed]
+    return CheckFigures(100, 1.0, float(np.mean(aps)), aps, 0.01, {"crack": 1.0},
+                        counts=[binned_counts(truth, scores) for scores in scores_by_seed])
+
+
+def test_the_gate_refuses_a_gain_that_a_few_held_out_photos_make_by_luck():
+    """A profile whose detector finds one held-out photo's defect far better and every other
+    photo's the same has a large measured gain, but a resample of the held-out photos without
+    that one shows none: on 4 photos the gate refuses it. The same gain on every one of 40
+    photos is promoted. With the margin at -1 anything measured is promoted."""
+    from appliance.training.calibrate import decide
+
+    def scene(photos: int, better: list[int]):
+        rng = np.random.default_rng(photos)
+        truth = np.zeros((photos, 32, 32), bool)
+        truth[:, 12:18, 8:24] = True
+        before, after = [], []
+        for _ in range(3):  # three detector seeds, each its own noise
+            noise = rng.normal(0.2, 0.1, truth.shape)
+            signal = truth * rng.normal(0.15, 0.1, truth.shape)
+            before.append(noise + signal)
+            lift = np.zeros(truth.shape)
+            lift[better] = truth[better] * 0.3
+            after.append(noise + signal + lift)
+        return _check_on(truth, before), _check_on(truth, after)
+
+    before, after = scene(4, [2])
+    lucky = decide(before, after, margin=0.05, confidence=0.8, seed=0)
+    assert lucky["pixel_ap_gain"] > 0.2 and lucky["seeds_higher"] == 3
+    assert 0.5 < lucky["bootstrap"]["reached"] < 0.8  # the resamples that drew photo 2
+    assert lucky["bootstrap"]["interval_90"][0] <= 0.0 < lucky["bootstrap"]["interval_90"][1]
+    assert lucky["promote"] is False
+    assert decide(before, after, margin=0.05, confidence=0.0, seed=0)["promote"] is True
+    assert decide(before, after, margin=-1, confidence=0.8, seed=0)["promote"] is True
+
+    before, after = scene(40, list(range(40)))
+    clear = decide(before, after, margin=0.05, confidence=0.8, seed=0)
+    assert clear["bootstrap"]["reached"] > 0.95 and clear["bootstrap"]["interval_90"][0] > 0.05
+    assert clear["promote"] is True
+    # Worse everywhere: refused, and the interval says so.
+    worse = decide(after, before, margin=0.0, confidence=0.8, seed=0)
+    assert worse["promote"] is False and worse["bootstrap"]["interval_90"][1] < 0
+
+
 def test_the_calibration_report_says_what_was_not_measured_and_reads_old_runs():
     """An engine with fewer than 5 accepted samples has no figures: None in the JSON (not NaN or
     Infinity, which strict JSON readers refuse) and "not measured" in the report. A run finished
@@ -431,6 +482,13 @@ def test_the_calibration_report_says_what_was_not_measured_and_reads_old_runs():
         "before": none.as_dict(), "after": some.as_dict()}}})
     assert "| before (uncalibrated) | 12 | 25% | not measured | - | not measured |" in text
     assert "pixel AP not compared (before not measured)" in text and "**promoted**" in text
+    assert "resamples" not in text  # nothing to resample where an engine was not measured
+    spread = {"reached": 0.703, "required": 0.8, "interval_90": [-0.0002, 0.7226], "resamples": 2000}
+    text = render_report(base | {"stages": {"calibrate": calibrate | {
+        "before": some.as_dict(), "after": some.as_dict(), "bootstrap": spread,
+        "promote": False}}})
+    assert ("+5 % required, reached in 70% of 2000 resamples of the held-out photos and seeds "
+            "(80% required, 90 % of them between -0.0 % and +72.3 %): **refused**") in text
     old = {"train_photos": 5, "heldout_photos": 1, "profile": {"digest": "abc"},
            "distance_drop": 0.2, "margin": 0.05, "promote": True}
     assert "+20.0% lower, promoted" in render_report(base | {"stages": {"calibrate": old}})

@@ -10,7 +10,8 @@ from sklearn import metrics as sk
 
 from appliance.evaluation.generation_metrics import (defect_crop, kernel_distance, mask_change_iou,
                                                      mean_pairwise_cosine_distance)
-from appliance.evaluation.metrics import (average_precision, detection_scores, f1_max, image_score,
+from appliance.evaluation.metrics import (average_precision, binned_average_precision,
+                                          binned_counts, detection_scores, f1_max, image_score,
                                           pr_points, roc_auc)
 
 
@@ -90,6 +91,31 @@ def test_matches_scikit_learn_on_random_data() -> None:
         assert ours.auroc == pytest.approx(sk.roc_auc_score(labels, scores), abs=1e-12)
         assert ours.ap == pytest.approx(sk.average_precision_score(labels, scores), abs=1e-12)
         assert ours.f1_max == pytest.approx(f1, abs=1e-12)
+
+
+def test_binned_counts_give_the_ap_of_any_multiset_of_images() -> None:
+    """Summed rows of the per-image bin counts are the AP of those images taken together (the
+    bootstrap's resample, an image drawn twice counting twice), to within the merging of
+    thresholds inside a bin; equal scores stay one threshold, exactly as unbinned."""
+    rng = np.random.default_rng(3)
+    labels = rng.random((12, 48, 48)) < 0.03
+    scores = np.clip(rng.normal(0.1, 0.1, labels.shape) + labels * rng.normal(0.2, 0.1, labels.shape),
+                     0, 1).astype(np.float32)
+    positives, negatives = binned_counts(labels, scores)
+    assert positives.shape == negatives.shape and positives.shape[0] == 12
+    assert positives.sum() == labels.sum() and negatives.sum() == (~labels).sum()
+    for pick in ([*range(12)], [1, 1, 4], [0, 5, 5, 5, 11]):
+        binned = binned_average_precision(positives[pick].sum(0), negatives[pick].sum(0))
+        assert binned == pytest.approx(average_precision(labels[pick], scores[pick]), abs=2e-3)
+    # Leading axes are separate curves.
+    both = binned_average_precision(np.stack([positives[[1, 1, 4]].sum(0), positives.sum(0)]),
+                                    np.stack([negatives[[1, 1, 4]].sum(0), negatives.sum(0)]))
+    assert both.shape == (2,) and both[1] == pytest.approx(average_precision(labels, scores), abs=2e-3)
+    coarse = np.round(scores, 1)
+    positives, negatives = binned_counts(labels, coarse)
+    assert binned_average_precision(positives.sum(0), negatives.sum(0)) == pytest.approx(
+        average_precision(labels, coarse), abs=1e-9)
+    assert np.isnan(binned_average_precision(np.zeros(5), np.ones(5)))
 
 
 def test_pr_points_are_thinned_and_start_at_precision_one() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -91,6 +92,12 @@ def _stages(stage: str, config) -> tuple[str, ...]:
                    "of a detector trained on the engine's samples to be promoted (0: at least "
                    "as high; -1: promote whatever the check measures, if 5 or more samples "
                    "were accepted).")
+@click.option("--calibration-confidence", default=0.8, show_default=True,
+              type=click.FloatRange(0, 1),
+              help="Share of the check's resamples (held-out photos and detector seeds drawn "
+                   "again, 2000 times) in which the profile must reach --calibration-margin: "
+                   "with few held-out photos a gain can be luck of which ones were held out "
+                   "(0: decide on the measured gain alone).")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 2048),
               help="Square side the photos are brought to.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -98,6 +105,10 @@ def _stages(stage: str, config) -> tuple[str, ...]:
               help="Engine whose tools build and judge the episodes ('auto': the installed models).")
 @click.option("--backend", "backends", multiple=True, metavar="ROLE=BACKEND",
               help="Use this backend for one role (repeatable), as for `appliance batch`.")
+@click.option("--nice", "niceness", default=10, show_default=True, type=click.IntRange(0, 19),
+              help="Lower this command's CPU priority by this much, so that the service's "
+                   "batches on the same cores go first; it costs nothing when the cores are "
+                   "otherwise idle (0: normal priority; a GPU's work is not affected).")
 @click.option("--rollback", is_flag=True,
               help="Make the adapter active before the current one active again (the base "
                    "policy when there was none) and exit.")
@@ -110,8 +121,9 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
                     grpo_steps: int, grpo_save_every: int, generations: int, grpo_tasks: int,
                     grpo_learning_rate: float, beta: float,
                     temperature: float, heldout_runs: int, holdout: float, margin: float,
-                    calibration_margin: float, size: int, seed: int, engine: str,
-                    backends: tuple[str, ...], rollback: bool, calibration: bool,
+                    calibration_margin: float, calibration_confidence: float, size: int,
+                    seed: int, engine: str, backends: tuple[str, ...], niceness: int,
+                    rollback: bool, calibration: bool,
                     cluster_address: str | None, token_file: Path | None) -> None:
     """Adapt the engine to this plant from its real defect photos: the Qwen3-VL policy (LoRA
     SFT and GRPO), or on the CPU engine its calibration profile.
@@ -176,7 +188,7 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
         defects=defects.resolve(), category=name,
         normal=normal.resolve() if normal is not None else None, out=(out or Path(f"retrain-{name}")).resolve(),
         stages=stages, seed=seed, size=size, holdout=holdout, margin=margin,
-        calibration_margin=calibration_margin,
+        calibration_margin=calibration_margin, calibration_confidence=calibration_confidence,
         heldout_repeats=heldout_runs,
         sft=SFTSettings(steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
                         lora_alpha=2 * lora_rank, seed=seed),
@@ -188,6 +200,9 @@ def retrain_command(defects: Path | None, category: str, normal: Path | None, ou
     def say(line: str) -> None:
         click.echo(line, err=True)
 
+    # Retraining is maintenance: on a box whose service runs the night's batches on the same
+    # few cores, the batches keep their pace and retraining takes what is left.
+    os.nice(niceness)
     try:
         run_retrain(options, config, resume=resume, say=say, progress=_bar)
     except RetrainError as exc:

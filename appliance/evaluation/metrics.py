@@ -118,6 +118,40 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     return f1_from_curve(binary_curve(labels, scores))[0]
 
 
+def binned_counts(labels: np.ndarray, scores: np.ndarray, bins: int = 2048
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (the first axis), how many positive and how many negative pixels fall in each
+    score bin, low scores first: two (N, B) arrays. The bins lie at quantiles of the positive
+    scores (and, four times coarser, of the negative ones), so few thresholds that matter are
+    merged. Summing rows over any multiset of images gives that multiset's curve at the bin
+    edges without sorting again, which is what resampling the images (a bootstrap) needs."""
+    n = scores.shape[0]
+    flat = np.asarray(scores, dtype=np.float64).reshape(n, -1)
+    positive = np.asarray(labels).reshape(n, -1).astype(bool)
+    # AP is the mean precision at the positives, so they get most of the edges: where a
+    # positive shares a bin with negatives scored above it, AP comes out low.
+    inner = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    edges = np.unique(np.concatenate(
+        [np.quantile(part, inner[::step])
+         for part, step in ((flat[positive], 1), (flat[~positive], 4)) if part.size]))
+    width = edges.size + 1
+    cell = np.searchsorted(edges, flat, side="right") + width * np.arange(n)[:, None]
+    return (np.bincount(cell[positive], minlength=n * width).reshape(n, width),
+            np.bincount(cell[~positive], minlength=n * width).reshape(n, width))
+
+
+def binned_average_precision(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """AP from counts per score bin (the last axis, low scores first, as ``binned_counts``);
+    leading axes are separate curves. A bin is one threshold, so ties within it count as one
+    step, as ``average_precision`` counts equal scores. NaN where there is no positive."""
+    tps = np.cumsum(positives[..., ::-1], axis=-1)
+    fps = np.cumsum(negatives[..., ::-1], axis=-1)
+    total = tps[..., -1:]
+    precision = tps / np.maximum(tps + fps, 1)
+    recall_steps = np.diff(tps, axis=-1, prepend=0) / np.maximum(total, 1)
+    return np.where(total[..., 0] > 0, np.sum(recall_steps * precision, axis=-1), np.nan)
+
+
 def pr_points(labels: np.ndarray, scores: np.ndarray, max_points: int = 400
               ) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) for plotting, thinned to at most ``max_points`` points."""

@@ -11,7 +11,10 @@ the held-out photos must stay unseen, their counterparts included. Each engine's
 samples train the evaluation's UNet, once per detector seed, and the UNet predicts the held-out
 real defect photos; the figure is pixel AP over their masks, averaged over the seeds (the seeds
 are the same for both engines, so the comparison is paired). The new profile is promoted when
-it raises that AP by at least ``margin`` of its old value. The kernel distance of the accepted
+it raises that AP by at least ``margin`` of its old value, and does so in at least
+``confidence`` of the resamples of the held-out photos and the detector seeds (a bootstrap):
+on a small plant, a few held-out photos decide the AP and a gain can be luck of which photos
+were held out. The kernel distance of the accepted
 defects to the held-out real ones (EfficientNet-Lite0 features of defect crops, the evaluation's
 generation metric) is reported beside it: it says whether the samples look more like the
 plant's, not whether they teach more.
@@ -30,13 +33,18 @@ from appliance.agent.episode import EpisodeResult, EpisodeSpec
 from appliance.engine import Engine
 from appliance.evaluation.data import resize_image, resize_mask
 from appliance.evaluation.generation_metrics import defect_crop, image_features, kernel_distance
-from appliance.evaluation.metrics import average_precision
+from appliance.evaluation.metrics import (average_precision, binned_average_precision,
+                                          binned_counts)
 from appliance.evaluation.train import TrainConfig, available_cpus, best_device, predict, train_unet
 from appliance.tools.image_gen.calibration import CalibrationProfile, build_profile
 from appliance.training.heldout import heldout_specs
 from appliance.training.trajectories import DefectExample
 
 DEFAULT_MARGIN = 0.05  # relative rise of the held-out pixel AP a new profile must reach
+# Share of the bootstrap's resamples in which the profile must reach the margin: a gain the
+# held-out photos cannot tell from luck is not promoted.
+DEFAULT_CONFIDENCE = 0.8
+RESAMPLES = 2000
 MIN_ACCEPTED = 5  # accepted samples below which nothing is measured
 DETECTOR_SEEDS = (0, 1, 2)  # one UNet per seed and engine; single runs vary a lot
 # Episodes per engine: a detector trained on a handful of samples learns nothing either engine
@@ -55,6 +63,9 @@ class CheckFigures:
     distance: float  # kernel distance of accepted defects to the held-out real ones
     acceptance_by_defect: dict[str, float]
     detector_loss: list[float] = field(default_factory=list)  # each seed's last epoch
+    # Per seed, per held-out photo: positive and negative pixels per score bin, (seeds, 2,
+    # photos, bins); what the bootstrap resamples. Not written out.
+    counts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
         """JSON-ready: a figure that was not measured is None (not NaN or Infinity)."""
@@ -108,23 +119,51 @@ def detector_side(size: int) -> int:
 
 
 def teaching(samples: Sequence[EpisodeResult], heldout: Sequence[DefectExample],
-             config: TrainConfig, progress: bool = False) -> tuple[list[float], list[float]]:
-    """Pixel AP on the held-out real defects of a UNet trained on ``samples``, and its last
-    epoch's loss, per seed of ``DETECTOR_SEEDS``."""
+             config: TrainConfig, progress: bool = False
+             ) -> tuple[list[float], list[float], list[tuple[np.ndarray, np.ndarray]]]:
+    """Pixel AP on the held-out real defects of a UNet trained on ``samples``, its last
+    epoch's loss, and its scores binned per held-out photo (``binned_counts``), per seed of
+    ``DETECTOR_SEEDS``."""
     side = detector_side(heldout[0].defect.image.shape[0])
     images = [resize_image(r.final_image, side) for r in samples]
     masks = [resize_mask(r.mask.mask, side) for r in samples]
     sources = [resize_image(r.spec.image, side) for r in samples]
     tests = [resize_image(e.defect.image, side) for e in heldout]
     truth = np.stack([resize_mask(e.defect.mask, side) for e in heldout])
-    aps, losses = [], []
+    aps, losses, counts = [], [], []
     for seed in DETECTOR_SEEDS:
         seeded = replace(config, seed=seed)
         model, log = train_unet(images, masks, sources, seeded, progress=progress,
                                 label=f"detector seed {seed}")
-        aps.append(average_precision(truth, predict(model, tests, seeded)))
+        scores = predict(model, tests, seeded)
+        aps.append(average_precision(truth, scores))
         losses.append(log.epoch_losses[-1])
-    return aps, losses
+        counts.append(binned_counts(truth, scores))
+    return aps, losses, counts
+
+
+def gain_resamples(before: Sequence[tuple[np.ndarray, np.ndarray]],
+                   after: Sequence[tuple[np.ndarray, np.ndarray]], seed: int,
+                   resamples: int = RESAMPLES) -> np.ndarray:
+    """The relative gain in held-out pixel AP (mean over the detector seeds) in each of
+    ``resamples`` bootstrap resamples: the held-out photos drawn with replacement, and the
+    detector seeds too, the same draws for both engines. Its spread is how much of a gain the
+    choice of held-out photos and seeds alone could make. NaN where a resample has no
+    defect pixel."""
+    rng = np.random.default_rng([seed, 0xB0057])
+    photos, seeds = before[0][0].shape[0], len(before)
+    weights = np.stack([np.bincount(rng.integers(0, photos, photos), minlength=photos)
+                        for _ in range(resamples)]).astype(np.float64)  # BLAS, not int loops
+    picked = rng.integers(0, seeds, (resamples, seeds))
+
+    def resampled_ap(counts: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        per_seed = np.stack([binned_average_precision(weights @ positives, weights @ negatives)
+                             for positives, negatives in counts], axis=1)  # (resamples, seeds)
+        return np.take_along_axis(per_seed, picked, axis=1).mean(axis=1)
+
+    old, new = resampled_ap(before), resampled_ap(after)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(old > 0, (new - old) / old, np.where(new > 0, 1.0, 0.0))
 
 
 def heldout_check(engine: Engine, specs: Sequence[EpisodeSpec], heldout: Sequence[DefectExample],
@@ -144,20 +183,46 @@ def heldout_check(engine: Engine, specs: Sequence[EpisodeSpec], heldout: Sequenc
     if len(kept) >= MIN_ACCEPTED:
         distance = kernel_distance(image_features([defect_crop(r.final_image, r.mask.mask)
                                                    for r in kept]), real)
-        aps, losses = teaching(kept, heldout, detector, progress=progress is not None)
+        aps, losses, counts = teaching(kept, heldout, detector, progress=progress is not None)
     else:
-        distance, aps, losses = float("inf"), [], []
+        distance, aps, losses, counts = float("inf"), [], [], []
     episodes = Counter(r.spec.defect for r in results)
     accepted = Counter(r.spec.defect for r in kept)
     return CheckFigures(len(results), len(kept) / max(len(results), 1),
                         float(np.mean(aps)) if aps else float("nan"), aps, distance,
-                        {d: accepted[d] / n for d, n in sorted(episodes.items())}, losses)
+                        {d: accepted[d] / n for d, n in sorted(episodes.items())}, losses, counts)
+
+
+def decide(before: CheckFigures, after: CheckFigures, margin: float, confidence: float,
+           seed: int) -> dict:
+    """The gate: the profile is promoted when its held-out pixel AP beats the current engine's
+    by ``margin`` (relative) and does so in at least ``confidence`` of the bootstrap's
+    resamples. Returns the figures it decided on, with ``promote``."""
+    gain = relative_change(before.pixel_ap, after.pixel_ap)
+    wins = sum(a > b for a, b in zip(after.pixel_ap_by_seed, before.pixel_ap_by_seed))
+    if before.counts and after.counts:
+        gains = gain_resamples(before.counts, after.counts, seed)
+        # A resample without a defect pixel cannot show the margin reached.
+        reached = float(np.mean(np.nan_to_num(gains, nan=-np.inf) >= margin))
+        low, high = np.nanpercentile(gains, [5, 95]) if np.isfinite(gains).any() else (np.nan,) * 2
+        spread = {"reached": round(reached, 4), "required": confidence,
+                  "interval_90": [_measured(float(low), 4), _measured(float(high), 4)],
+                  "resamples": len(gains)}
+    else:
+        # Nothing to resample where an engine was not measured; an unmeasured profile is
+        # refused anyway, and an unmeasured current engine counts as the worst.
+        reached, spread = (1.0 if after.counts else 0.0), None
+    return {"pixel_ap_gain": round(gain, 4), "seeds_higher": wins, "margin": margin,
+            "bootstrap": spread,
+            "promote": bool(np.isfinite(after.pixel_ap) and gain >= margin
+                            and reached >= confidence)}
 
 
 def calibrate(engine: Engine, category: str, train: Sequence[DefectExample],
               heldout: Sequence[DefectExample], seed: int, repeats: int = 1,
               margin: float = DEFAULT_MARGIN, bar=None,
-              detector: TrainConfig | None = None) -> tuple[CalibrationProfile, dict]:
+              detector: TrainConfig | None = None,
+              confidence: float = DEFAULT_CONFIDENCE) -> tuple[CalibrationProfile, dict]:
     """Build the profile from ``train`` and measure it against the engine's current
     calibration on ``heldout``; returns (profile, figures with ``promote``)."""
     started = time.perf_counter()
@@ -175,8 +240,6 @@ def calibrate(engine: Engine, category: str, train: Sequence[DefectExample],
             engine.calibrations.use(current)
         else:
             engine.calibrations.drop(category)
-    gain = relative_change(before.pixel_ap, after.pixel_ap)
-    wins = sum(a > b for a, b in zip(after.pixel_ap_by_seed, before.pixel_ap_by_seed))
     figures = {"train_photos": len(train), "heldout_photos": len(heldout),
                "profile": profile.summary() | {"digest": None},
                "before_profile": current.digest if current is not None else None,
@@ -184,10 +247,8 @@ def calibrate(engine: Engine, category: str, train: Sequence[DefectExample],
                "detector": {"seeds": list(DETECTOR_SEEDS), "epochs": detector.epochs,
                             "device": detector.device, "threads": detector.threads,
                             "side": detector_side(heldout[0].defect.image.shape[0])},
-               "pixel_ap_gain": round(gain, 4), "seeds_higher": wins,
                "distance_drop": round(relative_change(before.distance, after.distance,
                                                       lower_is_better=True), 4),
-               "margin": margin,
-               "promote": bool(np.isfinite(after.pixel_ap) and gain >= margin),
+               **decide(before, after, margin, confidence, seed),
                "seconds": round(time.perf_counter() - started, 1)}
     return profile, figures

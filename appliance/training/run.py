@@ -53,6 +53,9 @@ class RetrainOptions:
     # Relative rise of the held-out pixel AP (a detector trained on the engine's samples) a
     # calibration profile must reach; negative accepts a loss, -1 promotes whatever it measures.
     calibration_margin: float = 0.05
+    # Share of the bootstrap resamples of the held-out photos and detector seeds in which the
+    # profile must reach that margin: on a few held-out photos a gain can be luck.
+    calibration_confidence: float = 0.8
     # Episodes per held-out photo in the gate (other seeds, other tool draws); in the CPU
     # engine's calibration check, per training photo (raised to 100 episodes, cut at 300).
     heldout_repeats: int = 2

@@ -113,7 +113,8 @@ def run_calibrate(ctx: StageContext) -> None:
     episodes = len(check_specs(train, ctx.category, ctx.options.seed, repeats))
     with ctx.bar(2 * episodes, "calibration check (current engine, calibrated)") as bar:
         profile, figures = calibrate(ctx.engine, ctx.category, train, heldout, ctx.options.seed,
-                                     repeats, ctx.options.calibration_margin, bar)
+                                     repeats, ctx.options.calibration_margin, bar,
+                                     confidence=ctx.options.calibration_confidence)
     models_dir = ctx.engine_config.models_dir or default_models_dir()
     digest = store_profile(models_dir, profile, {"heldout": figures["after"],
                                                  "baseline": figures["before"],
@@ -132,8 +133,8 @@ def run_calibrate(ctx: StageContext) -> None:
         CALIBRATIONS.promote(models_dir, ctx.category, digest)
         ctx.say(f"calibrate: {measured}; profile {digest} is now active for {ctx.category}")
     else:
-        ctx.say(f"calibrate: {measured}, needs {100 * ctx.options.calibration_margin:+.0f} %; "
-                f"profile {digest} kept on disk, NOT promoted")
+        ctx.say(f"calibrate: {measured}, needs {100 * ctx.options.calibration_margin:+.0f} %"
+                f"{_luck(figures.get('bootstrap'))}; profile {digest} kept on disk, NOT promoted")
     ctx.state.finish("calibrate", figures)
 
 
@@ -381,6 +382,18 @@ def _change(before: float | None, after: float | None, share: float, better: str
     return f"{abs(100 * share):.1f} % " + (better if share >= 0 else worse)
 
 
+def _luck(bootstrap: dict | None) -> str:
+    """How often the bootstrap's resamples reached the margin; empty for a run made before the
+    check resampled, or where an engine was not measured."""
+    if not bootstrap:
+        return ""
+    low, high = bootstrap["interval_90"]
+    interval = ("" if low is None or high is None else
+                f", 90 % of them between {100 * low:+.1f} % and {100 * high:+.1f} %")
+    return (f", reached in {bootstrap['reached']:.0%} of {bootstrap['resamples']} resamples of the "
+            f"held-out photos and seeds ({bootstrap['required']:.0%} required{interval})")
+
+
 def render_report(report: dict) -> str:
     stages = report["stages"]
     lines = [f"# Retraining report: {report['category']}", "",
@@ -427,7 +440,7 @@ def render_report(report: dict) -> str:
                   ("- pixel AP " + _change(c["before"]["pixel_ap"], c["after"]["pixel_ap"],
                                            c["pixel_ap_gain"], "higher", "lower")
                    + f", higher on {c['seeds_higher']} of {len(det['seeds'])} seeds; "
-                   f"{100 * c['margin']:+.0f} % required: "
+                   f"{100 * c['margin']:+.0f} % required{_luck(c.get('bootstrap'))}: "
                    + (f"**{c['note']}**" if c.get("note") else
                       "**promoted**" if c["promote"] else "**refused** (kept on disk, not active)")),
                   "- distance to the held-out real defects "
