@@ -225,7 +225,7 @@ def test_retrain_on_the_cpu_engine_calibrates_promotes_and_rolls_back(tmp_path, 
 
     # -1: promoted whatever the check measures (what it measures is the next test's business).
     done = _run("retrain", "defects", "--category", CATEGORY, "--engine", "cpu", "--out", "run",
-                "--calibration-margin", "-1", env=env, cwd=tmp_path)
+                "--calibration-margin", "-1", "--nice", "3", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     figures = report["stages"]["calibrate"]
@@ -240,6 +240,7 @@ def test_retrain_on_the_cpu_engine_calibrates_promotes_and_rolls_back(tmp_path, 
         assert figures[engine]["pixel_ap"] == pytest.approx(
             np.mean(figures[engine]["pixel_ap_by_seed"]), abs=1e-4)
     assert figures["promote"] is True and figures["bootstrap"]["reached"] == 1.0
+    assert figures["detector"]["niceness"] == min(os.nice(0) + 3, 19)  # it gave way as asked
     digest = figures["profile"]["digest"]
     assert "## Calibration of the CPU engine" in done.stdout and digest in done.stdout
     assert "held-out pixel AP" in done.stdout and "**promoted**" in done.stdout

@@ -215,11 +215,25 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
     pixel_ap = report["generators"]["ours"]["metrics"]["pixel_ap"]
     best = max(report["generators"][g]["metrics"]["pixel_ap"] for g in ("draem", "cutpaste"))
     assert ratios["pixel_ap"]["ratio"] == pytest.approx(pixel_ap / best)
+    # The bootstrap over the test photos: its range, from the counts kept beside the report.
+    low, high = ratios["pixel_ap"]["interval_90"]
+    assert low <= high and 0.0 <= ratios["pixel_ap"]["ahead"] <= 1.0
+    assert ratios["pixel_ap"]["resamples"] == 2000
+    from appliance.evaluation.bootstrap import load_counts
+    from appliance.evaluation.metrics import binned_average_precision
+
+    counts, groups = load_counts(tmp_path / "a")
+    assert sorted(counts) == ["cutpaste", "draem", "ours"]
+    assert list(groups) == [0] * report["protocol"]["test_normals"] + [1] * 6
+    for name, (positives, negatives) in counts.items():
+        assert binned_average_precision(positives.sum(0), negatives.sum(0)) == pytest.approx(
+            report["generators"][name]["metrics"]["pixel_ap"], abs=0.01)
     assert set(report["generators"]["ours"]["generation"]["acceptance_by_defect"]) <= {
         "blowhole", "crack"}
     assert report["protocol"]["few_shot"] == 0 and report["protocol"]["shots"] == []
     markdown = (tmp_path / "a" / "report.md").read_text()
     assert "| pixel AP |" in markdown and "Judge acceptance per defect type" in markdown
+    assert "resamples (the test photos drawn again) 90 % of the ratios lie between" in markdown
     assert "ours: first attempts passed" in markdown
     for figure in ("pr_curves.png", "examples.png", "training_samples.png"):
         with Image.open(tmp_path / "a" / figure) as image:
@@ -361,6 +375,8 @@ def test_cli_seeds_write_one_report_per_seed_and_their_mean_and_spread(tmp_path:
     assert ratio["ratio"] == pytest.approx(means["ours"] / max(means["draem"], means["copypaste"]))
     assert ratio["per_seed"] == [r["ratio_ours_to_best_baseline"]["pixel_ap"]["ratio"]
                                  for r in per_seed]
+    assert ratio["interval_90"][0] <= ratio["interval_90"][1] and ratio["resamples"] == 2000
+    assert "every seed's test photos drawn again within its seed" in result.output
     accepted = combined["generators"]["ours"]["generation"]["acceptance_by_defect"]
     assert all(len(v["per_seed"]) == 2 for v in accepted.values())
     markdown = (out / "report.md").read_text()

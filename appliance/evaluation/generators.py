@@ -208,3 +208,6 @@ class GeneratorOutcome:
     pr_image: tuple[np.ndarray, np.ndarray]
     example_maps: np.ndarray  # anomaly maps of the example test images
     train_examples: list[tuple[np.ndarray, np.ndarray]]  # (image as trained on, mask), a few
+    # Per pixel-labelled test photo, positive and negative pixels per score bin (what the
+    # bootstrap resamples); None where no test photo has a mask.
+    pixel_counts: tuple[np.ndarray, np.ndarray] | None = None

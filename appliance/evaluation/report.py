@@ -193,8 +193,23 @@ def format_table(report: dict) -> str:
         lines.append(f"({label}, ours / best baseline per seed: "
                      f"{', '.join(_fmt(r) for r in cell['per_seed'])}; of the means: "
                      f"{cell['ratio']:.3f})")
+    lines += [f"({line})" for line in _interval_lines(report)]
     lines.append(f"({report['category']}: {_run_summary(report)}; {report['wall_seconds']:.0f} s)")
     return "\n".join(lines)
+
+
+def _interval_lines(report: dict) -> list[str]:
+    """The pixel-AP ratio's bootstrap range, where the run measured one."""
+    cell = report.get("ratio_ours_to_best_baseline", {}).get("pixel_ap", {})
+    if cell.get("interval_90") is None or None in cell["interval_90"]:
+        return []
+    low, high = cell["interval_90"]
+    photos = ("every seed's test photos drawn again within its seed" if "seeds" in report
+              else "the test photos drawn again")
+    return [f"pixel AP, ours / best baseline ({cell['best_baseline']}) {cell['ratio']:.3f}: "
+            f"in {cell['resamples']} resamples ({photos}) 90 % of the ratios lie between "
+            f"{low:.3f} and {high:.3f}, and ours is ahead in {cell['ahead']:.0%}; the choice of "
+            "test photos alone moves the ratio that much"]
 
 
 def headline(report: dict) -> tuple[str, str]:
@@ -237,6 +252,9 @@ def format_markdown(report: dict) -> str:
              f"{_fmt(protocol['test_defects'])} real defects.", ""]
     lines += _markdown_table(["metric"] + names + ["ours / best baseline"],
                              [[label] + cells + [ratio] for label, cells, ratio in _rows(report)])
+    spread = _interval_lines(report)
+    if spread:
+        lines += [""] + [f"- {line}." for line in spread]
     if seeds:
         lines += _seed_ratio_section(report)
     lines += _few_shot_section(protocol, bool(seeds))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from appliance.evaluation import report as report_mod
+from appliance.evaluation.bootstrap import interval, load_counts, ratio_resamples, save_counts
 from appliance.evaluation.data import GOOD, EvalData, LabeledImage, load_folders, load_mvtec_category
 from appliance.evaluation.generation_metrics import (
     FEATURE_MODEL,
@@ -30,7 +31,7 @@ from appliance.evaluation.generation_metrics import (
 )
 from appliance.evaluation.generators import (BASELINES, NEEDS_SHOTS, GeneratorOutcome,
                                              generate_training_set, make_generator)
-from appliance.evaluation.metrics import detection_scores, image_score, pr_points
+from appliance.evaluation.metrics import binned_counts, detection_scores, image_score, pr_points
 from appliance.evaluation.train import TrainConfig, predict, train_unet
 from appliance.imaging import is_grayscale
 
@@ -153,7 +154,9 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
     # and would otherwise decide the pixel metrics alone.
     class_means = {f"{key}_class_mean": _finite_mean([c[key] for c in per_class.values()])
                    for key in ("pixel_auroc", "pixel_ap", "image_auroc")}
-    pr_pixel = pr_points(*_pixel_truth(maps, test))
+    truth, labelled_maps = _pixel_truth(maps, test)
+    pr_pixel = pr_points(truth, labelled_maps)
+    pixel_counts = binned_counts(truth, labelled_maps) if truth.any() else None
     pr_image = pr_points(np.array([it.defect != GOOD for it in test]), overall["_image_scores"])
     metrics_seconds = time.perf_counter() - start
 
@@ -183,7 +186,8 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
     return GeneratorOutcome(name, generated, _flat(overall) | class_means, per_class, generation, timings,
                             train_log.epoch_losses, pr_pixel, pr_image, maps[list(examples)],
                             [(images[i], kept[i].mask) for i in
-                             np.linspace(0, len(kept) - 1, min(8, len(kept))).round().astype(int)])
+                             np.linspace(0, len(kept) - 1, min(8, len(kept))).round().astype(int)],
+                            pixel_counts)
 
 
 def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, engine: Any = None,
@@ -257,10 +261,29 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
                         "threads": config.train.threads, "device": config.train.device},
         "wall_seconds": None,
     }
+    counted = {o.name: o.pixel_counts for o in outcomes if o.pixel_counts is not None}
+    if counted:
+        groups = [int(it.defect != GOOD) for it in data.test_set if it.pixel_labels]
+        save_counts(out_dir, counted, groups)
+        add_ratio_interval(result, [(counted, groups)], config.seed)
     report_mod.write_figures(out_dir, data, outcomes, examples)
     result["wall_seconds"] = time.perf_counter() - started
     report_mod.write_reports(out_dir, result)
     return result
+
+
+def add_ratio_interval(report: dict, runs: Sequence[tuple[dict, Sequence[int]]], seed: int
+                       ) -> None:
+    """Put beside the pixel-AP ratio of ours to the best baseline the range that 90 % of its
+    bootstrap resamples fall in (the test photos of every run drawn again), and the share of
+    resamples in which ours comes out ahead."""
+    cell = report["ratio_ours_to_best_baseline"].get("pixel_ap")
+    if cell is None or not all({"ours", cell["best_baseline"]} <= set(c) for c, _ in runs):
+        return
+    ratios = ratio_resamples(runs, "ours", cell["best_baseline"], seed)
+    cell["interval_90"] = interval(ratios)
+    cell["ahead"] = float(np.mean(np.nan_to_num(ratios, nan=0.0) > 1.0))
+    cell["resamples"] = len(ratios)
 
 
 def evaluate_seeds(load: Callable[[int], EvalData], out_dir: Path, seeds: Sequence[int],
@@ -283,6 +306,9 @@ def evaluate_seeds(load: Callable[[int], EvalData], out_dir: Path, seeds: Sequen
             log(f"{done} of {len(seeds)} seeds in {spent / 60:.1f} min; about "
                 f"{spent / done * (len(seeds) - done) / 60:.1f} min left")
     result = report_mod.aggregate(reports)
+    runs = [load_counts(Path(out_dir) / f"seed-{seed}") for seed in seeds]
+    if all(run is not None for run in runs):
+        add_ratio_interval(result, runs, seeds[0])
     result["seed_folders"] = [f"seed-{seed}" for seed in seeds]
     result["wall_seconds"] = time.perf_counter() - started
     report_mod.write_reports(Path(out_dir), result)

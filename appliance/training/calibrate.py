@@ -22,6 +22,7 @@ plant's, not whether they teach more.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -33,8 +34,9 @@ from appliance.agent.episode import EpisodeResult, EpisodeSpec
 from appliance.engine import Engine
 from appliance.evaluation.data import resize_image, resize_mask
 from appliance.evaluation.generation_metrics import defect_crop, image_features, kernel_distance
-from appliance.evaluation.metrics import (average_precision, binned_average_precision,
-                                          binned_counts)
+from appliance.evaluation.bootstrap import (RESAMPLES, Counts, interval, resample_weights,
+                                            resampled_ap)
+from appliance.evaluation.metrics import average_precision, binned_counts
 from appliance.evaluation.train import TrainConfig, available_cpus, best_device, predict, train_unet
 from appliance.tools.image_gen.calibration import CalibrationProfile, build_profile
 from appliance.training.heldout import heldout_specs
@@ -44,7 +46,6 @@ DEFAULT_MARGIN = 0.05  # relative rise of the held-out pixel AP a new profile mu
 # Share of the bootstrap's resamples in which the profile must reach the margin: a gain the
 # held-out photos cannot tell from luck is not promoted.
 DEFAULT_CONFIDENCE = 0.8
-RESAMPLES = 2000
 MIN_ACCEPTED = 5  # accepted samples below which nothing is measured
 DETECTOR_SEEDS = (0, 1, 2)  # one UNet per seed and engine; single runs vary a lot
 # Episodes per engine: a detector trained on a handful of samples learns nothing either engine
@@ -65,7 +66,7 @@ class CheckFigures:
     detector_loss: list[float] = field(default_factory=list)  # each seed's last epoch
     # Per seed, per held-out photo: positive and negative pixels per score bin, (seeds, 2,
     # photos, bins); what the bootstrap resamples. Not written out.
-    counts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
+    counts: list[Counts] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
         """JSON-ready: a figure that was not measured is None (not NaN or Infinity)."""
@@ -120,7 +121,7 @@ def detector_side(size: int) -> int:
 
 def teaching(samples: Sequence[EpisodeResult], heldout: Sequence[DefectExample],
              config: TrainConfig, progress: bool = False
-             ) -> tuple[list[float], list[float], list[tuple[np.ndarray, np.ndarray]]]:
+             ) -> tuple[list[float], list[float], list[Counts]]:
     """Pixel AP on the held-out real defects of a UNet trained on ``samples``, its last
     epoch's loss, and its scores binned per held-out photo (``binned_counts``), per seed of
     ``DETECTOR_SEEDS``."""
@@ -142,8 +143,7 @@ def teaching(samples: Sequence[EpisodeResult], heldout: Sequence[DefectExample],
     return aps, losses, counts
 
 
-def gain_resamples(before: Sequence[tuple[np.ndarray, np.ndarray]],
-                   after: Sequence[tuple[np.ndarray, np.ndarray]], seed: int,
+def gain_resamples(before: Sequence[Counts], after: Sequence[Counts], seed: int,
                    resamples: int = RESAMPLES) -> np.ndarray:
     """The relative gain in held-out pixel AP (mean over the detector seeds) in each of
     ``resamples`` bootstrap resamples: the held-out photos drawn with replacement, and the
@@ -152,16 +152,14 @@ def gain_resamples(before: Sequence[tuple[np.ndarray, np.ndarray]],
     defect pixel."""
     rng = np.random.default_rng([seed, 0xB0057])
     photos, seeds = before[0][0].shape[0], len(before)
-    weights = np.stack([np.bincount(rng.integers(0, photos, photos), minlength=photos)
-                        for _ in range(resamples)]).astype(np.float64)  # BLAS, not int loops
+    weights = resample_weights([0] * photos, resamples, rng)
     picked = rng.integers(0, seeds, (resamples, seeds))
 
-    def resampled_ap(counts: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        per_seed = np.stack([binned_average_precision(weights @ positives, weights @ negatives)
-                             for positives, negatives in counts], axis=1)  # (resamples, seeds)
+    def mean_over_seeds(counts: Sequence[Counts]) -> np.ndarray:
+        per_seed = np.stack([resampled_ap(c, weights) for c in counts], axis=1)
         return np.take_along_axis(per_seed, picked, axis=1).mean(axis=1)
 
-    old, new = resampled_ap(before), resampled_ap(after)
+    old, new = mean_over_seeds(before), mean_over_seeds(after)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(old > 0, (new - old) / old, np.where(new > 0, 1.0, 0.0))
 
@@ -204,9 +202,8 @@ def decide(before: CheckFigures, after: CheckFigures, margin: float, confidence:
         gains = gain_resamples(before.counts, after.counts, seed)
         # A resample without a defect pixel cannot show the margin reached.
         reached = float(np.mean(np.nan_to_num(gains, nan=-np.inf) >= margin))
-        low, high = np.nanpercentile(gains, [5, 95]) if np.isfinite(gains).any() else (np.nan,) * 2
         spread = {"reached": round(reached, 4), "required": confidence,
-                  "interval_90": [_measured(float(low), 4), _measured(float(high), 4)],
+                  "interval_90": [None if v is None else round(v, 4) for v in interval(gains)],
                   "resamples": len(gains)}
     else:
         # Nothing to resample where an engine was not measured; an unmeasured profile is
@@ -246,7 +243,8 @@ def calibrate(engine: Engine, category: str, train: Sequence[DefectExample],
                "before": before.as_dict(), "after": after.as_dict(),
                "detector": {"seeds": list(DETECTOR_SEEDS), "epochs": detector.epochs,
                             "device": detector.device, "threads": detector.threads,
-                            "side": detector_side(heldout[0].defect.image.shape[0])},
+                            "side": detector_side(heldout[0].defect.image.shape[0]),
+                            "niceness": os.nice(0)},  # what the timing ran at
                "distance_drop": round(relative_change(before.distance, after.distance,
                                                       lower_is_better=True), 4),
                **decide(before, after, margin, confidence, seed),
