@@ -14,10 +14,10 @@ are the same for both engines, so the comparison is paired). The new profile is 
 it raises that AP by at least ``margin`` of its old value, and does so in at least
 ``confidence`` of the resamples of the held-out photos and the detector seeds (a bootstrap):
 on a small plant, a few held-out photos decide the AP and a gain can be luck of which photos
-were held out. The kernel distance of the accepted
-defects to the held-out real ones (EfficientNet-Lite0 features of defect crops, the evaluation's
-generation metric) is reported beside it: it says whether the samples look more like the
-plant's, not whether they teach more.
+were held out. The kernel distance of the accepted defects to the held-out real ones
+(EfficientNet-Lite0 features of defect crops, the evaluation's generation metric) is reported
+beside it: it says whether the samples look more like the plant's, not whether they teach
+more.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class CheckFigures:
     distance: float  # kernel distance of accepted defects to the held-out real ones
     acceptance_by_defect: dict[str, float]
     detector_loss: list[float] = field(default_factory=list)  # each seed's last epoch
-    # Per seed, per held-out photo: positive and negative pixels per score bin, (seeds, 2,
-    # photos, bins); what the bootstrap resamples. Not written out.
+    # Per seed, (positives, negatives) per held-out photo and score bin: what the bootstrap
+    # resamples. Not written out.
     counts: list[Counts] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
