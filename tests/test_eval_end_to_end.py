@@ -231,6 +231,10 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
     assert set(report["generators"]["ours"]["generation"]["acceptance_by_defect"]) <= {
         "blowhole", "crack"}
     assert report["protocol"]["few_shot"] == 0 and report["protocol"]["shots"] == []
+    import cv2
+
+    assert report["environment"]["opencv"] == cv2.__version__  # figures depend on it
+    assert {"numpy", "pillow", "scipy", "torch"} <= set(report["environment"])
     markdown = (tmp_path / "a" / "report.md").read_text()
     assert "| pixel AP |" in markdown and "Judge acceptance per defect type" in markdown
     assert "resamples (the test photos drawn again) 90 % of the ratios lie between" in markdown

@@ -70,6 +70,17 @@ class EvalConfig:
         self.train.seed = self.seed
 
 
+def _library_versions() -> dict[str, str]:
+    """The image libraries' versions: the same seed gives other figures under another one
+    (opencv 5.0 against 5.1 moved one run's pixel AP from 0.127 to 0.107)."""
+    import cv2
+    import PIL
+    import scipy
+
+    return {"numpy": np.__version__, "opencv": cv2.__version__, "pillow": PIL.__version__,
+            "scipy": scipy.__version__}
+
+
 def _gray(image: np.ndarray) -> np.ndarray:
     luma = np.asarray(image, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     grey = np.clip(luma + 0.5, 0, 255).astype(np.uint8)
@@ -258,7 +269,8 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
                                 "train_losses": o.train_losses} for o in outcomes},
         "ratio_ours_to_best_baseline": report_mod.ratios({o.name: o.metrics for o in outcomes}),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": config.train.threads, "device": config.train.device},
+                        "threads": config.train.threads, "device": config.train.device,
+                        **_library_versions()},
         "wall_seconds": None,
     }
     counted = {o.name: o.pixel_counts for o in outcomes if o.pixel_counts is not None}
