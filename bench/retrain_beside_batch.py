@@ -59,11 +59,12 @@ def _batch(inbox: Path, out: Path, env: dict) -> float:
 
 
 def _retrain(defects: Path, out: Path, nice: int, env: dict) -> subprocess.Popen:
-    log = open(out.with_suffix(".log"), "w")
-    return subprocess.Popen(_appliance("retrain", str(defects), "--category", CATEGORY,
-                                       "--engine", "cpu", "--stage", "calibrate", "--out",
-                                       str(out), "--nice", str(nice)),
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    # The child keeps its own copy of the log's descriptor; this one closes at once.
+    with open(out.with_suffix(".log"), "w") as log:
+        return subprocess.Popen(_appliance("retrain", str(defects), "--category", CATEGORY,
+                                           "--engine", "cpu", "--stage", "calibrate", "--out",
+                                           str(out), "--nice", str(nice)),
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def main() -> None:
