@@ -225,7 +225,9 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
     counts, groups = load_counts(tmp_path / "a")
     assert sorted(counts) == ["cutpaste", "draem", "ours"]
     assert list(groups) == [0] * report["protocol"]["test_normals"] + [1] * 6
-    for name, (positives, negatives) in counts.items():
+    for name, trainings in counts.items():
+        assert len(trainings) == 1  # one detector per generator unless --detector-seeds
+        positives, negatives = trainings[0]
         assert binned_average_precision(positives.sum(0), negatives.sum(0)) == pytest.approx(
             report["generators"][name]["metrics"]["pixel_ap"], abs=0.01)
     assert set(report["generators"]["ours"]["generation"]["acceptance_by_defect"]) <= {
@@ -318,6 +320,43 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     assert first["draem"]["train_losses"] != other["draem"]["train_losses"]
 
 
+def test_detector_seeds_average_several_trainings_of_the_same_samples(tmp_path: Path) -> None:
+    from appliance.evaluation.bootstrap import COUNTS_FILE
+    from appliance.evaluation.data import load_folders
+    from appliance.evaluation.runner import EvalConfig, evaluate
+    from appliance.evaluation.train import TrainConfig
+
+    root = _tiny_tiles(tmp_path / "tiles")
+    data = load_folders(root / "MT_Free", root, 32, seed=2, train_size=6, category="magnetic_tile")
+
+    def run(detectors: int, out: str) -> dict:
+        config = EvalConfig(size=32, seed=2, generators=("draem", "cutpaste"),
+                            generation_metrics=False, detector_seeds=detectors,
+                            train=TrainConfig(epochs=1, batch_size=4, threads=2))
+        return evaluate(data, tmp_path / out, config, log=lambda _: None)
+
+    single, several = run(1, "one"), run(3, "three")
+    assert several["protocol"]["detector_seeds"] == 3
+    for name in ("draem", "cutpaste"):
+        assert "detectors" not in single["generators"][name]["generation"]
+        detectors = several["generators"][name]["generation"]["detectors"]
+        assert detectors["seeds"] == [2, 3, 4]  # the run's seed, then the next ones
+        # The first detector is the one a single-detector run trains; the others differ.
+        assert detectors["pixel_ap"][0] == single["generators"][name]["metrics"]["pixel_ap"]
+        assert len(set(detectors["pixel_ap"])) == 3
+        assert several["generators"][name]["metrics"]["pixel_ap"] == pytest.approx(
+            np.mean(detectors["pixel_ap"]))
+        per_class = several["generators"][name]["per_class"]["crack"]
+        assert per_class["images"] == 3  # a count stays a count
+    with np.load(tmp_path / "three" / COUNTS_FILE) as saved:
+        assert saved["draem.positives"].shape[0] == 3
+    markdown = (tmp_path / "three" / "report.md").read_text()
+    assert "3 detectors trained (metrics: their mean)" in markdown
+    assert "pixel AP of each detector (seeds 2, 3, 4): draem " in markdown
+    with pytest.raises(ValueError, match="at least one detector"):
+        EvalConfig(detector_seeds=0)
+
+
 def test_cli_refuses_ambiguous_inputs(tmp_path: Path) -> None:
     from appliance.cli.eval_command import eval_command
 
@@ -347,8 +386,8 @@ def test_cli_seeds_write_one_report_per_seed_and_their_mean_and_spread(tmp_path:
     # 128 px: at 64 px a real blowhole is a 4-pixel speck, too small to calibrate on.
     args = ["--normal", str(root / "MT_Free"), "--defects", str(root), "--size", "128",
             "--train-size", "4", "--epochs", "1", "--generators", "ours,draem,copypaste",
-            "--few-shot", "1", "--seeds", "0,1", "--no-generation-metrics", "--threads", "2",
-            "--out", str(out)]
+            "--few-shot", "1", "--seeds", "0,1", "--detector-seeds", "2",
+            "--no-generation-metrics", "--threads", "2", "--out", str(out)]
     result = CliRunner().invoke(eval_command, args)
     assert result.exit_code == 0, result.output
     assert "±" in result.output and "ours / best baseline per seed" in result.output
@@ -380,7 +419,10 @@ def test_cli_seeds_write_one_report_per_seed_and_their_mean_and_spread(tmp_path:
     assert ratio["per_seed"] == [r["ratio_ours_to_best_baseline"]["pixel_ap"]["ratio"]
                                  for r in per_seed]
     assert ratio["interval_90"][0] <= ratio["interval_90"][1] and ratio["resamples"] == 2000
-    assert "every seed's test photos drawn again within its seed" in result.output
+    assert ("every seed's test photos drawn again within its seed, and each generator's 2 "
+            "detector trainings" in result.output)
+    assert "mean of 2 detectors per generator" in result.output
+    assert all(r["protocol"]["detector_seeds"] == 2 for r in per_seed)
     accepted = combined["generators"]["ours"]["generation"]["acceptance_by_defect"]
     assert all(len(v["per_seed"]) == 2 for v in accepted.values())
     markdown = (out / "report.md").read_text()

@@ -193,7 +193,7 @@ def format_table(report: dict) -> str:
         lines.append(f"({label}, ours / best baseline per seed: "
                      f"{', '.join(_fmt(r) for r in cell['per_seed'])}; of the means: "
                      f"{cell['ratio']:.3f})")
-    lines += [f"({line})" for line in _interval_lines(report)]
+    lines += [f"({line})" for line in _interval_lines(report) + _detector_lines(report)]
     lines.append(f"({report['category']}: {_run_summary(report)}; {report['wall_seconds']:.0f} s)")
     return "\n".join(lines)
 
@@ -206,10 +206,29 @@ def _interval_lines(report: dict) -> list[str]:
     low, high = cell["interval_90"]
     photos = ("every seed's test photos drawn again within its seed" if "seeds" in report
               else "the test photos drawn again")
+    detectors = report["protocol"].get("detector_seeds", 1)
+    if detectors > 1:
+        drawn = f"{photos}, and each generator's {detectors} detector trainings"
+        cause = "the choice of test photos and the luck of training move the ratio that much"
+    else:
+        drawn = photos
+        cause = ("the choice of test photos alone moves the ratio that much; the luck of one "
+                 "detector training, as large, is not in this range (--detector-seeds)")
     return [f"pixel AP, ours / best baseline ({cell['best_baseline']}) {cell['ratio']:.3f}: "
-            f"in {cell['resamples']} resamples ({photos}) 90 % of the ratios lie between "
-            f"{low:.3f} and {high:.3f}, and ours is ahead in {cell['ahead']:.0%}; the choice of "
-            "test photos alone moves the ratio that much"]
+            f"in {cell['resamples']} resamples ({drawn}) 90 % of the ratios lie between "
+            f"{low:.3f} and {high:.3f}, and ours is ahead in {cell['ahead']:.0%}; {cause}"]
+
+
+def _detector_lines(report: dict) -> list[str]:
+    """Pixel AP of each detector trained on a generator's samples, in a run that trained
+    several (a run over seeds lists them in each seed's report)."""
+    cells = {name: g["generation"].get("detectors") for name, g in report["generators"].items()}
+    cells = {name: c for name, c in cells.items() if c and isinstance(c.get("pixel_ap"), list)}
+    if not cells or "seeds" in report:
+        return []
+    parts = [f"{name} {', '.join(_fmt(v) for v in c['pixel_ap'])}" for name, c in cells.items()]
+    return ["pixel AP of each detector (seeds "
+            f"{', '.join(map(str, next(iter(cells.values()))['seeds']))}): " + "; ".join(parts)]
 
 
 def headline(report: dict) -> tuple[str, str]:
@@ -225,10 +244,13 @@ def _run_summary(report: dict) -> str:
     seeds = (f"mean ± sample std over seeds {', '.join(map(str, report['seeds']))}"
              if "seeds" in report else f"seed {protocol['seed']}")
     shots = f"{protocol['few_shot']}-shot" if protocol.get("few_shot") else "zero-shot"
+    detectors = protocol.get("detector_seeds", 1)
+    trained = (f"{protocol['train']['epochs']} epochs, mean of {detectors} detectors per "
+               "generator" if detectors > 1 else f"{protocol['train']['epochs']} epochs")
     return (f"{_fmt(protocol['train_normals'])} train normals, "
             f"{_fmt(protocol['test_normals'])} test normals, "
             f"{_fmt(protocol['test_defects'])} real defects, {protocol['size']} px, {shots}, "
-            f"{protocol['train']['epochs']} epochs, {seeds}")
+            f"{trained}, {seeds}")
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -246,13 +268,15 @@ def format_markdown(report: dict) -> str:
             if seeds else f"seed {protocol['seed']}")
     lines = [f"# Synthetic data evaluation: {report['category']}", "",
              f"Same UNet ({protocol['unet']}), same {protocol['train']['epochs']} epochs, batch "
-             f"{protocol['train']['batch_size']}, {runs}, {protocol['size']} px, for every "
+             f"{protocol['train']['batch_size']}, {runs}, {protocol['size']} px, "
+             + (f"{protocol['detector_seeds']} detectors trained (metrics: their mean), "
+                if protocol.get("detector_seeds", 1) > 1 else "") + "for every "
              f"generator. Train normals: {_fmt(protocol['train_normals'])}; test: "
              f"{_fmt(protocol['test_normals'])} held-out normals + "
              f"{_fmt(protocol['test_defects'])} real defects.", ""]
     lines += _markdown_table(["metric"] + names + ["ours / best baseline"],
                              [[label] + cells + [ratio] for label, cells, ratio in _rows(report)])
-    spread = _interval_lines(report)
+    spread = _interval_lines(report) + _detector_lines(report)
     if spread:
         lines += [""] + [f"- {line}." for line in spread]
     if seeds:

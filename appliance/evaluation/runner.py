@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from appliance.evaluation import report as report_mod
-from appliance.evaluation.bootstrap import interval, load_counts, ratio_resamples, save_counts
+from appliance.evaluation.bootstrap import (Counts, interval, load_counts, ratio_resamples,
+                                            save_counts)
 from appliance.evaluation.data import GOOD, EvalData, LabeledImage, load_folders, load_mvtec_category
 from appliance.evaluation.generation_metrics import (
     FEATURE_MODEL,
@@ -32,7 +33,7 @@ from appliance.evaluation.generation_metrics import (
 from appliance.evaluation.generators import (BASELINES, NEEDS_SHOTS, GeneratorOutcome,
                                              generate_training_set, make_generator)
 from appliance.evaluation.metrics import binned_counts, detection_scores, image_score, pr_points
-from appliance.evaluation.train import TrainConfig, predict, train_unet
+from appliance.evaluation.train import TrainConfig, TrainLog, predict, train_unet
 from appliance.imaging import is_grayscale
 
 DEFAULT_GENERATORS = ("ours", "draem", "cutpaste")
@@ -54,6 +55,9 @@ class EvalConfig:
     progress: bool = False  # progress bars on stderr (synthesis and training)
     # A defect type with no mask at all is tested on image-level labels; off, it is an error.
     image_labels: bool = False
+    # Detectors trained per generator, with seeds train.seed, train.seed + 1, ...; the metrics
+    # are their means. One training is a noisy measure of what a generator teaches.
+    detector_seeds: int = 1
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -61,6 +65,8 @@ class EvalConfig:
             raise ValueError("size must be a multiple of 16 (four 2x poolings in the UNet)")
         if self.few_shot < 0:
             raise ValueError("few_shot cannot be negative")
+        if self.detector_seeds < 1:
+            raise ValueError("detector_seeds: train at least one detector per generator")
         self.generators = tuple(self.generators) or (
             FEW_SHOT_GENERATORS if self.few_shot else DEFAULT_GENERATORS)
         needs_shots = [g for g in self.generators if g in NEEDS_SHOTS]
@@ -109,6 +115,12 @@ def _finite_mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def _mean_over(trainings: Sequence[dict]) -> dict:
+    """Each field's mean over the detectors' trainings (a count all of them share stays as is)."""
+    return {key: trainings[0][key] if all(t[key] == trainings[0][key] for t in trainings)
+            else float(np.mean([t[key] for t in trainings])) for key in trainings[0]}
+
+
 def _flat(scores: dict) -> dict:
     return {f"{level}_{name}": scores[level][name]
             for level in ("pixel", "image") for name in ("auroc", "ap", "f1_max")}
@@ -139,37 +151,18 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
     images = [_gray(s.image) if grayscale else s.image for s in kept]
     sources = [normals[s.source_index] for s in kept]
     batches = -(-len(kept) // config.train.batch_size)
-    log(f"[{name}] {len(kept)} samples kept of {generated.episodes} episodes "
-        f"in {generated.seconds:.1f} s; training the UNet, {config.train.epochs} epochs x "
-        f"{batches} batches")
-    model, train_log = train_unet(images, [s.mask for s in kept], sources, config.train,
-                                  progress=config.progress, label=f"[{name}]")
-    log(f"[{name}] trained {train_log.steps} steps in {train_log.seconds:.1f} s "
-        f"(loss {train_log.epoch_losses[0]:.4f} -> {train_log.epoch_losses[-1]:.4f}); predicting")
-    start = time.perf_counter()
+    trainings = [_train_and_score(name, images, [s.mask for s in kept], sources, data, config,
+                                  config.train.seed + k, batches, log)
+                 for k in range(config.detector_seeds)]
+    first = trainings[0]
+    metrics = _mean_over([t.metrics for t in trainings])
+    per_class = {defect: _mean_over([t.per_class[defect] for t in trainings])
+                 for defect in first.per_class}
     test = data.test_set
-    maps = predict(model, [it.image for it in test], config.train)
-    predict_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    window = max(1, round(config.size * 21 / 256)) | 1  # DRAEM's 21 px window at 256 px
-    overall = _score_set(maps, test, window)
-    per_class = {}
-    n_normal = len(data.test_normals)
-    for defect in data.defect_classes:
-        index = list(range(n_normal)) + [n_normal + i for i, it in enumerate(data.test_defects)
-                                         if it.defect == defect]
-        scored = _score_set(maps[index], [test[i] for i in index], window)
-        per_class[defect] = _flat(scored) | {"images": len(index) - n_normal}
-    # Macro averages: on the magnetic tiles one class (uneven) has most of the defect pixels
-    # and would otherwise decide the pixel metrics alone.
-    class_means = {f"{key}_class_mean": _finite_mean([c[key] for c in per_class.values()])
-                   for key in ("pixel_auroc", "pixel_ap", "image_auroc")}
-    truth, labelled_maps = _pixel_truth(maps, test)
+    pr_image = pr_points(np.array([it.defect != GOOD for it in test]), first.image_scores)
+    truth, labelled_maps = _pixel_truth(first.maps, test)
     pr_pixel = pr_points(truth, labelled_maps)
-    pixel_counts = binned_counts(truth, labelled_maps) if truth.any() else None
-    pr_image = pr_points(np.array([it.defect != GOOD for it in test]), overall["_image_scores"])
-    metrics_seconds = time.perf_counter() - start
+    counts = [t.pixel_counts for t in trainings]
 
     engine_info = None
     if hasattr(generator, "engine") and hasattr(generator.engine, "describe"):
@@ -190,15 +183,74 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
                                         [_gray(n) if grayscale else n for n in sources],
                                         real_features, config.train.device)
         gen_seconds = time.perf_counter() - start
-    timings = {"synthesis_s": generated.seconds, "train_s": train_log.seconds,
-               "predict_s": predict_seconds, "metrics_s": metrics_seconds,
+    timings = {"synthesis_s": generated.seconds,
+               "train_s": sum(t.train_log.seconds for t in trainings),
+               "predict_s": sum(t.predict_seconds for t in trainings),
+               "metrics_s": sum(t.metrics_seconds for t in trainings),
                "generation_metrics_s": gen_seconds,
                "seconds_per_kept_sample": generated.seconds / len(kept)}
-    return GeneratorOutcome(name, generated, _flat(overall) | class_means, per_class, generation, timings,
-                            train_log.epoch_losses, pr_pixel, pr_image, maps[list(examples)],
+    if len(trainings) > 1:
+        # What each detector alone measured: the spread of one training.
+        generation["detectors"] = {
+            "seeds": [t.seed for t in trainings],
+            **{key: [t.metrics[key] for t in trainings]
+               for key in ("pixel_ap", "pixel_auroc", "image_auroc", "pixel_ap_class_mean")}}
+    return GeneratorOutcome(name, generated, metrics, per_class, generation, timings,
+                            first.train_log.epoch_losses, pr_pixel, pr_image,
+                            first.maps[list(examples)],
                             [(images[i], kept[i].mask) for i in
                              np.linspace(0, len(kept) - 1, min(8, len(kept))).round().astype(int)],
-                            pixel_counts)
+                            None if None in counts else counts)
+
+
+@dataclass
+class _Training:
+    """One detector trained on one generator's samples, and what it measured."""
+    seed: int
+    train_log: TrainLog
+    maps: np.ndarray
+    image_scores: np.ndarray
+    metrics: dict
+    per_class: dict
+    pixel_counts: Counts | None
+    predict_seconds: float
+    metrics_seconds: float
+
+
+def _train_and_score(name: str, images: list[np.ndarray], masks: list[np.ndarray],
+                     sources: list[np.ndarray], data: EvalData, config: EvalConfig, seed: int,
+                     batches: int, log: Callable[[str], None]) -> _Training:
+    train = replace(config.train, seed=seed)
+    label = f"[{name}]" if config.detector_seeds == 1 else f"[{name}, detector seed {seed}]"
+    log(f"{label} training the UNet on {len(images)} samples, {train.epochs} epochs x "
+        f"{batches} batches")
+    model, train_log = train_unet(images, masks, sources, train, progress=config.progress,
+                                  label=label)
+    log(f"{label} trained {train_log.steps} steps in {train_log.seconds:.1f} s "
+        f"(loss {train_log.epoch_losses[0]:.4f} -> {train_log.epoch_losses[-1]:.4f}); predicting")
+    start = time.perf_counter()
+    test = data.test_set
+    maps = predict(model, [it.image for it in test], train)
+    predict_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    window = max(1, round(config.size * 21 / 256)) | 1  # DRAEM's 21 px window at 256 px
+    overall = _score_set(maps, test, window)
+    per_class = {}
+    n_normal = len(data.test_normals)
+    for defect in data.defect_classes:
+        index = list(range(n_normal)) + [n_normal + i for i, it in enumerate(data.test_defects)
+                                         if it.defect == defect]
+        scored = _score_set(maps[index], [test[i] for i in index], window)
+        per_class[defect] = _flat(scored) | {"images": len(index) - n_normal}
+    # Macro averages: on the magnetic tiles one class (uneven) has most of the defect pixels
+    # and would otherwise decide the pixel metrics alone.
+    class_means = {f"{key}_class_mean": _finite_mean([c[key] for c in per_class.values()])
+                   for key in ("pixel_auroc", "pixel_ap", "image_auroc")}
+    truth, labelled_maps = _pixel_truth(maps, test)
+    pixel_counts = binned_counts(truth, labelled_maps) if truth.any() else None
+    return _Training(seed, train_log, maps, overall["_image_scores"], _flat(overall) | class_means,
+                     per_class, pixel_counts, predict_seconds, time.perf_counter() - start)
 
 
 def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, engine: Any = None,
@@ -259,6 +311,7 @@ def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, en
             # Types with too few images: every type keeps at least one test image.
             "shots_capped": {d: n for d, n in shots_per_class.items() if n < config.few_shot},
             "grayscale_training": grayscale, "max_rounds": config.max_rounds,
+            "detector_seeds": config.detector_seeds,
             "train": config.train.as_dict(), "unet": f"SmallUNet(width={config.train.width}, depth=4)",
             "image_score": "max of the anomaly map averaged over a DRAEM-size window",
             "feature_model": FEATURE_MODEL,

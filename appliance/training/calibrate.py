@@ -35,7 +35,7 @@ from appliance.engine import Engine
 from appliance.evaluation.data import resize_image, resize_mask
 from appliance.evaluation.generation_metrics import defect_crop, image_features, kernel_distance
 from appliance.evaluation.bootstrap import (RESAMPLES, Counts, interval, resample_weights,
-                                            resampled_ap)
+                                            resampled_mean_ap)
 from appliance.evaluation.metrics import average_precision, binned_counts
 from appliance.evaluation.train import TrainConfig, available_cpus, best_device, predict, train_unet
 from appliance.tools.image_gen.calibration import CalibrationProfile, build_profile
@@ -153,13 +153,9 @@ def gain_resamples(before: Sequence[Counts], after: Sequence[Counts], seed: int,
     rng = np.random.default_rng([seed, 0xB0057])
     photos, seeds = before[0][0].shape[0], len(before)
     weights = resample_weights([0] * photos, resamples, rng)
-    picked = rng.integers(0, seeds, (resamples, seeds))
-
-    def mean_over_seeds(counts: Sequence[Counts]) -> np.ndarray:
-        per_seed = np.stack([resampled_ap(c, weights) for c in counts], axis=1)
-        return np.take_along_axis(per_seed, picked, axis=1).mean(axis=1)
-
-    old, new = mean_over_seeds(before), mean_over_seeds(after)
+    draws = rng.integers(0, seeds, (resamples, seeds))
+    old = resampled_mean_ap(before, weights, draws)
+    new = resampled_mean_ap(after, weights, draws)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(old > 0, (new - old) / old, np.where(new > 0, 1.0, 0.0))
 
