@@ -2,8 +2,9 @@
 # The quality evaluation on a lent GPU box, in one call: `appliance eval` zero-shot (zs) and
 # with --few-shot 5 (fs5), by default over seeds 0, 1, 2, all runs side by side (each 2 CPU
 # threads and the GPU; about 2 minutes a run on an H200). RUNS picks others: "fs5:3 zs:2".
-# The runs' report.json files come back in $OUT/reports.tar as <mode>-seed<N>.json (the device
-# returns at most 8 files); unpack and combine them here with
+# The runs' report.json files come back in $OUT/reports.tar as <mode>-seed<N>.json, with their
+# pixel_counts.npz in <mode>-seed<N>/ (the device returns at most 8 files); unpack and combine
+# them here with
 #   tar -C DIR -xf reports.tar && python bench/eval_combine.py DIR
 # Needs: the magnetic tile photos in DATA (default evaldata/magnetic-tile), and the wheels of the
 # appliance's pure-Python dependencies the device image lacks in .whl/ (bench/README.md says
@@ -15,7 +16,7 @@ DATA=${DATA:-evaldata/magnetic-tile}
 OUT=${OUT:-/tmp/eval-gpu}
 SEEDS=${SEEDS:-0 1 2}
 DEVICE=${DEVICE:-cuda}
-EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--train-size 20 --epochs 1" for a smoke run
+EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--detector-seeds 3", or "--train-size 20 --epochs 1" to smoke-test
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -42,6 +43,9 @@ for run in $RUNS; do
             --threads 2 $EVAL_ARGS --no-generation-metrics --no-progress > "/tmp/ev-$mode-$seed.log" 2>&1
         echo "rc=$? after $(( $(date +%s) - start )) s" >> "/tmp/ev-$mode-$seed.log"
         cp "/tmp/ev-$mode-$seed/report.json" "/tmp/ev-reports/$mode-seed$seed.json" 2>/dev/null
+        # The per-photo counts, for the combined report's bootstrap range.
+        mkdir -p "/tmp/ev-reports/$mode-seed$seed"
+        cp "/tmp/ev-$mode-$seed/pixel_counts.npz" "/tmp/ev-reports/$mode-seed$seed/" 2>/dev/null
     ) &
     pids+=($!)
 done

@@ -87,7 +87,8 @@ def _library_versions() -> dict[str, str]:
             "scipy": scipy.__version__}
 
 
-def _gray(image: np.ndarray) -> np.ndarray:
+def grey_rgb(image: np.ndarray) -> np.ndarray:
+    """Three equal channels of the image's luma: what the detector trains on for a grey part."""
     luma = np.asarray(image, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     grey = np.clip(luma + 0.5, 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
@@ -148,11 +149,11 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
         raise RuntimeError(f"{name} produced no usable sample from {len(normals)} normals")
     kept = generated.samples
     # The detector must not learn a colour cue that the real test images cannot have.
-    images = [_gray(s.image) if grayscale else s.image for s in kept]
+    images = [grey_rgb(s.image) if grayscale else s.image for s in kept]
     sources = [normals[s.source_index] for s in kept]
     batches = -(-len(kept) // config.train.batch_size)
     trainings = [_train_and_score(name, images, [s.mask for s in kept], sources, data, config,
-                                  config.train.seed + k, batches, log)
+                                  config.train.seed + k, batches, log, keep_maps=k == 0)
                  for k in range(config.detector_seeds)]
     first = trainings[0]
     metrics = _mean_over([t.metrics for t in trainings])
@@ -180,7 +181,7 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
     if real_features is not None:
         start = time.perf_counter()
         generation |= generation_report(images, [s.mask for s in kept], [s.defect for s in kept],
-                                        [_gray(n) if grayscale else n for n in sources],
+                                        [grey_rgb(n) if grayscale else n for n in sources],
                                         real_features, config.train.device)
         gen_seconds = time.perf_counter() - start
     timings = {"synthesis_s": generated.seconds,
@@ -208,7 +209,7 @@ class _Training:
     """One detector trained on one generator's samples, and what it measured."""
     seed: int
     train_log: TrainLog
-    maps: np.ndarray
+    maps: np.ndarray | None  # kept for the first detector only (the figures show its maps)
     image_scores: np.ndarray
     metrics: dict
     per_class: dict
@@ -219,7 +220,7 @@ class _Training:
 
 def _train_and_score(name: str, images: list[np.ndarray], masks: list[np.ndarray],
                      sources: list[np.ndarray], data: EvalData, config: EvalConfig, seed: int,
-                     batches: int, log: Callable[[str], None]) -> _Training:
+                     batches: int, log: Callable[[str], None], keep_maps: bool) -> _Training:
     train = replace(config.train, seed=seed)
     label = f"[{name}]" if config.detector_seeds == 1 else f"[{name}, detector seed {seed}]"
     log(f"{label} training the UNet on {len(images)} samples, {train.epochs} epochs x "
@@ -249,7 +250,7 @@ def _train_and_score(name: str, images: list[np.ndarray], masks: list[np.ndarray
                    for key in ("pixel_auroc", "pixel_ap", "image_auroc")}
     truth, labelled_maps = _pixel_truth(maps, test)
     pixel_counts = binned_counts(truth, labelled_maps) if truth.any() else None
-    return _Training(seed, train_log, maps, overall["_image_scores"], _flat(overall) | class_means,
+    return _Training(seed, train_log, maps if keep_maps else None, overall["_image_scores"], _flat(overall) | class_means,
                      per_class, pixel_counts, predict_seconds, time.perf_counter() - start)
 
 
