@@ -152,6 +152,8 @@ def run_generator(name: str, data: EvalData, config: EvalConfig, engine: Any,
     images = [grey_rgb(s.image) if grayscale else s.image for s in kept]
     sources = [normals[s.source_index] for s in kept]
     batches = -(-len(kept) // config.train.batch_size)
+    log(f"[{name}] {len(kept)} samples kept of {generated.episodes} episodes "
+        f"in {generated.seconds:.1f} s")
     trainings = [_train_and_score(name, images, [s.mask for s in kept], sources, data, config,
                                   config.train.seed + k, batches, log, keep_maps=k == 0)
                  for k in range(config.detector_seeds)]
