@@ -67,8 +67,9 @@ def _seeds(value: str) -> tuple[int, ...]:
               metavar="N",
               help="Train N detectors per generator (seeds SEED .. SEED+N-1) and report their "
                    "mean; the bootstrap range then covers the luck of training too. One "
-                   "training is a noisy measure: on the magnetic tiles one detector's pixel AP "
-                   "varies by about 15 % from seed to seed. Costs N times the training time.")
+                   "training is a noisy measure: on the magnetic tiles five detectors trained on the "
+                   "same samples scored pixel AP 0.084 to 0.119 (sample std 13 % of the mean). "
+                   "Costs N times the training time.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--generators", "generators", default=None,
               help="Comma-separated: ours, draem, cutpaste, cutpaste-patch, cutpaste-scar, "
