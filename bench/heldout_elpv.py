@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=300)
     parser.add_argument("--max-defects", type=int, default=0,
                         help="test on at most this many defective cells, evenly spread (0: all)")
+    parser.add_argument("--detector-seeds", type=int, default=1,
+                        help="detectors trained per generator and seed (appliance eval's option)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="keep the eval reports here (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="also write the summary here")
@@ -79,6 +81,7 @@ def main() -> None:
         command = [sys.executable, "-m", "appliance.cli.main", "eval", "--normal", str(normal_dir),
                    "--defects", str(defects_dir), "--category", CATEGORY, "--seeds", args.seeds,
                    "--generators", args.generators, "--train-size", str(args.train_size),
+                   "--detector-seeds", str(args.detector_seeds),
                    "--threads", str(args.threads), "--no-generation-metrics", "--no-progress",
                    "--image-labels",
                    "--out", str(out)]
