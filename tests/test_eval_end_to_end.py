@@ -283,10 +283,12 @@ def test_eval_with_a_class_of_unmasked_photos_scores_it_on_image_labels(tmp_path
     # With no mask at all, the image AUROC is the headline and the crop measurements are skipped.
     for mask in (root / "MT_Blowhole" / "Imgs").glob("*.png"):
         mask.unlink()
-    result = CliRunner().invoke(eval_command, args[:-1] + [str(tmp_path / "b")])
+    result = CliRunner().invoke(eval_command, args[:-1] + [str(tmp_path / "b"),
+                                                          "--detector-seeds", "2"])
     assert result.exit_code == 0, result.output
     assert "generation measurements (which compare defect crops) are skipped" in result.output
     assert "image AUROC" in result.output and "pixel AP" not in result.output  # no all-nan rows
+    assert "image AUROC of each detector (seeds 0, 1): draem " in result.output
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["protocol"]["image_level_classes"] == ["blowhole", "crack"]
     assert report["generators"]["draem"]["metrics"]["pixel_ap"] is None

@@ -220,14 +220,15 @@ def _interval_lines(report: dict) -> list[str]:
 
 
 def _detector_lines(report: dict) -> list[str]:
-    """Pixel AP of each detector trained on a generator's samples, in a run that trained
-    several (a run over seeds lists them in each seed's report)."""
+    """The headline metric of each detector trained on a generator's samples, in a run that
+    trained several (a run over seeds lists them in each seed's report)."""
+    key, label = headline(report)
     cells = {name: g["generation"].get("detectors") for name, g in report["generators"].items()}
-    cells = {name: c for name, c in cells.items() if c and isinstance(c.get("pixel_ap"), list)}
+    cells = {name: c for name, c in cells.items() if c and isinstance(c.get(key), list)}
     if not cells or "seeds" in report:
         return []
-    parts = [f"{name} {', '.join(_fmt(v) for v in c['pixel_ap'])}" for name, c in cells.items()]
-    return ["pixel AP of each detector (seeds "
+    parts = [f"{name} {', '.join(_fmt(v) for v in c[key])}" for name, c in cells.items()]
+    return [f"{label} of each detector (seeds "
             f"{', '.join(map(str, next(iter(cells.values()))['seeds']))}): " + "; ".join(parts)]
 
 
