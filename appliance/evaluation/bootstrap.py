@@ -103,10 +103,10 @@ def save_counts(folder, counts: dict[str, Trainings], groups: Sequence[int]) -> 
     for name, trainings in counts.items():
         # Each training has its own bins; empty bins below the lowest score change no AP.
         width = max(p.shape[1] for p, _ in trainings)
-        for side in ("positives", "negatives"):
-            arrays[f"{name}.{side}"] = np.stack([
-                np.pad(c, ((0, 0), (width - c.shape[1], 0)))
-                for c in (t[0 if side == "positives" else 1] for t in trainings)]).astype(np.int32)
+        for part, side in enumerate(("positives", "negatives")):
+            arrays[f"{name}.{side}"] = np.stack(
+                [np.pad(t[part], ((0, 0), (width - t[part].shape[1], 0))) for t in trainings]
+            ).astype(np.int32)
     np.savez_compressed(f"{folder}/{COUNTS_FILE}", **arrays)
 
 
