@@ -35,7 +35,7 @@ from appliance.engine import Engine
 from appliance.evaluation.data import resize_image, resize_mask
 from appliance.evaluation.generation_metrics import defect_crop, image_features, kernel_distance
 from appliance.evaluation.bootstrap import (RESAMPLES, Counts, interval, resample_weights,
-                                            resampled_mean_ap)
+                                            resampled_mean_ap, training_draws)
 from appliance.evaluation.metrics import average_precision, binned_counts
 from appliance.evaluation.train import TrainConfig, available_cpus, best_device, predict, train_unet
 from appliance.tools.image_gen.calibration import CalibrationProfile, build_profile
@@ -153,7 +153,8 @@ def gain_resamples(before: Sequence[Counts], after: Sequence[Counts], seed: int,
     rng = np.random.default_rng([seed, 0xB0057])
     photos, seeds = before[0][0].shape[0], len(before)
     weights = resample_weights([0] * photos, resamples, rng)
-    draws = rng.integers(0, seeds, (resamples, seeds))
+    # Both engines' detectors share their seeds, so one draw of seeds serves both (paired).
+    draws = training_draws(seeds, resamples, rng)
     old = resampled_mean_ap(before, weights, draws)
     new = resampled_mean_ap(after, weights, draws)
     with np.errstate(divide="ignore", invalid="ignore"):
