@@ -252,8 +252,9 @@ def _train_and_score(name: str, images: list[np.ndarray], masks: list[np.ndarray
                    for key in ("pixel_auroc", "pixel_ap", "image_auroc")}
     truth, labelled_maps = _pixel_truth(maps, test)
     pixel_counts = binned_counts(truth, labelled_maps) if truth.any() else None
-    return _Training(seed, train_log, maps if keep_maps else None, overall["_image_scores"], _flat(overall) | class_means,
-                     per_class, pixel_counts, predict_seconds, time.perf_counter() - start)
+    return _Training(seed, train_log, maps if keep_maps else None, overall["_image_scores"],
+                     _flat(overall) | class_means, per_class, pixel_counts, predict_seconds,
+                     time.perf_counter() - start)
 
 
 def evaluate(data: EvalData, out_dir: Path, config: EvalConfig | None = None, engine: Any = None,
